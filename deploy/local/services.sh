@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Make sure Redis and PostgreSQL answer on 127.0.0.1, installing them from Debian's packages if needed.
+# Used by `make test` so a fresh machine needs nothing set up by hand.
+set -euo pipefail
+
+REDIS_PORT=${REDIS_PORT:-6379}
+PG_PORT=${PG_PORT:-5432}
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+apt_install() {
+  if [ -z "${APT_UPDATED:-}" ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+wait_for() {  # wait_for DESCRIPTION COMMAND...: poll until the command succeeds, 60 s at most
+  local what=$1; shift
+  for _ in $(seq 1 120); do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
+  echo "services: $what did not come up" >&2; return 1
+}
+
+redis_up() { python3 - "$REDIS_PORT" <<'PY'
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
+s.sendall(b"PING\r\n"); assert s.recv(16).startswith(b"+PONG")
+PY
+}
+
+if ! redis_up 2>/dev/null; then
+  command -v redis-server >/dev/null || apt_install redis-server
+  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --dir /tmp --logfile /tmp/camaudit-redis.log
+  wait_for "redis on 127.0.0.1:$REDIS_PORT" redis_up
+fi
+echo "services: redis on 127.0.0.1:$REDIS_PORT"
+
+pg_up() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; }
+if ! { command -v pg_isready >/dev/null && pg_up; }; then
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  hba=/etc/postgresql/$version/main/pg_hba.conf
+  if ! grep -q "camaudit-test" "$hba"; then
+    # Tests connect as postgres over TCP without a password, as on the development machines.
+    sed -i '1i host all all 127.0.0.1/32 trust # camaudit-test\nhost all all ::1/128 trust # camaudit-test' "$hba"
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || pg_ctlcluster "$version" main start
+  wait_for "postgresql on 127.0.0.1:$PG_PORT" pg_up
+fi
+if ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "select 1 from pg_database where datname='test'" | grep -q 1; then
+  psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "create database test"
+fi
+echo "services: postgresql on 127.0.0.1:$PG_PORT"

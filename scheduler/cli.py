@@ -1,0 +1,417 @@
+"""The ``camaudit`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from schema.payloads import RunSpec
+from schema.settings import Settings, get_settings
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Batch CAM explanations for vision models."
+)
+db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
+app.add_typer(db_app, name="db")
+console = Console()
+err = Console(stderr=True)
+
+DatabaseUrl = Annotated[str | None, typer.Option(help="SQLAlchemy URL [env CAMAUDIT_DATABASE_URL]")]
+StorageUrl = Annotated[
+    str | None, typer.Option(help="folder or s3://bucket/prefix for heatmaps [env CAMAUDIT_STORAGE_URL]")
+]
+BrokerUrl = Annotated[
+    str | None, typer.Option(help="redis:// broker; unset runs in-process [env CAMAUDIT_BROKER_URL]")
+]
+S3Endpoint = Annotated[str | None, typer.Option(help="S3 endpoint URL [env CAMAUDIT_S3_ENDPOINT_URL]")]
+
+
+def _settings(**overrides: str | None) -> Settings:
+    """Command-line options win over the environment; both sides of the queue read the same variables."""
+    for key, value in overrides.items():
+        if value is not None:
+            os.environ[f"CAMAUDIT_{key.upper()}"] = value
+    get_settings.cache_clear()
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        _fail(f"bad setting: {exc.errors()[0]['msg']}")
+        raise  # unreachable
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _run_status(database_url: str, run_id: str) -> dict[str, Any]:
+    from scheduler.query import QueryError, get_run
+
+    try:
+        run = get_run(database_url, run_id)
+    except QueryError as exc:
+        _fail(str(exc))
+        raise
+    return {
+        "run_id": run.id,
+        "name": run.name,
+        "status": run.status,
+        "items": run.n_items,
+        "done": run.n_done,
+        "failed": run.n_failed,
+        "shards": run.n_shards,
+        "shards_done": run.shards_done,
+        "shards_failed": run.shards_failed,
+        "output": run.output_uri,
+        "methods": run.methods,
+        "layers": run.layers,
+    }
+
+
+def start_run(spec: RunSpec, settings: Settings, *, wait: bool = True) -> str:
+    """Plan, then run in-process or enqueue; used by ``run`` and ``demo`` alike."""
+    from scheduler.plan import plan_run
+    from scheduler.runner import enqueue, run_embedded
+    from scheduler.sources import SourceError
+    from workers.cam import CamConfigError
+    from workers.models import ModelLoadError
+
+    try:
+        planned = plan_run(spec, settings)
+    except (SourceError, ModelLoadError, CamConfigError, ValueError) as exc:
+        _fail(str(exc))
+        raise
+    err.print(f"run [bold]{planned.run_id}[/]: {planned.n_items} items in {len(planned.shard_ids)} shards")
+    if not settings.embedded:
+        enqueue(planned.run_id, planned.shard_ids, settings)
+        err.print(
+            f"enqueued {len(planned.shard_ids)} shards on {settings.broker_url}; `camaudit worker` runs them"
+        )
+        if wait:
+            _watch(settings.database_url, planned.run_id)
+        return planned.run_id
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(f"run {planned.run_id}", total=planned.n_items)
+
+        def advance(outcome: dict[str, object]) -> None:
+            progress.advance(task, int(outcome.get("n_done", 0)) + int(outcome.get("n_failed", 0)))  # type: ignore[call-overload]
+
+        run_embedded(planned.run_id, planned.shard_ids, settings, on_shard_done=advance)
+    return planned.run_id
+
+
+def _watch(database_url: str, run_id: str, poll_s: float = 1.0) -> dict[str, Any]:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        status = _run_status(database_url, run_id)
+        task = progress.add_task(f"run {run_id}", total=status["items"])
+        while True:
+            status = _run_status(database_url, run_id)
+            progress.update(task, completed=status["done"] + status["failed"])
+            if status["status"] in ("finished", "partial", "failed"):
+                return status
+            time.sleep(poll_s)
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Option(help="folder, manifest .jsonl/.csv, or s3://bucket/prefix")],
+    model: Annotated[
+        str, typer.Option(help="demo, torchvision:NAME, torchscript:PATH or python:mod:fn")
+    ] = "demo",
+    checkpoint: Annotated[str | None, typer.Option(help="weights file for the model")] = None,
+    methods: Annotated[str, typer.Option(help="comma-separated CAM methods")] = "gradcam,cam",
+    layer: Annotated[list[str] | None, typer.Option(help="target layer (repeat or comma-separate)")] = None,
+    targets: Annotated[str, typer.Option(help="top1, topk:N, all, label or classes:3,7")] = "top1",
+    patch_size: Annotated[int, typer.Option(help="patch side in model-input pixels")] = 32,
+    top_patches: Annotated[int, typer.Option(help="patches kept per heatmap")] = 5,
+    batch_size: int = 16,
+    shard_size: int = 256,
+    name: str | None = None,
+    wait: Annotated[bool, typer.Option(help="with a broker: wait and show progress")] = False,
+    database_url: DatabaseUrl = None,
+    storage_url: StorageUrl = None,
+    broker_url: BrokerUrl = None,
+    s3_endpoint_url: S3Endpoint = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
+    amp: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or off")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the final status as JSON")] = False,
+) -> None:
+    """Run an audit: explain every image of SOURCE with the given methods."""
+    settings = _settings(
+        database_url=database_url,
+        storage_url=storage_url,
+        broker_url=broker_url,
+        s3_endpoint_url=s3_endpoint_url,
+        device=device,
+        amp=amp,
+    )
+    _setup_logging(settings.log_level)
+    try:
+        spec = RunSpec(
+            source=source,
+            model=model,
+            checkpoint=checkpoint,
+            methods=methods.split(","),
+            layers=_split(layer),
+            targets=targets,
+            patch_size=patch_size,
+            top_patches=top_patches,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            name=name,
+        )
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        raise
+    run_id = start_run(spec, settings, wait=wait)
+    status = _run_status(settings.database_url, run_id)
+    if json_out:
+        console.print_json(json.dumps(status))
+    else:
+        _print_status(status)
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for key in (
+        "run_id",
+        "status",
+        "items",
+        "done",
+        "failed",
+        "shards",
+        "shards_done",
+        "shards_failed",
+        "output",
+    ):
+        table.add_row(key, str(status[key]))
+    console.print(table)
+
+
+@app.command()
+def status(
+    run_id: str,
+    database_url: DatabaseUrl = None,
+    watch: Annotated[bool, typer.Option(help="follow progress until the run ends")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a run's progress."""
+    settings = _settings(database_url=database_url)
+    info = _watch(settings.database_url, run_id) if watch else _run_status(settings.database_url, run_id)
+    if json_out:
+        console.print_json(json.dumps(info))
+    else:
+        _print_status(info)
+
+
+@app.command()
+def resume(
+    run_id: str,
+    database_url: DatabaseUrl = None,
+    broker_url: BrokerUrl = None,
+    storage_url: StorageUrl = None,
+    s3_endpoint_url: S3Endpoint = None,
+) -> None:
+    """Run or enqueue again the shards of RUN_ID that are not done."""
+    from scheduler.plan import unfinished_shards
+    from scheduler.runner import enqueue, run_embedded
+
+    settings = _settings(
+        database_url=database_url,
+        broker_url=broker_url,
+        storage_url=storage_url,
+        s3_endpoint_url=s3_endpoint_url,
+    )
+    _setup_logging(settings.log_level)
+    _run_status(settings.database_url, run_id)
+    shard_ids = unfinished_shards(settings.database_url, run_id)
+    if settings.embedded:
+        run_embedded(run_id, shard_ids, settings)
+    else:
+        enqueue(run_id, shard_ids, settings)
+    err.print(
+        f"{len(shard_ids)} unfinished shards of run {run_id} {'run' if settings.embedded else 'enqueued'}"
+    )
+
+
+def print_regions(regions: list[Any], as_json: bool) -> None:
+    if as_json:
+        console.print_json(json.dumps([r.as_dict() for r in regions]))
+        return
+    table = Table(title=f"top {len(regions)} regions")
+    for col in ("#", "item", "source", "class", "box (x0,y0,x1,y1)", "score"):
+        table.add_column(col, justify="right" if col in ("#", "item", "score") else "left")
+    for n, r in enumerate(regions, start=1):
+        table.add_row(
+            str(n),
+            str(r.item_id),
+            Path(r.source_uri).name if not r.source_uri.startswith("s3://") else r.source_uri,
+            r.class_name or str(r.target_class),
+            f"{r.x0},{r.y0},{r.x1},{r.y1}",
+            f"{r.score:.5f}",
+        )
+    console.print(table)
+
+
+@app.command()
+def top(
+    run_id: Annotated[str, typer.Option("--run", help="run id")],
+    class_: Annotated[str, typer.Option("--class", help="class name or index")],
+    method: Annotated[str, typer.Option(help="CAM method")] = "gradcam",
+    layer: Annotated[str | None, typer.Option(help="only this layer")] = None,
+    limit: Annotated[int, typer.Option(help="how many regions")] = 10,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List the top-activated patches of a class across a run."""
+    from scheduler.query import QueryError, top_regions
+
+    settings = _settings(database_url=database_url)
+    try:
+        regions = top_regions(settings.database_url, run_id, class_, method, layer=layer, limit=limit)
+    except QueryError as exc:
+        _fail(str(exc))
+        raise
+    print_regions(regions, json_out)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="queues to consume")] = "gpu,control",
+    concurrency: Annotated[int, typer.Option(help="processes per worker")] = 1,
+    loglevel: str = "INFO",
+    hostname: str | None = None,
+    database_url: DatabaseUrl = None,
+    broker_url: BrokerUrl = None,
+    storage_url: StorageUrl = None,
+    s3_endpoint_url: S3Endpoint = None,
+) -> None:
+    """Start a Celery worker that explains shards."""
+    settings = _settings(
+        database_url=database_url,
+        broker_url=broker_url,
+        storage_url=storage_url,
+        s3_endpoint_url=s3_endpoint_url,
+    )
+    if settings.embedded:
+        _fail(
+            "a worker needs a broker: set --broker-url or CAMAUDIT_BROKER_URL (e.g. redis://127.0.0.1:6379/0)"
+        )
+    from workers.celery_app import configure
+
+    celery = configure(settings)
+    argv = ["worker", "-Q", queues, "--concurrency", str(concurrency), "--loglevel", loglevel, "-E"]
+    if hostname:
+        argv += ["--hostname", hostname]
+    celery.worker_main(argv)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="folder for the images and manifest.jsonl")],
+    n: Annotated[int, typer.Option(help="number of images")] = 64,
+    seed: int = 0,
+) -> None:
+    """Write a synthetic dataset of shapes with known object boxes."""
+    from workers.synth import make_dataset
+
+    manifest = make_dataset(out, n, seed)
+    err.print(f"wrote {n} images and {manifest}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the demo's data, database and heatmaps go")] = Path(
+        "camaudit-demo"
+    ),
+    n: Annotated[int, typer.Option(help="synthetic images")] = 48,
+) -> None:
+    """Generate synthetic data and audit it with the shipped model, all embedded."""
+    from scheduler.query import top_regions
+    from workers.synth import make_dataset
+
+    workdir = workdir.resolve()
+    settings = _settings(
+        database_url=f"sqlite:///{workdir / 'camaudit.db'}",
+        storage_url=str(workdir / "heatmaps"),
+        broker_url="",
+    )
+    _setup_logging("WARNING")
+    manifest = make_dataset(workdir / "data", n, seed=0)
+    (workdir / "data" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    with manifest.open("a") as fh:
+        fh.write(json.dumps({"uri": "corrupt.png", "label": "circle"}) + "\n")
+    spec = RunSpec(source=str(manifest), model="demo", methods=["gradcam", "cam"], name="demo", shard_size=16)
+    run_id = start_run(spec, settings)
+    info = _run_status(settings.database_url, run_id)
+    console.print(f"run id:     [bold]{run_id}[/] ({info['status']})")
+    console.print(f"items:      {info['done']} done, {info['failed']} failed of {info['items']}")
+    console.print(f"heatmaps:   {info['output']}/runs/{run_id}/")
+    console.print(f"database:   {settings.database_url}")
+    class_name = "circle"
+    regions = top_regions(settings.database_url, run_id, class_name, "gradcam", limit=10)
+    console.print(f"\ntop-10 gradcam regions of class '{class_name}':")
+    print_regions(regions, as_json=False)
+    console.print(
+        f"\nnext: camaudit top --run {run_id} --class square --database-url {settings.database_url}"
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head", database_url: DatabaseUrl = None) -> None:
+    """Create or migrate the tables."""
+    from schema.db import upgrade
+
+    settings = _settings(database_url=database_url)
+    upgrade(settings.database_url, revision)
+    err.print(f"database {settings.database_url} at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = "base", database_url: DatabaseUrl = None) -> None:
+    """Undo migrations (default: drop every table)."""
+    from schema.db import downgrade
+
+    settings = _settings(database_url=database_url)
+    downgrade(settings.database_url, revision)
+    err.print(f"database {settings.database_url} at {revision}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

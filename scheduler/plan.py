@@ -1,0 +1,147 @@
+"""Turning a run request into rows: validate everything first, then cut shards.
+
+A bad model reference, layer, method or source must fail here, before a single shard is
+enqueued, with a message that says what would be right.
+"""
+
+from __future__ import annotations
+
+import difflib
+import platform
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+from sqlalchemy import insert, select
+
+from scheduler.sources import SourceItem, list_source
+from schema.db import session_scope, upgrade
+from schema.models import Item, Run, Shard
+from schema.payloads import RunSpec
+from schema.settings import Settings
+from workers.cam import METHODS, CamEngine
+from workers.models import LoadedModel, load_model_cached, resolve_layer
+
+# Methods whose check would cost hundreds of forward passes; their shape logic is shared with the rest.
+EXPENSIVE_METHODS = frozenset({"scorecam", "ablationcam"})
+
+
+class PlanError(ValueError):
+    """The run request cannot work; nothing has been written or enqueued."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    run_id: str
+    n_items: int
+    shard_ids: list[int]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("camaudit", "torch", "torchvision", "numpy", "pillow", "sqlalchemy", "celery", "boto3"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def check_methods(methods: list[str]) -> None:
+    for method in methods:
+        if method not in METHODS:
+            close = difflib.get_close_matches(method, list(METHODS), n=3, cutoff=0.4)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise PlanError(f"unknown CAM method {method!r}{hint} (valid: {', '.join(METHODS)})")
+
+
+def resolve_layers(loaded: LoadedModel, spec: RunSpec) -> list[str]:
+    """Check the named layers exist and the methods run on them, with one cheap probe forward."""
+    layers = spec.layers or ([loaded.default_layer] if loaded.default_layer else None)
+    for name in layers or []:
+        resolve_layer(loaded.model, name)
+    probe_methods = [m for m in spec.methods if m not in EXPENSIVE_METHODS] or ["gradcam"]
+    engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False)
+    device = next(loaded.model.parameters()).device
+    height, width = loaded.preprocess.size
+    result = engine(torch.zeros(1, 3, height, width, device=device), targets=None)
+    return list(result.layers)
+
+
+def validate(spec: RunSpec, settings: Settings) -> tuple[LoadedModel, list[str], list[SourceItem]]:
+    check_methods(spec.methods)
+    loaded = load_model_cached(spec.model, spec.checkpoint, device="cpu")
+    layers = resolve_layers(loaded, spec)
+    items = list_source(spec.source, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    return loaded, layers, items
+
+
+def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None = None) -> PlannedRun:
+    loaded, layers, items = validate(spec, settings)
+    upgrade(settings.database_url)
+    run_id = uuid.uuid4().hex[:16]
+    shard_count = (len(items) + spec.shard_size - 1) // spec.shard_size
+    with session_scope(settings.database_url) as session:
+        session.add(
+            Run(
+                id=run_id,
+                name=spec.name,
+                audit_name=spec.audit_name,
+                model_ref=loaded.ref,
+                checkpoint_uri=spec.checkpoint,
+                checkpoint_sha256=loaded.checkpoint_sha256,
+                methods=spec.methods,
+                layers=layers,
+                target_spec=spec.targets,
+                source_uri=spec.source,
+                output_uri=settings.storage_url,
+                preprocess=loaded.preprocess.as_dict(),
+                patch_size=spec.patch_size,
+                top_patches=spec.top_patches,
+                class_names=loaded.class_names,
+                config=spec.model_dump(),
+                versions=package_versions(),
+                n_items=len(items),
+                n_shards=shard_count,
+                baseline_run_id=baseline_run_id,
+            )
+        )
+        session.flush()
+        shard_ids = list(
+            session.execute(
+                insert(Shard).returning(Shard.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "run_id": run_id,
+                        "index": i,
+                        "n_items": min(spec.shard_size, len(items) - i * spec.shard_size),
+                    }
+                    for i in range(shard_count)
+                ],
+            ).scalars()
+        )
+        rows = [
+            {
+                "run_id": run_id,
+                "shard_id": shard_ids[n // spec.shard_size],
+                "ordinal": n,
+                "source_uri": item.uri,
+                "label": item.label,
+                "box": item.box,
+                "group_id": item.group_id,
+            }
+            for n, item in enumerate(items)
+        ]
+        for start in range(0, len(rows), 5000):
+            session.execute(insert(Item), rows[start : start + 5000])
+    return PlannedRun(run_id=run_id, n_items=len(items), shard_ids=shard_ids)
+
+
+def unfinished_shards(database_url: str, run_id: str) -> list[int]:
+    with session_scope(database_url) as session:
+        return list(
+            session.execute(
+                select(Shard.id).where(Shard.run_id == run_id, Shard.status != "done").order_by(Shard.index)
+            ).scalars()
+        )

@@ -1,0 +1,187 @@
+"""SQL tables: the contract between the scheduler, the workers and the query side.
+
+Natural unique keys (run + index, item + method + layer + class, heatmap + rank) are what
+make a re-run shard overwrite its own rows instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL needs BIGINT for tens of millions of rows.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class RunStatus:
+    PENDING = "pending"
+    RUNNING = "running"
+    FINISHED = "finished"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    TERMINAL = frozenset({FINISHED, PARTIAL, FAILED})
+
+
+class ShardStatus:
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ItemStatus:
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    audit_name: Mapped[str | None] = mapped_column(String(200), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.PENDING)
+    model_ref: Mapped[str] = mapped_column(String(500))
+    checkpoint_uri: Mapped[str | None] = mapped_column(String(1000))
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    methods: Mapped[list[Any]] = mapped_column(JSON)
+    layers: Mapped[list[Any]] = mapped_column(JSON)
+    target_spec: Mapped[str] = mapped_column(String(100))
+    source_uri: Mapped[str] = mapped_column(String(1000))
+    output_uri: Mapped[str] = mapped_column(String(1000))
+    preprocess: Mapped[dict[str, Any]] = mapped_column(JSON)
+    patch_size: Mapped[int] = mapped_column(Integer)
+    top_patches: Mapped[int] = mapped_column(Integer)
+    class_names: Mapped[list[Any] | None] = mapped_column(JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    versions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    n_items: Mapped[int] = mapped_column(Integer, default=0)
+    n_shards: Mapped[int] = mapped_column(Integer, default=0)
+    n_done: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    shards_done: Mapped[int] = mapped_column(Integer, default=0)
+    shards_failed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    baseline_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+
+
+class Shard(Base):
+    __tablename__ = "shards"
+    __table_args__ = (UniqueConstraint("run_id", "index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ShardStatus.PENDING)
+    n_items: Mapped[int] = mapped_column(Integer, default=0)
+    n_done: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("run_id", "ordinal"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"), index=True)
+    ordinal: Mapped[int] = mapped_column(Integer)
+    source_uri: Mapped[str] = mapped_column(String(2000))
+    label: Mapped[str | None] = mapped_column(String(200))
+    box: Mapped[list[Any] | None] = mapped_column(JSON)
+    group_id: Mapped[str | None] = mapped_column(String(200))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING)
+    error: Mapped[str | None] = mapped_column(Text)
+    predictions: Mapped[list[Any] | None] = mapped_column(JSON)
+    pred_class: Mapped[int | None] = mapped_column(Integer)
+    correct: Mapped[bool | None] = mapped_column(Boolean)
+
+
+class Heatmap(Base):
+    __tablename__ = "heatmaps"
+    __table_args__ = (
+        UniqueConstraint("item_id", "method", "layer", "target_class"),
+        Index("ix_heatmaps_run_method_class", "run_id", "method", "target_class"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    method: Mapped[str] = mapped_column(String(40))
+    layer: Mapped[str] = mapped_column(String(200))
+    target_class: Mapped[int] = mapped_column(Integer)
+    target_score: Mapped[float] = mapped_column(Float)
+    object_key: Mapped[str] = mapped_column(String(1000))
+    raw_key: Mapped[str] = mapped_column(String(1000))
+    sha256: Mapped[str] = mapped_column(String(64))
+    raw_max: Mapped[float] = mapped_column(Float)
+    raw_mean: Mapped[float] = mapped_column(Float)
+    map_mean: Mapped[float] = mapped_column(Float)
+    top_patch_fraction: Mapped[float] = mapped_column(Float)
+
+
+class PatchScore(Base):
+    __tablename__ = "patch_scores"
+    __table_args__ = (
+        UniqueConstraint("heatmap_id", "rank"),
+        Index("ix_patch_scores_top", "run_id", "method", "target_class", "score"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    heatmap_id: Mapped[int] = mapped_column(ForeignKey("heatmaps.id", ondelete="CASCADE"))
+    run_id: Mapped[str] = mapped_column(String(32))
+    item_id: Mapped[int] = mapped_column(BigId)
+    method: Mapped[str] = mapped_column(String(40))
+    layer: Mapped[str] = mapped_column(String(200))
+    target_class: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer)
+    row: Mapped[int] = mapped_column(Integer)
+    col: Mapped[int] = mapped_column(Integer)
+    x0: Mapped[int] = mapped_column(Integer)
+    y0: Mapped[int] = mapped_column(Integer)
+    x1: Mapped[int] = mapped_column(Integer)
+    y1: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)

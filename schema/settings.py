@@ -1,0 +1,49 @@
+"""Runtime settings shared by the scheduler and the workers.
+
+Both sides must agree on where results land and how work travels, so they read one
+settings object from the same environment variables (prefix ``CAMAUDIT_``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAMAUDIT_", extra="ignore")
+
+    database_url: str = "sqlite:///camaudit.db"
+    storage_url: str = "camaudit-output"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    broker_url: str | None = None
+    result_backend: str | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    log_level: str = "INFO"
+    decode_workers: int = 4
+    upload_workers: int = 16
+    shard_time_limit_s: int = 3600
+
+    @field_validator("amp")
+    @classmethod
+    def _check_amp(cls, value: str) -> str:
+        value = value.lower()
+        if value not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {value!r}")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        """No broker means shards run in this process, through the same task functions."""
+        return not self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,146 @@
+"""Real servers for the tests: PostgreSQL, Redis, and `camaudit worker` processes.
+
+`make test` starts Redis and PostgreSQL when they are not running; these fixtures only
+connect, and fail loudly (never skip) when a server is missing, because a skipped
+integration test would pass with the feature broken.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from schema.db import dispose_engines
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CAMAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_BASE_URL = os.environ.get("CAMAUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
+    """Poll a condition with a deadline; the test fails with a message instead of hanging."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}" + (f": {last_error}" if last_error else "")
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL} ({exc}); run `make services`")
+    finally:
+        engine.dispose()
+    return POSTGRES_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh, empty database per test, dropped afterwards."""
+    name = f"camaudit_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = postgres_admin_url.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of its own for each test, flushed before and after."""
+    db = 1 + uuid.uuid4().int % 15
+    url = f"{REDIS_BASE_URL}/{db}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_BASE_URL} ({exc}); run `make services`")
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def camaudit_command() -> list[str]:
+    return [sys.executable, "-m", "scheduler.cli"]
+
+
+class WorkerProcess:
+    """A real `camaudit worker` subprocess with its own log file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str) -> None:
+        self.log_path = log_path
+        self.name = name
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*camaudit_command(), "worker", "--hostname", f"{name}@%h", "--loglevel", "INFO"],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            return "ready." in self.log()
+
+        wait_until(ready, timeout, f"worker {self.name} to be ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(env_overrides: dict[str, str], name: str = "w1") -> WorkerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_overrides}
+        worker = WorkerProcess(env, tmp_path / f"worker-{name}.log", name)
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workers.patches import patch_box, patch_grid, top_patches
+
+
+def test_patch_scores_add_up_to_the_spatial_mean_of_the_upsampled_map() -> None:
+    torch.manual_seed(0)
+    raw = torch.rand(3, 7, 7)
+    grid = patch_grid(raw, (100, 90), 32)  # not a multiple of 32: edge patches are partial
+    assert grid.shape == (3, 4, 3)
+    up = F.interpolate(raw.unsqueeze(1), size=(100, 90), mode="bilinear", align_corners=False).squeeze(1)
+    torch.testing.assert_close(grid.sum(dim=(1, 2)), up.mean(dim=(1, 2)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grid[0, 0, 0], up[0, :32, :32].sum() / (100 * 90), rtol=1e-5, atol=1e-7)
+
+
+def test_scores_compare_across_images_unlike_normalised_maps() -> None:
+    faint = torch.zeros(1, 4, 4)
+    faint[0, 1, 1] = 0.1
+    strong = faint * 50
+    top = top_patches(torch.cat([faint, strong]), (64, 64), 32, 2)
+    assert top.scores[1, 0] > 10 * top.scores[0, 0]
+    assert (top.rows[:, 0].tolist(), top.cols[:, 0].tolist()) == ([0, 0], [0, 0])
+    assert torch.all(top.scores[:, 0] >= top.scores[:, 1])
+
+
+def test_top_patch_finds_the_hot_spot() -> None:
+    raw = torch.zeros(1, 8, 8)
+    raw[0, 6, 2] = 5.0  # lower-left region at 128 px input
+    top = top_patches(raw, (128, 128), 32, 3)
+    assert (int(top.rows[0, 0]), int(top.cols[0, 0])) == (3, 0)
+
+
+def test_boxes_map_back_to_source_pixels() -> None:
+    # 128x128 input from a 256 (wide) x 192 (high) source
+    assert patch_box(0, 0, 32, (128, 128), (256, 192)) == (0, 0, 64, 48)
+    assert patch_box(3, 3, 32, (128, 128), (256, 192)) == (192, 144, 256, 192)
+    # partial edge patch stays inside the image
+    assert patch_box(3, 2, 32, (100, 90), (90, 100)) == (64, 96, 90, 100)

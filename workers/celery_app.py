@@ -1,0 +1,59 @@
+"""The Celery application: long GPU tasks that must survive crashed workers.
+
+Shards are acknowledged only after they finish (``acks_late``) and go back to the queue
+when the process running them dies, so a killed worker loses no work; prefetch 1 keeps a
+busy worker from hoarding shards that an idle one could take.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from schema.db import dispose_engines
+from schema.settings import Settings, get_settings
+
+SHARD_QUEUE = "gpu"
+CONTROL_QUEUE = "control"
+
+app = Celery("camaudit", include=["workers.tasks"])
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    hard_limit = settings.shard_time_limit_s
+    return {
+        "broker_url": settings.broker_url or "memory://",
+        "result_backend": settings.result_backend,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": hard_limit,
+        "task_soft_time_limit": max(hard_limit - 60, int(hard_limit * 0.9)),
+        # A message must not be handed to a second worker while the first is still on it.
+        "broker_transport_options": {"visibility_timeout": hard_limit * 2},
+        "task_default_queue": CONTROL_QUEUE,
+        "task_routes": {"camaudit.explain_shard": {"queue": SHARD_QUEUE}},
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+    }
+
+
+def configure(settings: Settings | None = None) -> Celery:
+    app.conf.update(celery_config(settings or get_settings()))
+    return app
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    """A forked pool child must open its own database connections."""
+    dispose_engines()
+
+
+configure()

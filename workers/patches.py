@@ -1,0 +1,69 @@
+"""Patch scores: which M x M regions of a map carry its mass, on a scale that compares across images.
+
+Min-max normalised maps all peak at 1.0, so they cannot rank regions across a dataset. Patch
+scores come from the raw map instead: the raw low-resolution map is bilinearly upsampled to
+the model input and each patch's score is its sum divided by the number of input pixels,
+i.e. the patch's share of the map's spatial mean. For ``cam`` the scores of all patches add
+up to the class logit without bias (where the map is non-negative), so a score means the
+same thing in every image of a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PatchTop:
+    scores: torch.Tensor  # float32 [N, L], descending
+    rows: torch.Tensor  # int64 [N, L]
+    cols: torch.Tensor  # int64 [N, L]
+    total: torch.Tensor  # float32 [N]: sum over all patches (= spatial mean of the upsampled raw map)
+    grid: tuple[int, int]  # patches per column and per row
+
+
+def patch_grid(raw: torch.Tensor, input_size: tuple[int, int], patch: int) -> torch.Tensor:
+    """[N, h, w] raw maps -> [N, rows, cols] patch scores; edge patches are partial, not dropped."""
+    height, width = input_size
+    up = F.interpolate(raw.float().unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+    pad_h = (-height) % patch
+    pad_w = (-width) % patch
+    if pad_h or pad_w:
+        up = F.pad(up, (0, pad_w, 0, pad_h))
+    sums = F.avg_pool2d(up, kernel_size=patch, stride=patch) * float(patch * patch)
+    return sums.squeeze(1) / float(height * width)
+
+
+def top_patches(raw: torch.Tensor, input_size: tuple[int, int], patch: int, top: int) -> PatchTop:
+    grid = patch_grid(raw, input_size, patch)
+    n, rows, cols = grid.shape
+    flat = grid.reshape(n, rows * cols)
+    k = min(top, rows * cols)
+    scores, index = torch.topk(flat, k, dim=1, largest=True, sorted=True)
+    return PatchTop(
+        scores=scores,
+        rows=torch.div(index, cols, rounding_mode="floor"),
+        cols=index % cols,
+        total=flat.sum(dim=1),
+        grid=(rows, cols),
+    )
+
+
+def patch_box(
+    row: int, col: int, patch: int, input_size: tuple[int, int], source_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A patch's box at model input size, mapped back to source pixels (x0, y0, x1, y1; x1/y1 exclusive)."""
+    height, width = input_size
+    src_w, src_h = source_size
+    x0, y0 = col * patch, row * patch
+    x1, y1 = min(x0 + patch, width), min(y0 + patch, height)
+    sx, sy = src_w / width, src_h / height
+    return (
+        round(x0 * sx),
+        round(y0 * sy),
+        max(round(x1 * sx), round(x0 * sx) + 1),
+        max(round(y1 * sy), round(y0 * sy) + 1),
+    )

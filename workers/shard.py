@@ -1,0 +1,438 @@
+"""Explaining one shard: claim it, run the images through the CAM engine, store, commit.
+
+The order is what keeps results honest: objects are written and verified first, then one
+transaction upserts every row and marks the shard done. A crash before the commit leaves
+the shard pending for another delivery; a crash after it leaves nothing to redo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from schema.db import session_scope
+from schema.models import Item, ItemStatus, Run, RunStatus, Shard, ShardStatus, utcnow
+from schema.settings import Settings, get_settings
+from workers import results
+from workers.fetch import read_bytes
+from workers.heatmap_io import encode_npy, encode_png_gray, to_uint8
+from workers.images import DecodedImage, ImageDecodeError, decode_image
+from workers.patches import patch_box, top_patches
+from workers.runtime import engine_for, model_for, storage_for
+from workers.storage import ConcurrentWriter
+
+log = logging.getLogger("camaudit.worker")
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    id: int
+    source_uri: str
+    label: str | None
+
+
+@dataclass
+class ShardWork:
+    run_id: str
+    shard_id: int
+    shard_index: int
+    model_ref: str
+    checkpoint: str | None
+    methods: list[str]
+    layers: list[str]
+    target_spec: str
+    patch_size: int
+    top_patches: int
+    top_k_predictions: int
+    batch_size: int
+    output_uri: str
+    class_names: list[str] | None
+    items: list[WorkItem]
+
+
+@dataclass
+class ShardRows:
+    items: list[dict[str, Any]] = field(default_factory=list)
+    heatmaps: list[dict[str, Any]] = field(default_factory=list)
+    # patch rows wait for their heatmap's id: keyed by (item, method, layer, class)
+    patches: list[tuple[tuple[int, str, str, int], dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def n_done(self) -> int:
+        return sum(1 for row in self.items if row["status"] == ItemStatus.DONE)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for row in self.items if row["status"] == ItemStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    run_id: str
+    shard_index: int
+    status: str  # "done", "skipped" (already done) or "failed"
+    n_done: int = 0
+    n_failed: int = 0
+    run_status: str | None = None  # set when this shard finished the run
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int, ext: str) -> str:
+    """Deterministic, so a retried shard overwrites its own objects instead of adding new ones."""
+    return f"runs/{run_id}/{method}/{layer}/{item_id}/{target}.{ext}"
+
+
+def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | None:
+    with session_scope(database_url) as session:
+        shard = session.get(Shard, shard_id)
+        run = session.get(Run, run_id)
+        if shard is None or run is None or shard.run_id != run_id:
+            raise LookupError(f"shard {shard_id} of run {run_id} does not exist in {database_url}")
+        if shard.status == ShardStatus.DONE:
+            return None
+        shard.status = ShardStatus.RUNNING
+        shard.attempts += 1
+        shard.worker = worker_name()
+        shard.started_at = utcnow()
+        if run.status == RunStatus.PENDING:
+            run.status = RunStatus.RUNNING
+            run.started_at = utcnow()
+        rows = session.execute(
+            select(Item.id, Item.source_uri, Item.label)
+            .where(Item.shard_id == shard_id)
+            .order_by(Item.ordinal)
+        ).all()
+        return ShardWork(
+            run_id=run_id,
+            shard_id=shard_id,
+            shard_index=shard.index,
+            model_ref=run.model_ref,
+            checkpoint=run.checkpoint_uri,
+            methods=list(run.methods),
+            layers=list(run.layers),
+            target_spec=run.target_spec,
+            patch_size=run.patch_size,
+            top_patches=run.top_patches,
+            top_k_predictions=int(run.config.get("top_k_predictions", 5)),
+            batch_size=int(run.config.get("batch_size", 16)),
+            output_uri=run.output_uri,
+            class_names=list(run.class_names) if run.class_names else None,
+            items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
+        )
+
+
+def _decoded_stream(
+    work: ShardWork, settings: Settings, size: tuple[int, int], mean: Any, std: Any
+) -> Iterator[tuple[WorkItem, DecodedImage | str]]:
+    """Decode ahead of the model on a thread pool; yields (item, image or failure reason) in order."""
+
+    def load(item: WorkItem) -> DecodedImage | str:
+        try:
+            data = read_bytes(
+                item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+            )
+            return decode_image(data, size, tuple(mean), tuple(std))
+        except FileNotFoundError:
+            return f"file not found: {item.source_uri}"
+        except ImageDecodeError as exc:
+            return str(exc)
+        except Exception as exc:  # one unreadable item must never fail its shard
+            return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
+
+    window = max(2 * work.batch_size, settings.decode_workers)
+    with ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode") as pool:
+        pending: list[tuple[WorkItem, Future[DecodedImage | str]]] = []
+        items = iter(work.items)
+        for item in items:
+            pending.append((item, pool.submit(load, item)))
+            if len(pending) >= window:
+                break
+        while pending:
+            item, fut = pending.pop(0)
+            nxt = next(items, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(load, nxt)))
+            yield item, fut.result()
+
+
+def _targets_for(work: ShardWork, batch: list[WorkItem]) -> tuple[Any, list[str | None]]:
+    """Translate the run's target spec into the engine's argument; per-item errors for bad labels."""
+    spec = work.target_spec
+    errors: list[str | None] = [None] * len(batch)
+    if spec == "top1":
+        return None, errors
+    if spec.startswith("topk:") or spec == "all":
+        return spec, errors
+    if spec.startswith("classes:"):
+        classes = [int(c) for c in spec.split(":", 1)[1].split(",")]
+        return torch.tensor([classes] * len(batch), dtype=torch.int64), errors
+    # spec == "label": explain the ground-truth class of each item
+    names = work.class_names or []
+    targets = []
+    for i, item in enumerate(batch):
+        if item.label in names:
+            targets.append(names.index(item.label))
+        elif item.label is not None and item.label.isdigit():
+            targets.append(int(item.label))
+        else:
+            errors[i] = f"label {item.label!r} is not one of the model's classes"
+            targets.append(0)
+    return torch.tensor(targets, dtype=torch.int64), errors
+
+
+def _explain_batch(
+    work: ShardWork,
+    settings: Settings,
+    batch: list[tuple[WorkItem, DecodedImage]],
+    writer: ConcurrentWriter,
+    rows: ShardRows,
+) -> None:
+    loaded = model_for(work.model_ref, work.checkpoint, settings)
+    engine = engine_for(loaded, work.methods, work.layers, settings)
+    device = next(loaded.model.parameters()).device
+    input_size = loaded.preprocess.size
+    targets, target_errors = _targets_for(work, [item for item, _ in batch])
+    keep = [i for i, err in enumerate(target_errors) if err is None]
+    for i, err in enumerate(target_errors):
+        if err is not None:
+            rows.items.append({"id": batch[i][0].id, "status": ItemStatus.FAILED, "error": err})
+    if not keep:
+        return
+    batch = [batch[i] for i in keep]
+    if isinstance(targets, torch.Tensor):
+        targets = targets[keep].to(device)
+    images = torch.stack([img.tensor for _, img in batch]).to(device, non_blocking=True)
+    result = engine(images, targets=targets)
+
+    probs = torch.softmax(result.logits.float(), dim=1)
+    k = min(work.top_k_predictions, probs.shape[1])
+    top_p, top_c = (t.cpu() for t in torch.topk(probs, k, dim=1))
+    chosen = result.targets.cpu()
+    scores = result.scores.float().cpu()
+    names = work.class_names
+    for b, (item, img) in enumerate(batch):
+        preds = [
+            {
+                "class": int(c),
+                "name": names[int(c)] if names and int(c) < len(names) else None,
+                "prob": float(p),
+            }
+            for p, c in zip(top_p[b].tolist(), top_c[b].tolist(), strict=True)
+        ]
+        pred = int(top_c[b, 0])
+        correct = None
+        if item.label is not None and names:
+            correct = names[pred] == item.label if pred < len(names) else False
+        rows.items.append(
+            {
+                "id": item.id,
+                "status": ItemStatus.DONE,
+                "error": None,
+                "width": img.width,
+                "height": img.height,
+                "predictions": preds,
+                "pred_class": pred,
+                "correct": correct,
+            }
+        )
+
+    n_targets = chosen.shape[1]
+    for method in work.methods:
+        for layer in result.layers:
+            maps = result.layer_maps[method][layer]
+            raw = result.raw[method][layer].float()
+            bsz, kk, h, w = raw.shape
+            u8 = to_uint8(maps).cpu().numpy()
+            raw16 = raw.to(torch.float16).cpu().numpy()
+            flat_raw = raw.reshape(bsz * kk, h, w)
+            top = top_patches(flat_raw, input_size, work.patch_size, work.top_patches)
+            raw_max = flat_raw.amax(dim=(1, 2)).cpu().tolist()
+            raw_mean = flat_raw.mean(dim=(1, 2)).cpu().tolist()
+            map_mean = maps.reshape(bsz * kk, -1).float().mean(dim=1).cpu().tolist()
+            p_scores = top.scores.cpu().tolist()
+            p_rows = top.rows.cpu().tolist()
+            p_cols = top.cols.cpu().tolist()
+            totals = top.total.cpu().tolist()
+            for b, (item, img) in enumerate(batch):
+                for t in range(n_targets):
+                    n = b * n_targets + t
+                    target = int(chosen[b, t])
+                    png = encode_png_gray(u8[b, t])
+                    png_key = heatmap_key(work.run_id, method, layer, item.id, target, "png")
+                    npy_key = heatmap_key(work.run_id, method, layer, item.id, target, "npy")
+                    writer.submit(png_key, png, "image/png")
+                    writer.submit(npy_key, encode_npy(raw16[b, t]), "application/octet-stream")
+                    total = totals[n]
+                    rows.heatmaps.append(
+                        {
+                            "item_id": item.id,
+                            "run_id": work.run_id,
+                            "method": method,
+                            "layer": layer,
+                            "target_class": target,
+                            "target_score": float(scores[b, t]),
+                            "object_key": png_key,
+                            "raw_key": npy_key,
+                            "sha256": hashlib.sha256(png).hexdigest(),
+                            "raw_max": raw_max[n],
+                            "raw_mean": raw_mean[n],
+                            "map_mean": map_mean[n],
+                            "top_patch_fraction": p_scores[n][0] / total if total > 0 else 0.0,
+                        }
+                    )
+                    hkey = (item.id, method, layer, target)
+                    for rank, (score, row, col) in enumerate(
+                        zip(p_scores[n], p_rows[n], p_cols[n], strict=True)
+                    ):
+                        x0, y0, x1, y1 = patch_box(
+                            row, col, work.patch_size, input_size, (img.width, img.height)
+                        )
+                        rows.patches.append(
+                            (
+                                hkey,
+                                {
+                                    "run_id": work.run_id,
+                                    "item_id": item.id,
+                                    "method": method,
+                                    "layer": layer,
+                                    "target_class": target,
+                                    "rank": rank,
+                                    "row": row,
+                                    "col": col,
+                                    "x0": x0,
+                                    "y0": y0,
+                                    "x1": x1,
+                                    "y1": y1,
+                                    "score": score,
+                                },
+                            )
+                        )
+
+
+def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
+    loaded = model_for(work.model_ref, work.checkpoint, settings)
+    pre = loaded.preprocess
+    storage = storage_for(work.output_uri, settings)
+    rows = ShardRows()
+    with ConcurrentWriter(storage, max_workers=settings.upload_workers) as writer:
+        batch: list[tuple[WorkItem, DecodedImage]] = []
+        for item, decoded in _decoded_stream(work, settings, pre.size, pre.mean, pre.std):
+            if isinstance(decoded, str):
+                log.warning(
+                    "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, decoded
+                )
+                rows.items.append({"id": item.id, "status": ItemStatus.FAILED, "error": decoded})
+                continue
+            batch.append((item, decoded))
+            if len(batch) == work.batch_size:
+                _explain_batch(work, settings, batch, writer, rows)
+                batch = []
+        if batch:
+            _explain_batch(work, settings, batch, writer, rows)
+        writer.flush()
+    return rows
+
+
+def _finish_run_if_complete(session: Session, run: Run) -> str | None:
+    """Called with the run row locked: exactly one shard completion sees the last shard land."""
+    if run.status in RunStatus.TERMINAL or run.shards_done + run.shards_failed < run.n_shards:
+        return None
+    if run.shards_failed == 0:
+        run.status = RunStatus.FINISHED
+    elif run.shards_done > 0:
+        run.status = RunStatus.PARTIAL
+    else:
+        run.status = RunStatus.FAILED
+    run.finished_at = utcnow()
+    return run.status
+
+
+def _refresh_run(session: Session, run: Run) -> str | None:
+    """Derive the run's counters from its shards, so no order of deliveries can double-count."""
+    session.flush()
+    counts = session.execute(
+        select(
+            func.count().filter(Shard.status == ShardStatus.DONE),
+            func.count().filter(Shard.status == ShardStatus.FAILED),
+            func.coalesce(func.sum(Shard.n_done), 0),
+            func.coalesce(func.sum(Shard.n_failed), 0),
+        ).where(Shard.run_id == run.id)
+    ).one()
+    run.shards_done, run.shards_failed, run.n_done, run.n_failed = (int(v) for v in counts)
+    return _finish_run_if_complete(session, run)
+
+
+def _lock_run(session: Session, run_id: str) -> Run:
+    run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one()
+    return run
+
+
+def commit_shard(database_url: str, work: ShardWork, rows: ShardRows) -> ShardOutcome:
+    with session_scope(database_url) as session:
+        results.update_items(session, rows.items)
+        ids = results.upsert_heatmaps(session, rows.heatmaps)
+        results.delete_stale_patch_scores(session, list(ids.values()), work.top_patches)
+        results.upsert_patch_scores(session, [{"heatmap_id": ids[key], **row} for key, row in rows.patches])
+        run = _lock_run(session, work.run_id)
+        shard = session.get(Shard, work.shard_id, populate_existing=True)
+        assert shard is not None
+        run_status = None
+        if shard.status != ShardStatus.DONE:
+            shard.status = ShardStatus.DONE
+            shard.error = None
+            shard.finished_at = utcnow()
+            shard.n_done, shard.n_failed = rows.n_done, rows.n_failed
+            run_status = _refresh_run(session, run)
+    return ShardOutcome(work.run_id, work.shard_index, "done", rows.n_done, rows.n_failed, run_status)
+
+
+def fail_shard(database_url: str, run_id: str, shard_id: int, error: str) -> ShardOutcome:
+    """A shard that has used its retries ends failed, so its run can end ``partial`` instead of hanging."""
+    with session_scope(database_url) as session:
+        run = _lock_run(session, run_id)
+        shard = session.get(Shard, shard_id, populate_existing=True)
+        assert shard is not None
+        run_status = None
+        if shard.status not in (ShardStatus.DONE, ShardStatus.FAILED):
+            shard.status = ShardStatus.FAILED
+            shard.error = error[:4000]
+            shard.finished_at = utcnow()
+            run_status = _refresh_run(session, run)
+        index = shard.index
+    return ShardOutcome(run_id, index, "failed", run_status=run_status)
+
+
+def explain_shard(run_id: str, shard_id: int, settings: Settings | None = None) -> ShardOutcome:
+    settings = settings or get_settings()
+    work = claim_shard(settings.database_url, run_id, shard_id)
+    if work is None:
+        log.info("run=%s shard_id=%d already done; nothing to do", run_id, shard_id)
+        return ShardOutcome(run_id, -1, "skipped")
+    log.info("run=%s shard=%d: %d items", run_id, work.shard_index, len(work.items))
+    rows = compute_shard(work, settings)
+    outcome = commit_shard(settings.database_url, work, rows)
+    log.info(
+        "run=%s shard=%d done: %d items ok, %d failed%s",
+        run_id,
+        work.shard_index,
+        outcome.n_done,
+        outcome.n_failed,
+        f"; run {outcome.run_status}" if outcome.run_status else "",
+    )
+    return outcome

@@ -1,0 +1,43 @@
+"""Celery tasks. Embedded mode runs these very functions in-process through ``Task.apply``."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from celery import Task
+
+from schema.settings import get_settings
+from workers.celery_app import SHARD_QUEUE, app
+from workers.shard import explain_shard, fail_shard
+
+log = logging.getLogger("camaudit.worker")
+
+MAX_RETRIES = 3
+
+
+def retry_delay(retries: int) -> float:
+    return min(2.0**retries, 60.0)
+
+
+@app.task(name="camaudit.explain_shard", bind=True, max_retries=MAX_RETRIES, queue=SHARD_QUEUE)
+def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]:
+    settings = get_settings()
+    try:
+        return explain_shard(run_id, shard_id, settings).as_dict()
+    except Exception as exc:
+        retries = int(self.request.retries or 0)
+        if retries < MAX_RETRIES:
+            log.warning(
+                "run=%s shard_id=%d attempt %d failed (%s: %s); retrying",
+                run_id,
+                shard_id,
+                retries + 1,
+                type(exc).__name__,
+                exc,
+            )
+            raise self.retry(exc=exc, countdown=retry_delay(retries)) from exc
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        log.error("run=%s shard_id=%d failed after %d attempts: %s", run_id, shard_id, retries + 1, error)
+        return fail_shard(settings.database_url, run_id, shard_id, error).as_dict()
