@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
 app.add_typer(db_app, name="db")
+audit_app = typer.Typer(no_args_is_help=True, help="Named, scheduled audits from a YAML file.")
+app.add_typer(audit_app, name="audit")
 console = Console()
 err = Console(stderr=True)
 
@@ -95,7 +97,9 @@ def _run_status(database_url: str, run_id: str) -> dict[str, Any]:
     }
 
 
-def start_run(spec: RunSpec, settings: Settings, *, wait: bool = True) -> str:
+def start_run(
+    spec: RunSpec, settings: Settings, *, wait: bool = True, baseline_run_id: str | None = None
+) -> str:
     """Plan, then run in-process or enqueue; used by ``run`` and ``demo`` alike."""
     from scheduler.plan import plan_run
     from scheduler.runner import enqueue, run_embedded
@@ -104,7 +108,7 @@ def start_run(spec: RunSpec, settings: Settings, *, wait: bool = True) -> str:
     from workers.models import ModelLoadError
 
     try:
-        planned = plan_run(spec, settings)
+        planned = plan_run(spec, settings, baseline_run_id=baseline_run_id)
     except (SourceError, ModelLoadError, CamConfigError, ValueError) as exc:
         _fail(str(exc))
         raise
@@ -304,10 +308,32 @@ def top(
     print_regions(regions, json_out)
 
 
+def _worker_per_gpu(gpus: list[str], argv: list[str]) -> None:
+    """One worker process per device, each seeing only its GPU; CUDA is never initialised here."""
+    import signal
+    import subprocess
+
+    procs = []
+    for gpu in gpus:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "CAMAUDIT_DEVICE": "cuda:0"}
+        cmd = [sys.executable, "-m", "scheduler.cli", "worker", *argv, "--hostname", f"gpu{gpu}@%h"]
+        procs.append(subprocess.Popen(cmd, env=env))
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [proc.wait() for proc in procs]
+    raise typer.Exit(max(codes))
+
+
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option(help="queues to consume")] = "gpu,control",
     concurrency: Annotated[int, typer.Option(help="processes per worker")] = 1,
+    gpus: Annotated[str | None, typer.Option(help="e.g. 0,1: one worker process per GPU")] = None,
     loglevel: str = "INFO",
     hostname: str | None = None,
     database_url: DatabaseUrl = None,
@@ -325,6 +351,11 @@ def worker(
     if settings.embedded:
         _fail(
             "a worker needs a broker: set --broker-url or CAMAUDIT_BROKER_URL (e.g. redis://127.0.0.1:6379/0)"
+        )
+    if gpus:
+        _worker_per_gpu(
+            [g.strip() for g in gpus.split(",") if g.strip()],
+            ["--queues", queues, "--concurrency", str(concurrency), "--loglevel", loglevel],
         )
     from workers.celery_app import configure
 
@@ -384,6 +415,54 @@ def demo(
     console.print(
         f"\nnext: camaudit top --run {run_id} --class square --database-url {settings.database_url}"
     )
+
+
+AuditFile = Annotated[Path, typer.Option("--audits", help="YAML file with an 'audits:' list")]
+
+
+@audit_app.command("run")
+def audit_run(
+    name: str,
+    audits: AuditFile = Path("audits.yaml"),
+    database_url: DatabaseUrl = None,
+    broker_url: BrokerUrl = None,
+    s3_endpoint_url: S3Endpoint = None,
+) -> None:
+    """Run one audit now (for cron or Kubernetes CronJobs); its baseline is its last finished run."""
+    from scheduler.audits import AuditError, audit_settings, load_audits, pick_audit, previous_good_run
+
+    settings = _settings(database_url=database_url, broker_url=broker_url, s3_endpoint_url=s3_endpoint_url)
+    _setup_logging(settings.log_level)
+    try:
+        audit = pick_audit(load_audits(audits), name)
+    except AuditError as exc:
+        _fail(str(exc))
+        raise
+    settings = audit_settings(audit, settings)
+    baseline = previous_good_run(settings.database_url, audit.name)
+    run_id = start_run(audit.run_spec(), settings, wait=False, baseline_run_id=baseline)
+    info = _run_status(settings.database_url, run_id)
+    info["baseline_run_id"] = baseline
+    console.print_json(json.dumps(info))
+
+
+@app.command()
+def beat(audits: AuditFile, loglevel: str = "INFO", broker_url: BrokerUrl = None) -> None:
+    """Run Celery beat: start each audit of the file on its cron schedule."""
+    from scheduler.audits import AuditError, beat_schedule, load_audits
+    from workers.celery_app import configure
+
+    settings = _settings(broker_url=broker_url)
+    if settings.embedded:
+        _fail("beat needs a broker: set --broker-url or CAMAUDIT_BROKER_URL")
+    try:
+        schedule = beat_schedule(load_audits(audits), str(audits.resolve()))
+    except AuditError as exc:
+        _fail(str(exc))
+        raise
+    celery = configure(settings)
+    celery.conf.beat_schedule = schedule
+    celery.start(["beat", "--loglevel", loglevel, "--schedule", "/tmp/camaudit-beat-schedule"])
 
 
 @db_app.command("upgrade")

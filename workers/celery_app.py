@@ -18,7 +18,7 @@ from schema.settings import Settings, get_settings
 SHARD_QUEUE = "gpu"
 CONTROL_QUEUE = "control"
 
-app = Celery("camaudit", include=["workers.tasks"])
+app = Celery("camaudit", include=["workers.tasks", "scheduler.control_tasks"])
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

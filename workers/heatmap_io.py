@@ -1,0 +1,166 @@
+"""Heatmap encodings written to storage: 8-bit PNG, raw float16 ``.npy`` and a JPEG overlay.
+
+Three artefacts serve three readers. The grayscale PNG is the compact, lossless picture of the
+normalised map at input resolution; the float16 array keeps the raw low-resolution map so
+magnitudes stay comparable across images (min-max normalisation throws that away); the JPEG
+overlay is what a person looks at in the gallery. Quantisation to uint8 happens on the
+device so only one byte per pixel crosses to the host.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = [
+    "JET_LUT",
+    "decode_npy",
+    "decode_png_gray",
+    "encode_npy",
+    "encode_png_gray",
+    "jet_colormap",
+    "overlay_jpeg",
+    "overlay_rgb",
+    "to_uint8",
+]
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _jet_lut() -> np.ndarray:
+    """The JET colormap as a 256 x 3 RGB table, computed exactly in half-units.
+
+    Each channel is the piecewise-linear ramp ``1.5 - |4x - c|`` clipped to [0, 1] with
+    ``x = i / 255``. Scaled by 510 it is an integer, so rounding the half-units with
+    round-half-to-even reproduces OpenCV's ``COLORMAP_JET`` table (one entry of 768 differs
+    by one level, where OpenCV's own float table lands just below a tie).
+    """
+    i = np.arange(256, dtype=np.int64)
+    centres = (765, 510, 255)  # red, green, blue ramps peak at x = 3/4, 1/2, 1/4
+    twice = np.stack([765 - 2 * np.abs(4 * i - c) for c in centres], axis=-1).clip(0, 510)
+    return np.round(twice / 2).astype(np.uint8)
+
+
+JET_LUT: np.ndarray = _jet_lut()
+JET_LUT.setflags(write=False)
+
+
+def to_uint8(map01: torch.Tensor) -> torch.Tensor:
+    """Quantise maps in [0, 1] to uint8 as ``round(x * 255)``, on the tensor's own device.
+
+    The arithmetic runs in float32 even for half-precision maps: 255 * x in float16 has a
+    step of 0.125 near the top, which is enough to push ties to the wrong level. Values
+    outside [0, 1] are clipped and NaN becomes 0, so a degenerate map still encodes.
+    """
+    if not map01.is_floating_point():
+        raise TypeError(f"to_uint8 expects a floating-point map in [0, 1], got dtype {map01.dtype}")
+    if map01.dim() < 2:
+        raise ValueError(f"to_uint8 expects a map shaped [..., H, W], got shape {tuple(map01.shape)}")
+    x = torch.nan_to_num(map01.float(), nan=0.0).clamp_(0.0, 1.0)
+    return x.mul_(255.0).round_().to(torch.uint8)
+
+
+def _check_gray_u8(u8: np.ndarray) -> np.ndarray:
+    if not isinstance(u8, np.ndarray) or u8.dtype != np.uint8 or u8.ndim != 2:
+        shape = getattr(u8, "shape", None)
+        dtype = getattr(u8, "dtype", type(u8).__name__)
+        raise ValueError(
+            f"expected a 2-D uint8 array [H, W], got dtype {dtype} and shape {shape}; "
+            "quantise with to_uint8() and move one map to the CPU first"
+        )
+    return np.ascontiguousarray(u8)
+
+
+def encode_png_gray(u8: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode one [H, W] uint8 map as an 8-bit grayscale PNG.
+
+    Level 1 is the default because encoding sits in the upload path of every heatmap: it is
+    several times faster than Pillow's default and smooth maps still compress well.
+    """
+    image = Image.fromarray(_check_gray_u8(u8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def decode_png_gray(data: bytes) -> np.ndarray:
+    """Decode a PNG written by :func:`encode_png_gray` back to an [H, W] uint8 array."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode != "L":
+            raise ValueError(f"expected an 8-bit grayscale PNG (mode 'L'), got mode {image.mode!r}")
+        return np.array(image, dtype=np.uint8)
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    """Serialise a raw map as float16 ``.npy`` bytes (no pickle, shape and dtype in the header).
+
+    Raw maps are un-normalised, so their magnitude matters; a finite value beyond float16's
+    range would silently become infinity, which is refused instead.
+    """
+    source = np.asarray(arr)
+    if not (np.issubdtype(source.dtype, np.floating) or np.issubdtype(source.dtype, np.integer)):
+        raise ValueError(f"encode_npy expects a numeric array, got dtype {source.dtype}")
+    finite = source[np.isfinite(source)] if np.issubdtype(source.dtype, np.floating) else source
+    if finite.size and float(np.abs(finite).max()) > _FLOAT16_MAX:
+        raise ValueError(
+            f"map values up to {float(np.abs(finite).max()):.6g} exceed float16's range "
+            f"(±{_FLOAT16_MAX:g}); divide by a scale factor and store the scale alongside"
+        )
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(source, dtype=np.float16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Load ``.npy`` bytes; pickled object arrays are refused so stored bytes cannot run code."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def jet_colormap(u8: np.ndarray) -> np.ndarray:
+    """Map uint8 levels to JET colours, returning RGB uint8 with a trailing channel axis."""
+    if u8.dtype != np.uint8:
+        raise ValueError(f"jet_colormap expects uint8 levels, got dtype {u8.dtype}")
+    return JET_LUT[u8]
+
+
+def _resize_bilinear(map01: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (align_corners=False), as the CAM maps use."""
+    tensor = torch.from_numpy(np.ascontiguousarray(map01, dtype=np.float32))[None, None]
+    if tensor.shape[-2:] == (height, width):
+        return tensor[0, 0].numpy()
+    resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+    return resized[0, 0].numpy()
+
+
+def overlay_rgb(image: Image.Image, map01: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a JET-coloured map over an image: ``alpha * jet + (1 - alpha) * image``.
+
+    The map is resized to the image (not the other way round) so the overlay keeps the
+    source's pixels and size. Returns an [H, W, 3] uint8 RGB array.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha is the heatmap's weight and must be within [0, 1], got {alpha}")
+    source = np.asarray(map01)
+    if source.ndim != 2:
+        raise ValueError(f"overlay expects one [H, W] map, got shape {source.shape}")
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    height, width = rgb.shape[:2]
+    resized = _resize_bilinear(np.nan_to_num(source.astype(np.float32), nan=0.0), height, width)
+    levels = np.round(np.clip(resized, 0.0, 1.0) * 255.0).astype(np.uint8)
+    colours = JET_LUT[levels].astype(np.float32)
+    blended = alpha * colours + (1.0 - alpha) * rgb
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def overlay_jpeg(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, quality: int = 90) -> bytes:
+    """JPEG of :func:`overlay_rgb`, the same size as ``image``, for people to look at."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be within 1..100, got {quality}")
+    blended = Image.fromarray(overlay_rgb(image, map01, alpha))
+    buffer = io.BytesIO()
+    blended.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
