@@ -1,0 +1,112 @@
+"""Every deployment file parses and says what the product needs (GPUs, queues, one beat)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scheduler.audits import AuditError, load_audits
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+K8S_REQUIRED = {"apiVersion", "kind", "metadata"}
+
+
+def k8s_docs() -> list[dict]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_compose_has_the_whole_installation() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"redis", "postgres", "minio", "scheduler", "worker-gpu", "flower", "migrate"} <= set(services)
+    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"]
+    for name, svc in services.items():
+        assert "image" in svc or "build" in svc, name
+        build = svc.get("build")
+        if build:
+            assert (DEPLOY.parent / build["dockerfile"]).exists(), name
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown {dep}"
+
+
+def test_kubernetes_manifests_are_well_formed() -> None:
+    docs = k8s_docs()
+    assert docs
+    for doc in docs:
+        assert set(doc) >= K8S_REQUIRED, doc
+        assert doc["metadata"].get("name")
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("Deployment", "camaudit-worker-gpu") in kinds
+    assert ("ScaledObject", "camaudit-worker-gpu") in kinds
+    gpu = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "camaudit-worker-gpu"
+    )
+    container = gpu["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert gpu["spec"]["selector"]["matchLabels"] == gpu["spec"]["template"]["metadata"]["labels"]
+    beat = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "camaudit-beat")
+    assert beat["spec"]["replicas"] == 1
+    scaler = next(d for d in docs if d["kind"] == "ScaledObject")
+    assert scaler["spec"]["triggers"][0]["metadata"]["listName"] == "gpu"
+
+
+def test_k8s_commands_are_real_cli_commands() -> None:
+    """Each container's args start with a command the CLI really has."""
+    out = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for doc in k8s_docs():
+        spec = doc.get("spec", {})
+        template = spec.get("template") or spec.get("jobTemplate", {}).get("spec", {}).get("template")
+        if not template:
+            continue
+        for container in template["spec"]["containers"]:
+            if container["image"].startswith("camaudit:"):
+                assert re.search(rf"\b{container['args'][0]}\b", out), container["args"]
+
+
+def test_dockerfiles_install_the_project() -> None:
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        text = (DEPLOY / "docker" / name).read_text()
+        assert text.startswith("#") and "\nFROM " in text
+        assert "pip install ." in text and 'ENTRYPOINT ["camaudit"]' in text
+
+
+def test_example_audits_and_the_configmap_copy_validate(tmp_path: Path) -> None:
+    audits = load_audits(DEPLOY / "audits.example.yaml")
+    assert set(audits) == {"nightly-val", "weekly-shapes"}
+    cm = next(
+        d for d in k8s_docs() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "camaudit-audits"
+    )
+    copy = tmp_path / "audits.yaml"
+    copy.write_text(cm["data"]["audits.yaml"])
+    assert "nightly-val" in load_audits(copy)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("audits: []", "top-level 'audits:'"),
+        ("audits:\n  - {name: a, schedule: '0 2 * *', source: x}", "5 cron fields"),
+        ("audits:\n  - {name: a, schedule: '0 2 * * *', source: x, methds: [cam]}", "methds"),
+        (
+            "audits:\n  - {name: a, schedule: '0 2 * * *', source: x}\n"
+            "  - {name: a, schedule: '1 2 * * *', source: y}",
+            "twice",
+        ),
+    ],
+)
+def test_bad_audit_files_are_refused(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "audits.yaml"
+    path.write_text(text)
+    with pytest.raises(AuditError, match=re.escape(words)):
+        load_audits(path)
