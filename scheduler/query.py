@@ -1,15 +1,39 @@
-"""Questions users ask of finished runs: which regions drive a class, and how far along a run is."""
+"""Questions users ask of finished runs: which regions drive a class, and how far along a run is.
+
+The common question (one run, method and class, best scores first) is answered by walking
+the index ``ix_patch_scores_top (run_id, method, target_class, score)`` backwards and
+stopping after ``limit`` rows, so it costs the same on ten thousand rows as on ten million.
+Filters on the item (label, prediction, correctness) join each index row to its item by
+primary key and keep walking until enough rows pass; a score range narrows the index range.
+"""
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select, text
+from sqlalchemy.orm import Session
 
 from schema.db import session_scope
 from schema.models import Item, PatchScore, Run
+
+__all__ = [
+    "DELETING",
+    "QueryError",
+    "Region",
+    "RegionFilters",
+    "explain_top_regions",
+    "get_run",
+    "resolve_class",
+    "top_regions",
+    "top_regions_statement",
+]
+
+# A run that gc has started to delete; its rows are going and must not be reported.
+DELETING = "deleting"
+MAX_LIMIT = 100_000
 
 
 class QueryError(ValueError):
@@ -31,33 +55,120 @@ class Region:
     x1: int
     y1: int
     score: float
+    pred_class: int | None = None
+    correct: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class RegionFilters:
+    """Narrow the regions to some items or a score range; ``None`` means no condition."""
+
+    label: str | None = None
+    predicted: str | int | None = None
+    correct: bool | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+
+    def check(self) -> None:
+        lo, hi = self.min_score, self.max_score
+        if lo is not None and hi is not None and lo > hi:
+            raise QueryError(f"min score {lo} is above max score {hi}; swap them or drop one")
+
+
+def _close(value: str, choices: list[str], what: str) -> str:
+    close = difflib.get_close_matches(value, choices, n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    shown = ", ".join(choices[:20]) + (f" … ({len(choices)} in all)" if len(choices) > 20 else "")
+    return f"{hint} ({what}: {shown})" if choices else f"{hint} (there are no {what})"
 
 
 def get_run(database_url: str, run_id: str) -> Run:
     with session_scope(database_url) as session:
         run = session.get(Run, run_id)
         if run is None:
-            recent = session.execute(select(Run.id).order_by(Run.created_at.desc()).limit(5)).scalars().all()
-            hint = f"; recent runs: {', '.join(recent)}" if recent else "; no runs are recorded there"
-            raise QueryError(f"no run {run_id!r} in {database_url}{hint}")
+            newest = select(Run.id).order_by(Run.created_at.desc()).limit(1000)
+            recent = list(session.execute(newest).scalars())
+            if not recent:
+                raise QueryError(f"no run {run_id!r} in {database_url}; no runs are recorded there")
+            close = difflib.get_close_matches(run_id, recent, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise QueryError(
+                f"no run {run_id!r} in {database_url}{hint} (recent runs: {', '.join(recent[:5])})"
+            )
         session.expunge(run)
         return run
 
 
 def resolve_class(run: Run, value: str | int) -> int:
     names = list(run.class_names or [])
-    text = str(value)
-    if text.lstrip("-").isdigit():
-        return int(text)
-    if text in names:
-        return names.index(text)
-    close = difflib.get_close_matches(text, names, n=3, cutoff=0.4)
+    text_value = str(value)
+    if text_value.lstrip("-").isdigit():
+        return int(text_value)
+    if text_value in names:
+        return names.index(text_value)
+    close = difflib.get_close_matches(text_value, names, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     valid = f" (classes: {', '.join(names)})" if names else " (this model has no class names: use an index)"
-    raise QueryError(f"unknown class {text!r}{hint}{valid}")
+    raise QueryError(f"unknown class {text_value!r}{hint}{valid}")
+
+
+def _check_question(run: Run, method: str, layer: str | None, limit: int) -> None:
+    if run.status == DELETING:
+        raise QueryError(f"run {run.id} is being deleted; `camaudit gc --run {run.id}` finishes the job")
+    methods = [str(m) for m in run.methods]
+    if method not in methods:
+        raise QueryError(f"run {run.id} has no method {method!r}{_close(method, methods, 'its methods')}")
+    layers = [str(name) for name in run.layers]
+    if layer is not None and layer not in layers:
+        raise QueryError(f"run {run.id} has no layer {layer!r}{_close(layer, layers, 'its layers')}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be within 1..{MAX_LIMIT}, got {limit}")
+
+
+def top_regions_statement(
+    run: Run, target: int, method: str, *, layer: str | None, limit: int, filters: RegionFilters
+) -> Select[Any]:
+    """The SQL of :func:`top_regions`, for a run, class and method already checked."""
+    stmt = (
+        select(PatchScore, Item.source_uri, Item.label, Item.pred_class, Item.correct)
+        .join(Item, Item.id == PatchScore.item_id)
+        .where(PatchScore.run_id == run.id, PatchScore.method == method, PatchScore.target_class == target)
+        .order_by(PatchScore.score.desc(), PatchScore.id)
+        .limit(limit)
+    )
+    if layer is not None:
+        stmt = stmt.where(PatchScore.layer == layer)
+    if filters.min_score is not None:
+        stmt = stmt.where(PatchScore.score >= filters.min_score)
+    if filters.max_score is not None:
+        stmt = stmt.where(PatchScore.score <= filters.max_score)
+    if filters.label is not None:
+        stmt = stmt.where(Item.label == filters.label)
+    if filters.predicted is not None:
+        stmt = stmt.where(Item.pred_class == resolve_class(run, filters.predicted))
+    if filters.correct is not None:
+        stmt = stmt.where(Item.correct.is_(filters.correct))
+    return stmt
+
+
+def _check_label(session: Session, run: Run, label: str) -> None:
+    """Only asked when nothing matched, so the common query never pays for the label scan."""
+    labels = list(
+        session.execute(
+            select(Item.label).where(Item.run_id == run.id, Item.label.is_not(None)).distinct().limit(10_000)
+        ).scalars()
+    )
+    if label not in labels:
+        raise QueryError(
+            f"no item of run {run.id} has label {label!r}{_close(label, sorted(labels), 'its labels')}"
+        )
 
 
 def top_regions(
@@ -68,28 +179,34 @@ def top_regions(
     *,
     layer: str | None = None,
     limit: int = 10,
+    label: str | None = None,
+    predicted: str | int | None = None,
+    correct: bool | None = None,
+    min_score: float | None = None,
+    max_score: float | None = None,
 ) -> list[Region]:
-    """The highest-scoring patches of one class and method across a run (one index scan)."""
+    """The highest-scoring patches of one class and method across a run (one index scan).
+
+    ``label`` keeps items with that ground-truth label, ``predicted`` those whose top-1
+    prediction is that class (name or index), ``correct`` those whose prediction was right
+    (``True``) or wrong (``False``); ``min_score``/``max_score`` bound the score, inclusive.
+    """
+    filters = RegionFilters(label, predicted, correct, min_score, max_score)
+    filters.check()
     run = get_run(database_url, run_id)
-    if method not in run.methods:
-        raise QueryError(f"run {run_id} has no method {method!r}; it has {', '.join(run.methods)}")
+    _check_question(run, method, layer, limit)
     target = resolve_class(run, class_)
     names = list(run.class_names or [])
-    stmt = (
-        select(PatchScore, Item.source_uri, Item.label)
-        .join(Item, Item.id == PatchScore.item_id)
-        .where(PatchScore.run_id == run_id, PatchScore.method == method, PatchScore.target_class == target)
-        .order_by(PatchScore.score.desc(), PatchScore.id)
-        .limit(limit)
-    )
-    if layer is not None:
-        stmt = stmt.where(PatchScore.layer == layer)
+    stmt = top_regions_statement(run, target, method, layer=layer, limit=limit, filters=filters)
     with session_scope(database_url) as session:
+        found = session.execute(stmt).all()
+        if not found and label is not None:
+            _check_label(session, run, label)
         return [
             Region(
                 item_id=p.item_id,
                 source_uri=uri,
-                label=label,
+                label=item_label,
                 target_class=p.target_class,
                 class_name=names[p.target_class] if 0 <= p.target_class < len(names) else None,
                 method=p.method,
@@ -100,6 +217,34 @@ def top_regions(
                 x1=p.x1,
                 y1=p.y1,
                 score=p.score,
+                pred_class=pred,
+                correct=ok,
             )
-            for p, uri, label in session.execute(stmt).all()
+            for p, uri, item_label, pred, ok in found
         ]
+
+
+def explain_top_regions(
+    database_url: str,
+    run_id: str,
+    class_: str | int,
+    method: str,
+    *,
+    layer: str | None = None,
+    limit: int = 10,
+    analyze: bool = False,
+    **filters: Any,
+) -> str:
+    """PostgreSQL's plan for :func:`top_regions` with the same arguments, to check it uses the index."""
+    run = get_run(database_url, run_id)
+    _check_question(run, method, layer, limit)
+    stmt = top_regions_statement(
+        run, resolve_class(run, class_), method, layer=layer, limit=limit, filters=RegionFilters(**filters)
+    )
+    with session_scope(database_url) as session:
+        dialect = session.get_bind().dialect
+        if dialect.name != "postgresql":
+            raise QueryError(f"explain_top_regions reads PostgreSQL plans; this database is {dialect.name}")
+        sql = str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+        prefix = "EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN "
+        return "\n".join(session.execute(text(prefix + sql)).scalars())
