@@ -9,12 +9,11 @@ back to the source's size puts every activation over the pixels that caused it.
 from __future__ import annotations
 
 import difflib
-import io
 from dataclasses import dataclass
 
 import numpy as np
 from botocore.exceptions import ClientError
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from sqlalchemy import select
 
 from scheduler.query import DELETING, resolve_class
@@ -22,7 +21,7 @@ from schema.db import session_scope
 from schema.models import Heatmap, Item, Run
 from workers.fetch import read_bytes
 from workers.heatmap_io import decode_png_gray, overlay_jpeg
-from workers.images import _to_rgb
+from workers.images import ImageDecodeError, open_rgb
 from workers.storage import ObjectNotFoundError, open_storage
 
 __all__ = ["RenderError", "Rendered", "render_overlay"]
@@ -108,10 +107,8 @@ def _find(database_url: str, item_id: int, method: str, class_: str | int, layer
 def _source_image(data: bytes, uri: str) -> Image.Image:
     """Oriented and in 8-bit RGB exactly as the worker decoded it, so map and pixels line up."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return _to_rgb(ImageOps.exif_transpose(img) or img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return open_rgb(data, name=uri)
+    except ImageDecodeError as exc:
         raise RenderError(f"cannot decode the source image {uri}: {exc}") from exc
 
 

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     decode_workers: int = 4
     upload_workers: int = 16
+    encode_workers: int = 2
+    max_image_pixels: int = 144_000_000
+    metrics_port: int | None = None
     shard_time_limit_s: int = 3600
 
     @field_validator("amp")

@@ -47,7 +47,7 @@ def test_bad_request_fails_before_planning(
 ) -> None:
     db = tmp_path / "runs.db"
     settings = Settings(database_url=f"sqlite:///{db}", storage_url=str(tmp_path / "out"))
-    spec = RunSpec(source=str(manifest), **changes)  # type: ignore[arg-type]
+    spec = RunSpec(**{"source": str(manifest), **changes})  # type: ignore[arg-type]
     with pytest.raises(error) as info:
         plan_run(spec, settings)
     assert words in str(info.value)

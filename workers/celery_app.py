@@ -52,8 +52,13 @@ def configure(settings: Settings | None = None) -> Celery:
 
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
-    """A forked pool child must open its own database connections."""
+    """A forked pool child must open its own database connections, and serves the metrics."""
     dispose_engines()
+    settings = get_settings()
+    if settings.metrics_port:
+        from workers import metrics
+
+        metrics.serve(settings.metrics_port, settings.broker_url)
 
 
 configure()

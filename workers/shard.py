@@ -11,11 +11,13 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -23,7 +25,7 @@ from sqlalchemy.orm import Session
 from schema.db import session_scope
 from schema.models import Item, ItemStatus, Run, RunStatus, Shard, ShardStatus, utcnow
 from schema.settings import Settings, get_settings
-from workers import results
+from workers import metrics, results
 from workers.fetch import read_bytes
 from workers.heatmap_io import encode_npy, encode_png_gray, to_uint8
 from workers.images import DecodedImage, ImageDecodeError, decode_image
@@ -64,6 +66,8 @@ class ShardWork:
 class ShardRows:
     items: list[dict[str, Any]] = field(default_factory=list)
     heatmaps: list[dict[str, Any]] = field(default_factory=list)
+    # each heatmap row's sha256 arrives when its PNG has been encoded on the encoder pool
+    encoded: list[tuple[dict[str, Any], Future[str]]] = field(default_factory=list)
     # patch rows wait for their heatmap's id: keyed by (item, method, layer, class)
     patches: list[tuple[tuple[int, str, str, int], dict[str, Any]]] = field(default_factory=list)
 
@@ -147,7 +151,14 @@ def _decoded_stream(
             data = read_bytes(
                 item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
             )
-            return decode_image(data, size, tuple(mean), tuple(std))
+            return decode_image(
+                data,
+                size,
+                tuple(mean),
+                tuple(std),
+                max_pixels=settings.max_image_pixels,
+                name=item.source_uri,
+            )
         except FileNotFoundError:
             return f"file not found: {item.source_uri}"
         except ImageDecodeError as exc:
@@ -196,11 +207,22 @@ def _targets_for(work: ShardWork, batch: list[WorkItem]) -> tuple[Any, list[str 
     return torch.tensor(targets, dtype=torch.int64), errors
 
 
+def _encode_and_upload(
+    writer: ConcurrentWriter, png_key: str, npy_key: str, map_u8: np.ndarray, raw16: np.ndarray
+) -> str:
+    """Runs on the encoder pool (zlib releases the GIL), so the device never waits on PNG encoding."""
+    png = encode_png_gray(map_u8)
+    writer.submit(png_key, png, "image/png")
+    writer.submit(npy_key, encode_npy(raw16), "application/octet-stream")
+    return hashlib.sha256(png).hexdigest()
+
+
 def _explain_batch(
     work: ShardWork,
     settings: Settings,
     batch: list[tuple[WorkItem, DecodedImage]],
     writer: ConcurrentWriter,
+    encoder: ThreadPoolExecutor,
     rows: ShardRows,
 ) -> None:
     loaded = model_for(work.model_ref, work.checkpoint, settings)
@@ -273,29 +295,27 @@ def _explain_batch(
                 for t in range(n_targets):
                     n = b * n_targets + t
                     target = int(chosen[b, t])
-                    png = encode_png_gray(u8[b, t])
                     png_key = heatmap_key(work.run_id, method, layer, item.id, target, "png")
                     npy_key = heatmap_key(work.run_id, method, layer, item.id, target, "npy")
-                    writer.submit(png_key, png, "image/png")
-                    writer.submit(npy_key, encode_npy(raw16[b, t]), "application/octet-stream")
+                    sha = encoder.submit(_encode_and_upload, writer, png_key, npy_key, u8[b, t], raw16[b, t])
                     total = totals[n]
-                    rows.heatmaps.append(
-                        {
-                            "item_id": item.id,
-                            "run_id": work.run_id,
-                            "method": method,
-                            "layer": layer,
-                            "target_class": target,
-                            "target_score": float(scores[b, t]),
-                            "object_key": png_key,
-                            "raw_key": npy_key,
-                            "sha256": hashlib.sha256(png).hexdigest(),
-                            "raw_max": raw_max[n],
-                            "raw_mean": raw_mean[n],
-                            "map_mean": map_mean[n],
-                            "top_patch_fraction": p_scores[n][0] / total if total > 0 else 0.0,
-                        }
-                    )
+                    row = {
+                        "item_id": item.id,
+                        "run_id": work.run_id,
+                        "method": method,
+                        "layer": layer,
+                        "target_class": target,
+                        "target_score": float(scores[b, t]),
+                        "object_key": png_key,
+                        "raw_key": npy_key,
+                        "sha256": "",
+                        "raw_max": raw_max[n],
+                        "raw_mean": raw_mean[n],
+                        "map_mean": map_mean[n],
+                        "top_patch_fraction": p_scores[n][0] / total if total > 0 else 0.0,
+                    }
+                    rows.heatmaps.append(row)
+                    rows.encoded.append((row, sha))
                     hkey = (item.id, method, layer, target)
                     for rank, (score, row, col) in enumerate(
                         zip(p_scores[n], p_rows[n], p_cols[n], strict=True)
@@ -330,7 +350,10 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     pre = loaded.preprocess
     storage = storage_for(work.output_uri, settings)
     rows = ShardRows()
-    with ConcurrentWriter(storage, max_workers=settings.upload_workers) as writer:
+    with (
+        ConcurrentWriter(storage, max_workers=settings.upload_workers) as writer,
+        ThreadPoolExecutor(max_workers=settings.encode_workers, thread_name_prefix="encode") as encoder,
+    ):
         batch: list[tuple[WorkItem, DecodedImage]] = []
         for item, decoded in _decoded_stream(work, settings, pre.size, pre.mean, pre.std):
             if isinstance(decoded, str):
@@ -341,10 +364,12 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
                 continue
             batch.append((item, decoded))
             if len(batch) == work.batch_size:
-                _explain_batch(work, settings, batch, writer, rows)
+                _explain_batch(work, settings, batch, writer, encoder, rows)
                 batch = []
         if batch:
-            _explain_batch(work, settings, batch, writer, rows)
+            _explain_batch(work, settings, batch, writer, encoder, rows)
+        for row, sha in rows.encoded:
+            row["sha256"] = sha.result()
         writer.flush()
     return rows
 
@@ -425,8 +450,10 @@ def explain_shard(run_id: str, shard_id: int, settings: Settings | None = None) 
         log.info("run=%s shard_id=%d already done; nothing to do", run_id, shard_id)
         return ShardOutcome(run_id, -1, "skipped")
     log.info("run=%s shard=%d: %d items", run_id, work.shard_index, len(work.items))
+    started = time.perf_counter()
     rows = compute_shard(work, settings)
     outcome = commit_shard(settings.database_url, work, rows)
+    metrics.record_shard(outcome.n_done, outcome.n_failed, time.perf_counter() - started)
     log.info(
         "run=%s shard=%d done: %d items ok, %d failed%s",
         run_id,
