@@ -73,7 +73,7 @@ def test_embedded_run_end_to_end(dataset: Path, tmp_path: Path) -> None:
     with session_scope(db) as s:
         errors = dict(s.execute(select(Item.source_uri, Item.error).where(Item.status == "failed")).all())
     assert "0 bytes" in errors[str(dataset.parent / "empty.jpg")]
-    assert "cannot decode" in errors[str(dataset.parent / "corrupt.png")]
+    assert "truncated" in errors[str(dataset.parent / "corrupt.png")]
     # deterministic keys under the run's prefix
     keys = list(open_storage(str(out)).list(f"runs/{run.id}/"))
     assert len(keys) == 2 * 20 * 2 and all(
