@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = 144_000_000
     metrics_port: int | None = None
     shard_time_limit_s: int = 3600
+    # A message unacknowledged this long is handed to another worker (a crashed one never acks);
+    # unset = twice the shard time limit, so a live worker is never doubled.
+    visibility_timeout_s: int | None = None
+    unacked_restore_interval_s: int = 10
 
     @field_validator("amp")
     @classmethod

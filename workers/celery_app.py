@@ -35,7 +35,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": hard_limit,
         "task_soft_time_limit": max(hard_limit - 60, int(hard_limit * 0.9)),
         # A message must not be handed to a second worker while the first is still on it.
-        "broker_transport_options": {"visibility_timeout": hard_limit * 2},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s or hard_limit * 2,
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,
+        },
         "task_default_queue": CONTROL_QUEUE,
         "task_routes": {"camaudit.explain_shard": {"queue": SHARD_QUEUE}},
         "broker_connection_retry_on_startup": True,
