@@ -14,7 +14,14 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from schema.payloads import RunSpec
@@ -133,13 +140,25 @@ def start_run(
 
 
 def _watch(database_url: str, run_id: str, poll_s: float = 1.0) -> dict[str, Any]:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    """Follow a run from the database: any process, anywhere, can watch the same run."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} items/s · {task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err) as progress:
         status = _run_status(database_url, run_id)
-        task = progress.add_task(f"run {run_id}", total=status["items"])
+        first_done, started = status["done"] + status["failed"], time.monotonic()
+        task = progress.add_task(f"run {run_id}", total=status["items"], rate=0.0, failed=status["failed"])
         while True:
             status = _run_status(database_url, run_id)
-            progress.update(task, completed=status["done"] + status["failed"])
+            done = status["done"] + status["failed"]
+            elapsed = max(time.monotonic() - started, 1e-6)
+            progress.update(task, completed=done, rate=(done - first_done) / elapsed, failed=status["failed"])
             if status["status"] in ("finished", "partial", "failed"):
                 return status
             time.sleep(poll_s)
@@ -246,7 +265,7 @@ def resume(
     s3_endpoint_url: S3Endpoint = None,
 ) -> None:
     """Run or enqueue again the shards of RUN_ID that are not done."""
-    from scheduler.plan import unfinished_shards
+    from scheduler.plan import reopen_run
     from scheduler.runner import enqueue, run_embedded
 
     settings = _settings(
@@ -257,7 +276,7 @@ def resume(
     )
     _setup_logging(settings.log_level)
     _run_status(settings.database_url, run_id)
-    shard_ids = unfinished_shards(settings.database_url, run_id)
+    shard_ids = reopen_run(settings.database_url, run_id)
     if settings.embedded:
         run_embedded(run_id, shard_ids, settings)
     else:

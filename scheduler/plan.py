@@ -17,7 +17,7 @@ from sqlalchemy import insert, select
 
 from scheduler.sources import SourceItem, list_source
 from schema.db import session_scope, upgrade
-from schema.models import Item, Run, Shard
+from schema.models import Item, Run, RunStatus, Shard, ShardStatus
 from schema.payloads import RunSpec
 from schema.settings import Settings
 from workers.cam import METHODS, CamEngine
@@ -138,10 +138,22 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
     return PlannedRun(run_id=run_id, n_items=len(items), shard_ids=shard_ids)
 
 
-def unfinished_shards(database_url: str, run_id: str) -> list[int]:
+def reopen_run(database_url: str, run_id: str) -> list[int]:
+    """Make a run's unfinished shards runnable again; done shards are never redone."""
     with session_scope(database_url) as session:
-        return list(
+        run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one()
+        shards = list(
             session.execute(
-                select(Shard.id).where(Shard.run_id == run_id, Shard.status != "done").order_by(Shard.index)
+                select(Shard)
+                .where(Shard.run_id == run_id, Shard.status != ShardStatus.DONE)
+                .order_by(Shard.index)
             ).scalars()
         )
+        for shard in shards:
+            shard.status = ShardStatus.PENDING
+            shard.error = None
+        if shards and run.status in RunStatus.TERMINAL:
+            run.status = RunStatus.RUNNING
+            run.finished_at = None
+            run.shards_failed = 0
+        return [shard.id for shard in shards]

@@ -29,6 +29,10 @@ def run_embedded(
     from workers.tasks import explain_shard_task
 
     for sid in shard_ids:
-        outcome = explain_shard_task.apply((run_id, sid), throw=True).get()
+        # throw=False lets Celery's eager mode run the task's retries; a final error is re-raised.
+        result = explain_shard_task.apply((run_id, sid), throw=False)
+        if result.failed():
+            raise result.result
+        outcome = result.result
         if on_shard_done is not None:
             on_shard_done(outcome)
