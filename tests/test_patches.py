@@ -28,9 +28,9 @@ def test_scores_compare_across_images_unlike_normalised_maps() -> None:
 
 def test_top_patch_finds_the_hot_spot() -> None:
     raw = torch.zeros(1, 8, 8)
-    raw[0, 6, 2] = 5.0  # lower-left region at 128 px input
+    raw[0, 6, 2] = 5.0  # input pixels y 96-112, x 32-48 at 128 px
     top = top_patches(raw, (128, 128), 32, 3)
-    assert (int(top.rows[0, 0]), int(top.cols[0, 0])) == (3, 0)
+    assert (int(top.rows[0, 0]), int(top.cols[0, 0])) == (3, 1)
 
 
 def test_boxes_map_back_to_source_pixels() -> None:
