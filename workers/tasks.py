@@ -9,7 +9,7 @@ from typing import Any
 from celery import Task
 
 from schema.settings import get_settings
-from workers.celery_app import SHARD_QUEUE, app
+from workers.celery_app import CONTROL_QUEUE, SHARD_QUEUE, app
 from workers.shard import explain_shard, fail_shard
 
 log = logging.getLogger("camaudit.worker")
@@ -25,7 +25,7 @@ def retry_delay(retries: int) -> float:
 def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]:
     settings = get_settings()
     try:
-        return explain_shard(run_id, shard_id, settings).as_dict()
+        outcome = explain_shard(run_id, shard_id, settings)
     except Exception as exc:
         retries = int(self.request.retries or 0)
         if retries < MAX_RETRIES:
@@ -40,4 +40,18 @@ def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]
             raise self.retry(exc=exc, countdown=retry_delay(retries)) from exc
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("run=%s shard_id=%d failed after %d attempts: %s", run_id, shard_id, retries + 1, error)
-        return fail_shard(settings.database_url, run_id, shard_id, error).as_dict()
+        outcome = fail_shard(settings.database_url, run_id, shard_id, error)
+    if outcome.run_status is not None:
+        _after_run(run_id, eager=bool(self.request.is_eager))
+    return outcome.as_dict()
+
+
+def _after_run(run_id: str, *, eager: bool) -> None:
+    """Exactly one shard completion ends a run; it hands the run-level work to the control queue."""
+    if eager:
+        result = app.tasks["camaudit.finalize_run"].apply((run_id,), throw=False)
+        if result.failed():
+            # The run's rows and objects are complete; only its summaries are missing.
+            log.error("run=%s finalisation failed: %r; `camaudit diff` redoes it", run_id, result.result)
+    else:
+        app.send_task("camaudit.finalize_run", (run_id,), queue=CONTROL_QUEUE)
