@@ -25,7 +25,8 @@ def run_embedded(
     settings: Settings,
     on_shard_done: Callable[[dict[str, object]], None] | None = None,
 ) -> None:
-    configure(settings)
+    app = configure(settings)
+    app.loader.import_default_modules()  # every task a worker would have, finalisation included
     from workers.tasks import explain_shard_task
 
     for sid in shard_ids:
