@@ -51,3 +51,9 @@ if ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "select 1 from pg_database
   psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "create database test"
 fi
 echo "services: postgresql on 127.0.0.1:$PG_PORT"
+
+# Headless Chromium for the web UI's browser tests (Debian's build; no browser downloads).
+if [ -z "${CAMAUDIT_TEST_CHROMIUM:-}" ] && ! command -v chromium >/dev/null; then
+  apt_install chromium
+fi
+echo "services: chromium at ${CAMAUDIT_TEST_CHROMIUM:-$(command -v chromium)}"
