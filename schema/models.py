@@ -185,3 +185,53 @@ class PatchScore(Base):
     x1: Mapped[int] = mapped_column(Integer)
     y1: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
+
+
+class ClassDrift(Base):
+    """How far one class's attention moved between a run and its baseline run.
+
+    Written when a run with a baseline is finalised (and by ``camaudit diff --save``); one row
+    per (method, layer, class) the two runs share, so a nightly audit's drift is a cheap query
+    instead of a re-read of every stored map. ``drifted`` was decided with ``threshold``.
+    """
+
+    __tablename__ = "class_drift"
+    __table_args__ = (
+        UniqueConstraint(
+            "run_id", "baseline_run_id", "method", "layer", "target_class", name="uq_class_drift_key"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    baseline_run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(40))
+    layer: Mapped[str] = mapped_column(String(200))
+    target_class: Mapped[int] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(Integer)
+    mean_correlation: Mapped[float] = mapped_column(Float)
+    mean_iou: Mapped[float] = mapped_column(Float)
+    centre_shift_px: Mapped[float] = mapped_column(Float)
+    l1_shift: Mapped[float] = mapped_column(Float)
+    drifted: Mapped[bool] = mapped_column(Boolean)
+    threshold: Mapped[float] = mapped_column(Float)
+    computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunQuality(Base):
+    """Localisation quality of a run's maps per method and layer, for trends across nightly runs.
+
+    Only items with a label and an object box count; ``n`` says how many did.
+    """
+
+    __tablename__ = "run_quality"
+    __table_args__ = (UniqueConstraint("run_id", "method", "layer"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    method: Mapped[str] = mapped_column(String(40))
+    layer: Mapped[str] = mapped_column(String(200))
+    n: Mapped[int] = mapped_column(Integer)
+    pointing_game: Mapped[float] = mapped_column(Float)
+    energy_in_box: Mapped[float] = mapped_column(Float)
+    computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
