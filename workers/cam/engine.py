@@ -16,6 +16,7 @@ from torch import nn
 
 from workers.cam.capture import capture_layers
 from workers.cam.errors import CamConfigError
+from workers.cam.folding import FoldedModel
 from workers.cam.guard import evaluation_mode
 from workers.cam.head import find_gap_linear_head, head_maps
 from workers.cam.layers import default_layer, resolve_layer
@@ -129,6 +130,7 @@ class CamEngine:
         self._heads: dict[str, nn.Linear] = {}
         self._memory = ChannelsLast(bool(channels_last))
         self._broadcast: dict[str, bool] = {}
+        self._folded = FoldedModel(model)
 
     def _uses(self, kind: Kind) -> list[Method]:
         return [method for method in self.methods if method.kind is kind]
@@ -290,7 +292,10 @@ class CamEngine:
     ) -> torch.Tensor:
         """Channel weights ``[B, K, C]`` of Score-CAM or Ablation-CAM for one layer."""
         if method.name == "scorecam":
-            return scorecam_weights(run, images, acts[name], request, resolved.classes, self.score_batch_size)
+            folded = MaskedForward(self._folded.get(), run.device, run.dtype, run.memory)
+            return scorecam_weights(
+                folded, images, acts[name], request, resolved.classes, self.score_batch_size
+            )
         runner = AblationRunner(run, self.model.get_submodule(name), self._broadcast.get(name, True))
         weights = ablation_weights(
             runner,

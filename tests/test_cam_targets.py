@@ -1,0 +1,137 @@
+"""Target forms: top-1, explicit classes, top-k, all classes, callables, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from torch import nn
+
+from tests.test_cam_support import TinyNet, assert_maps_match, seeded
+from workers.cam import CamConfigError, CamEngine
+
+METHODS = ["gradcam", "cam", "eigencam", "scorecam", "ablationcam"]
+
+
+@pytest.fixture(scope="module")
+def model() -> TinyNet:
+    seeded(3)
+    return TinyNet(classes=5).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    seeded(4)
+    return torch.randn(3, 3, 12, 12)
+
+
+def test_default_target_is_top1(model: TinyNet, images: torch.Tensor) -> None:
+    result = CamEngine(model, layers=["features"], methods=METHODS)(images)
+    logits = model(images).detach()
+    assert result.targets.dtype == torch.int64
+    assert torch.equal(result.targets, logits.argmax(1, keepdim=True))
+    torch.testing.assert_close(result.scores, logits.max(1, keepdim=True).values)
+    torch.testing.assert_close(result.logits, logits)
+    for name in METHODS:
+        assert result.maps[name].shape == (3, 1, 12, 12)
+        assert result.maps[name].dtype == torch.float32
+        assert float(result.maps[name].min()) >= 0.0
+        assert float(result.maps[name].max()) <= 1.0
+        assert result.raw[name]["features"].shape == (3, 1, 6, 6)
+
+
+@pytest.mark.parametrize("spec", ["topk:3", "all", "explicit"])
+def test_many_targets_share_one_call_and_equal_single_target_maps(
+    model: TinyNet, images: torch.Tensor, spec: str
+) -> None:
+    engine = CamEngine(model, layers=["features"], methods=METHODS)
+    logits = model(images).detach()
+    if spec == "topk:3":
+        expected = logits.topk(3, dim=1).indices
+    elif spec == "all":
+        expected = torch.arange(5).expand(3, 5)
+    else:
+        expected = torch.tensor([[4, 0], [1, 1], [2, 3]])
+    result = engine(images, targets=expected if spec == "explicit" else spec)
+    assert torch.equal(result.targets, expected)
+    torch.testing.assert_close(result.scores, logits.gather(1, expected))
+    for column in range(expected.shape[1]):
+        single = engine(images, targets=expected[:, column])
+        for name in METHODS:
+            torch.testing.assert_close(result.maps[name][:, column : column + 1], single.maps[name])
+            torch.testing.assert_close(
+                result.raw[name]["features"][:, column : column + 1], single.raw[name]["features"]
+            )
+
+
+def test_inputs_made_under_inference_mode_are_accepted(model: TinyNet, images: torch.Tensor) -> None:
+    with torch.inference_mode():
+        frozen_images = images.clone()
+        classes = model(frozen_images).argmax(dim=1)
+    result = CamEngine(model, layers=["features"], methods=["gradcam", "scorecam"])(
+        frozen_images, targets=classes
+    )
+    assert torch.equal(result.targets[:, 0], classes)
+    assert not result.maps["gradcam"].is_inference()
+
+
+def test_integer_lists_are_accepted(model: TinyNet, images: torch.Tensor) -> None:
+    result = CamEngine(model, layers=["features"])(images, targets=[1, 2, 3])
+    assert result.targets.tolist() == [[1], [2], [3]]
+
+
+class SingleLogit(nn.Module):
+    """A binary classifier with one logit: class targets make no sense, a callable does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def test_callable_target_on_single_logit_model_matches_reference(images: torch.Tensor) -> None:
+    seeded(5)
+    model = SingleLogit().eval()
+    result = CamEngine(model, layers=["features"], methods=["gradcam", "ablationcam"])(
+        images, targets=lambda output: output[:, 0]
+    )
+    assert result.targets.tolist() == [[-1]] * 3
+    torch.testing.assert_close(result.scores, model(images).detach())
+    with GradCAM(model, [model.features]) as cam:
+        reference = cam(images, targets=[lambda output: output[0]] * 3)
+    assert_maps_match(result.maps["gradcam"][:, 0].numpy(), reference)
+
+
+def test_fewer_targets_than_images_is_an_error(model: TinyNet, images: torch.Tensor) -> None:
+    engine = CamEngine(model, layers=["features"])
+    with pytest.raises(CamConfigError, match=r"targets for 2 images but the batch has 3"):
+        engine(images, targets=torch.tensor([0, 1]))
+    with pytest.raises(CamConfigError, match=r"targets for 2 images"):
+        engine(images, targets=torch.tensor([[0, 1], [1, 2]]))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("top3", r"unknown target spec 'top3'.*'topk:N'"),
+        ("topk:0", r"unknown target spec 'topk:0'"),
+        ("topk:9", r"more classes than the model has \(5\)"),
+        (torch.tensor([0.0, 1.0, 2.0]), r"integer tensor"),
+        (torch.tensor([0, 5, 1]), r"class target 5 is out of range.*0\.\.4"),
+        (torch.tensor([-1, 0, 1]), r"class target -1 is out of range"),
+        (lambda output: output, r"one score per image"),
+    ],
+)
+def test_bad_target_specs_say_what_would_be_right(
+    model: TinyNet, images: torch.Tensor, spec: object, message: str
+) -> None:
+    with pytest.raises(CamConfigError, match=message):
+        CamEngine(model, layers=["features"])(images, targets=spec)
+
+
+def test_cam_with_callable_target_is_an_error(model: TinyNet, images: torch.Tensor) -> None:
+    with pytest.raises(CamConfigError, match="needs class targets"):
+        CamEngine(model, layers=["features"], methods=["cam"])(images, targets=lambda output: output[:, 0])
