@@ -1,7 +1,24 @@
-"""Model loading: every way a user names a model ends as a ``LoadedModel`` in eval mode.
+"""Turn a model reference into a ready-to-run model, failing before any work starts.
 
-Everything that can be wrong with a reference (unknown name, missing file, weights that do
-not fit) raises ``ModelLoadError`` here, before any shard is planned.
+A run names its model with a short reference that the scheduler validates and stores, and
+that every worker resolves again to the same weights:
+
+* ``demo``: the CNN shipped in ``workers/assets/demo_cnn.pt`` (``checkpoint`` may name another
+  checkpoint written by ``python -m workers.demo.train``).
+* ``torchvision:NAME`` or bare ``NAME``: a torchvision classification architecture built with
+  ``weights=None``; ``checkpoint`` is a state_dict file (or a dict holding it under
+  ``state_dict`` or ``model``). ``num_classes`` defaults to the checkpoint's head size.
+* ``torchscript:PATH`` (or ``torchscript`` with ``checkpoint=PATH``): a TorchScript archive.
+* ``python:package.module:factory``: a callable returning an ``nn.Module``, with an optional
+  state_dict checkpoint loaded into it.
+
+Checkpoints are read with ``torch.load(weights_only=True)``, so a checkpoint can carry tensors
+and plain metadata but never code. A dict checkpoint may carry ``class_names``, ``input_size``,
+``mean`` and ``std`` next to its weights; they override the defaults.
+
+Workers load a model once per process (:func:`load_model_cached`), keyed by the normalised
+reference, the checkpoint's sha256 and the device, so a new checkpoint at the same path is
+picked up while an unchanged one is never loaded twice.
 """
 
 from __future__ import annotations
@@ -9,8 +26,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import os
 import threading
-from dataclasses import asdict, dataclass
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,134 +38,85 @@ import torch
 import torchvision
 from torch import nn
 
-ASSETS = Path(__file__).with_name("assets")
-DEMO_CHECKPOINT = ASSETS / "demo_cnn.pt"
+from workers.demo.net import CAM_LAYER as DEMO_CAM_LAYER
+from workers.demo.net import DemoNet
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo_cnn.pt"
+DEMO_CHECKPOINT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_INPUT_SIZE = (224, 224)
+RESIZE_MODES = ("stretch",)
+SCHEMES = ("demo", "torchvision", "torchscript", "python")
+_TORCHVISION_DEFAULT_CLASSES = 1000
+# Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_SHOWN = 5  # how many keys an error lists before summarising the rest
 
 
 class ModelLoadError(ValueError):
-    """The model reference, its checkpoint or a layer name cannot work."""
+    """A model reference, checkpoint or layer name that cannot work; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    size: tuple[int, int]
+    """How images must be prepared for the model; stored with the run so results can be reproduced."""
+
+    size: tuple[int, int]  # (H, W) model input size
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    resize: str = "stretch"
+    resize: str = "stretch"  # resize the whole image to ``size``, no crop
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or any(int(v) != v or v < 1 for v in self.size):
+            raise ModelLoadError(f"input size must be two positive integers (H, W), got {self.size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ModelLoadError(f"mean and std need 3 values (RGB), got mean={self.mean}, std={self.std}")
+        if any(v <= 0 for v in self.std):
+            raise ModelLoadError(f"std values must be positive, got {self.std}")
+        if self.resize not in RESIZE_MODES:
+            raise ModelLoadError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {
+            "size": list(self.size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+        }
 
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
-    ref: str
-    checkpoint_sha256: str | None
+    model: nn.Module  # in eval mode, on ``device``
+    ref: str  # normalised reference, e.g. "demo", "torchvision:resnet18"
+    checkpoint_sha256: str | None  # sha256 of the checkpoint file bytes (None if no file)
     preprocess: Preprocess
     class_names: list[str] | None
-    default_layer: str | None
+    default_layer: str | None  # None lets the CAM engine pick a layer
     num_classes: int | None
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A parsed reference: what to build and which file holds its weights."""
+
+    scheme: str
+    target: str  # torchvision name, or "module:factory"; empty for demo and torchscript
+    checkpoint: Path | None
+    ref: str  # normalised
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks so large checkpoints do not fill memory."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
     return digest.hexdigest()
-
-
-def _existing(path: str | Path, what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ModelLoadError(f"{what} {p} does not exist (or is not a file)")
-    return p
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read checkpoint {path}: {exc}") from exc
-
-
-def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(
-            f"{path} holds no state_dict (expected a dict of tensors, or one under 'state_dict')"
-        )
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong[:3]}")
-        raise ModelLoadError(f"checkpoint {path} does not fit the architecture: {'; '.join(parts)}")
-    model.load_state_dict(state)
-
-
-def torchvision_names() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _head_classes(state: dict[str, torch.Tensor]) -> int | None:
-    for key in (
-        "fc.weight",
-        "classifier.weight",
-        "head.weight",
-        "heads.head.weight",
-        "classifier.6.weight",
-        "classifier.3.weight",
-        "classifier.1.weight",
-        "classifier.2.weight",
-        "classifier.0.weight",
-    ):
-        if key in state and state[key].ndim == 2:
-            return int(state[key].shape[0])
-    return None
-
-
-def _default_layer(model: nn.Module) -> str | None:
-    names = dict(model.named_modules())
-    for candidate in ("layer4", "features", "trunk"):
-        if candidate in names:
-            return candidate
-    return None
-
-
-def _load_demo(checkpoint: str | Path | None) -> tuple[nn.Module, dict[str, Any], Path]:
-    from workers.demo.net import DemoNet
-
-    path = _existing(checkpoint or DEMO_CHECKPOINT, "demo checkpoint")
-    data = _torch_load(path)
-    if not isinstance(data, dict) or "state_dict" not in data:
-        raise ModelLoadError(f"{path} is not a demo checkpoint (no 'state_dict')")
-    names = list(data.get("class_names") or [])
-    model = DemoNet(len(names) or _head_classes(data["state_dict"]) or 1)
-    _load_weights(model, _state_dict(data, path), path)
-    return model, data, path
 
 
 def load_model(
@@ -156,119 +127,537 @@ def load_model(
     num_classes: int | None = None,
     input_size: tuple[int, int] | None = None,
 ) -> LoadedModel:
-    ref = ref.strip()
-    sha: str | None = None
-    class_names: list[str] | None = None
-    if ref == "demo":
-        model, meta, path = _load_demo(checkpoint)
-        sha = file_sha256(path)
-        class_names = list(meta.get("class_names") or []) or None
-        pre = Preprocess(
-            size=tuple(input_size or meta.get("input_size", (128, 128))),  # type: ignore[arg-type]
-            mean=tuple(meta.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
-            std=tuple(meta.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
-        )
-        norm_ref = "demo"
-    elif ref.startswith("torchscript"):
-        target = ref.split(":", 1)[1] if ":" in ref else checkpoint
-        if not target:
-            raise ModelLoadError("torchscript needs a file: torchscript:PATH or --checkpoint PATH")
-        path = _existing(target, "TorchScript file")
-        try:
-            model = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise ModelLoadError(f"{path} is not a TorchScript file: {exc}") from exc
-        sha = file_sha256(path)
-        pre = Preprocess(tuple(input_size or (224, 224)), IMAGENET_MEAN, IMAGENET_STD)  # type: ignore[arg-type]
-        norm_ref = f"torchscript:{path}"
-    elif ref.startswith("python:"):
-        spec = ref.split(":", 1)[1]
-        if ":" not in spec:
-            raise ModelLoadError(f"python model reference {ref!r} must be python:package.module:factory")
-        module_name, func_name = spec.rsplit(":", 1)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ModelLoadError(f"cannot import {module_name!r} for {ref}: {exc}") from exc
-        factory = getattr(module, func_name, None)
-        if not callable(factory):
-            options = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
-            close = difflib.get_close_matches(func_name, options, n=3, cutoff=0.4)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ModelLoadError(f"{module_name} has no callable {func_name!r}{hint}")
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise ModelLoadError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
-        if checkpoint:
-            path = _existing(checkpoint, "checkpoint")
-            _load_weights(model, _state_dict(_torch_load(path), path), path)
-            sha = file_sha256(path)
-        pre = Preprocess(tuple(input_size or (224, 224)), IMAGENET_MEAN, IMAGENET_STD)  # type: ignore[arg-type]
-        norm_ref = ref
-    else:
-        name = ref.split(":", 1)[1] if ref.startswith("torchvision:") else ref
-        valid = torchvision_names()
-        if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ModelLoadError(
-                f"unknown model {ref!r}{hint} (use demo, torchvision:NAME, torchscript:PATH or python:mod:fn)"
-            )
-        state = None
-        if checkpoint:
-            path = _existing(checkpoint, "checkpoint")
-            state = _state_dict(_torch_load(path), path)
-            sha = file_sha256(path)
-            num_classes = num_classes or _head_classes(state)
-        kwargs: dict[str, Any] = {"weights": None}
-        if num_classes:
-            kwargs["num_classes"] = num_classes
-        if name.startswith("inception") or name.startswith("googlenet"):
-            kwargs["aux_logits"] = False
-            kwargs["init_weights"] = False
-        model = torchvision.models.get_model(name, **kwargs)
-        if state is not None:
-            _load_weights(model, state, path)
-        pre = Preprocess(tuple(input_size or (224, 224)), IMAGENET_MEAN, IMAGENET_STD)  # type: ignore[arg-type]
-        norm_ref = f"torchvision:{name}"
-    model.eval().to(device)
-    head = getattr(model, "fc", None)
-    n_classes = (
-        head.out_features if isinstance(head, nn.Linear) else (len(class_names) if class_names else None)
-    )
-    return LoadedModel(
-        model=model,
-        ref=norm_ref,
-        checkpoint_sha256=sha,
-        preprocess=pre,
-        class_names=class_names,
-        default_layer=_default_layer(model) if not isinstance(model, torch.jit.ScriptModule) else None,
-        num_classes=n_classes,
-    )
-
-
-_cache: dict[tuple[str, str | None, str], LoadedModel] = {}
-_cache_lock = threading.Lock()
+    """Build the referenced model, load its weights, move it to ``device`` in eval mode."""
+    plan = _plan(ref, checkpoint)
+    target_device = _resolve_device(device)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ModelLoadError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if input_size is not None:
+        input_size = _check_size(input_size, "input_size")
+    sha = _cached_sha256(plan.checkpoint) if plan.checkpoint is not None else None
+    loaded = _LOADERS[plan.scheme](plan, num_classes, input_size)
+    loaded.checkpoint_sha256 = sha
+    loaded.model = loaded.model.to(target_device).eval()
+    if loaded.default_layer is not None:
+        resolve_layer(loaded.model, loaded.default_layer)
+    return loaded
 
 
 def load_model_cached(
-    ref: str, checkpoint: str | Path | None = None, *, device: str | torch.device = "cpu", **kwargs: Any
+    ref: str,
+    checkpoint: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    num_classes: int | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> LoadedModel:
-    """Once per process per (reference, checkpoint content, device)."""
-    path = checkpoint or (DEMO_CHECKPOINT if ref.strip() == "demo" else None)
-    sha = file_sha256(path) if path and Path(path).is_file() else None
-    key = (ref.strip(), sha, str(torch.device(device)))
-    with _cache_lock:
-        if key not in _cache:
-            _cache[key] = load_model(ref, checkpoint, device=device, **kwargs)
-        return _cache[key]
+    """:func:`load_model` once per process per (reference, checkpoint sha256, device, options).
+
+    The returned model is shared: callers must not change its weights or mode.
+    """
+    plan = _plan(ref, checkpoint)
+    sha = _cached_sha256(plan.checkpoint) if plan.checkpoint is not None else None
+    size = tuple(input_size) if input_size is not None else None
+    key = (plan.ref, sha, str(_resolve_device(device)), num_classes, size)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+        if cached is None:
+            cached = load_model(
+                ref, checkpoint, device=device, num_classes=num_classes, input_size=input_size
+            )
+            _CACHE[key] = cached
+        return cached
+
+
+def clear_model_cache() -> None:
+    """Forget cached models, e.g. to free accelerator memory between runs."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _SHA_MEMO.clear()
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    modules = dict(model.named_modules())
-    if name in modules and name:
-        return modules[name]
-    valid = [n for n in modules if n]
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ModelLoadError(f"the model has no layer {name!r}{hint}")
+    """The sub-module at a dotted path such as ``features`` or ``layer4.1.conv2``.
+
+    Integer parts index Sequential/ModuleList children and may be negative (``layer4.-1``).
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ModelLoadError(f"layer name must be a non-empty dotted module path, got {name!r}")
+    module = model
+    for part in name.split("."):
+        children = dict(module.named_children())
+        child = children.get(part)
+        if child is None and _is_int(part) and children and all(_is_int(k) for k in children):
+            keys = list(children)
+            index = int(part)
+            if -len(keys) <= index < len(keys):
+                child = children[keys[index]]
+        if child is None:
+            raise ModelLoadError(_unknown_layer_message(model, name))
+        module = child
+    return module
+
+
+# --- reference parsing ------------------------------------------------------------------------
+
+
+def _plan(ref: str, checkpoint: str | Path | None) -> _Plan:
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelLoadError(f"model reference must be a non-empty string, got {ref!r}; {_REF_FORMS}")
+    ref = ref.strip()
+    scheme, sep, rest = ref.partition(":")
+    if not sep:
+        if ref == "demo":
+            return _Plan("demo", "", _existing_file(checkpoint) if checkpoint else DEMO_CHECKPOINT, "demo")
+        if ref == "torchscript":
+            if checkpoint is None:
+                raise ModelLoadError("reference 'torchscript' needs checkpoint=PATH of a TorchScript file")
+            path = _existing_file(checkpoint, "TorchScript")
+            return _Plan("torchscript", "", path, f"torchscript:{path}")
+        scheme, rest = "torchvision", ref
+    if scheme == "torchvision":
+        name = _torchvision_name(rest)
+        path = _existing_file(checkpoint) if checkpoint is not None else None
+        return _Plan("torchvision", name, path, f"torchvision:{name}")
+    if scheme == "torchscript":
+        if checkpoint is not None:
+            raise ModelLoadError(
+                f"reference {ref!r} already names the TorchScript file; pass either 'torchscript:PATH' "
+                f"or 'torchscript' with checkpoint=PATH, not both"
+            )
+        path = _existing_file(rest, "TorchScript")
+        return _Plan("torchscript", "", path, f"torchscript:{path}")
+    if scheme == "python":
+        module_name, colon, factory = rest.partition(":")
+        if not colon or not module_name or not factory:
+            raise ModelLoadError(f"python references look like 'python:package.module:factory', got {ref!r}")
+        path = _existing_file(checkpoint) if checkpoint is not None else None
+        return _Plan("python", rest, path, f"python:{rest}")
+    if scheme == "demo":
+        raise ModelLoadError(
+            f"reference 'demo' takes no argument, got {ref!r}; pass other weights as checkpoint"
+        )
+    close = difflib.get_close_matches(scheme, SCHEMES, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ModelLoadError(f"unknown model reference scheme {scheme!r} in {ref!r}{hint}; {_REF_FORMS}")
+
+
+_REF_FORMS = (
+    "valid references: 'demo', 'torchvision:NAME' or 'NAME' (e.g. resnet18), "
+    "'torchscript:PATH', 'python:package.module:factory'"
+)
+
+
+def _torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_name(name: str) -> str:
+    names = _torchvision_names()
+    if name in names:
+        return name
+    if name.lower() in names:
+        return name.lower()
+    close = difflib.get_close_matches(name.lower(), names, n=5, cutoff=0.5)
+    hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(names[:5])}"
+    raise ModelLoadError(
+        f"unknown torchvision classification model {name!r}; {hint}. "
+        f"Other references: 'demo', 'torchscript:PATH', 'python:package.module:factory'"
+    )
+
+
+def _existing_file(path: str | Path, what: str = "checkpoint") -> Path:
+    resolved = Path(os.path.expanduser(str(path))).resolve()
+    if not resolved.exists():
+        raise ModelLoadError(f"{what} file not found: {resolved} (given as {str(path)!r})")
+    if not resolved.is_file():
+        raise ModelLoadError(f"{what} path is not a file: {resolved}")
+    return resolved
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ModelLoadError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} requested but CUDA is not available here; use 'cpu'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ModelLoadError(
+                f"device {device!r} does not exist: {count} CUDA device(s), cuda:0..{count - 1}"
+            )
+    return resolved
+
+
+def _check_size(size: Any, what: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in size)
+        valid = (height, width) == tuple(size) and height > 0 and width > 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ModelLoadError(f"{what} must be two positive integers (H, W), got {size!r}")
+    return height, width
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+_CACHE: dict[tuple[Any, ...], LoadedModel] = {}
+_CACHE_LOCK = threading.RLock()
+
+
+def _cached_sha256(path: Path) -> str:
+    """Hash once per file version: a worker resolves the same checkpoint for every shard."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    sha = _SHA_MEMO.get(key)
+    if sha is None:
+        sha = _SHA_MEMO[key] = file_sha256(path)
+    return sha
+
+
+def _read_checkpoint(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable or unsafe files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"cannot read checkpoint {path} with torch.load(weights_only=True): {reason}. "
+            f"Save weights with torch.save(model.state_dict(), path); a TorchScript file needs "
+            f"the 'torchscript' reference"
+        ) from error
+
+
+def _split_checkpoint(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict with wrapper prefixes removed, metadata stored next to it)."""
+    if not isinstance(obj, Mapping):
+        raise ModelLoadError(
+            f"checkpoint {path} holds a {type(obj).__name__}, expected a state_dict "
+            f"or a dict with a 'state_dict' or 'model' entry"
+        )
+    meta: dict[str, Any] = {}
+    state: Any = obj
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), Mapping):
+            state = obj[key]
+            meta = {k: v for k, v in obj.items() if k != key}
+            break
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors or len(tensors) != len(state):
+        others = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+        raise ModelLoadError(
+            f"checkpoint {path} is not a state_dict: entries {others[:_SHOWN]} are not tensors; "
+            f"expected parameter tensors, or a dict with a 'state_dict' or 'model' entry"
+        )
+    return _strip_prefixes(tensors), meta
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix) :]: value for key, value in state.items()}
+                changed = True
+    return state
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Strict load whose error names the missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    # Old checkpoints lack BatchNorm counters; torch fills them in, so they are not an error.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches {_listing(mismatched)}")
+    if problems:
+        raise ModelLoadError(f"checkpoint {path} does not fit {what}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return f"[{shown}]{more}"
+
+
+def _preprocess_from(
+    meta: Mapping[str, Any], input_size: tuple[int, int] | None, path: Path | None
+) -> Preprocess:
+    """Defaults (ImageNet statistics, 224x224) overridden by checkpoint metadata, then by the caller."""
+    try:
+        size = input_size or _check_size(meta.get("input_size", DEFAULT_INPUT_SIZE), "input_size")
+        mean = tuple(float(v) for v in meta.get("mean", IMAGENET_MEAN))
+        std = tuple(float(v) for v in meta.get("std", IMAGENET_STD))
+        return Preprocess(size=size, mean=mean, std=std)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(f"checkpoint {path} has unusable preprocessing metadata: {error}") from error
+
+
+def _class_names_from(
+    meta: Mapping[str, Any], num_classes: int | None, path: Path | None
+) -> list[str] | None:
+    names = meta.get("class_names")
+    if names is None:
+        return None
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ModelLoadError(f"checkpoint {path}: class_names must be a list of strings")
+    if num_classes is not None and len(names) != num_classes:
+        raise ModelLoadError(
+            f"checkpoint {path} lists {len(names)} class_names but the model has {num_classes} classes"
+        )
+    return list(names)
+
+
+# --- loaders ----------------------------------------------------------------------------------
+
+
+def _load_demo(plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None) -> LoadedModel:
+    path = plan.checkpoint
+    assert path is not None
+    if not path.exists():
+        raise ModelLoadError(
+            f"demo checkpoint not found at {path}; train it with "
+            f"'python -m workers.demo.train --out {path} --seed 0'"
+        )
+    obj = _read_checkpoint(path)
+    if not isinstance(obj, Mapping) or obj.get("arch") != "demo":
+        arch = obj.get("arch") if isinstance(obj, Mapping) else type(obj).__name__
+        raise ModelLoadError(
+            f"{path} is not a demo checkpoint (arch={arch!r}); write one with python -m workers.demo.train"
+        )
+    required = ("state_dict", "class_names", "input_size", "mean", "std", "version")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ModelLoadError(f"demo checkpoint {path} lacks {', '.join(missing)}")
+    if obj["version"] > DEMO_CHECKPOINT_VERSION:
+        raise ModelLoadError(
+            f"demo checkpoint {path} has version {obj['version']}; this camaudit reads up to "
+            f"{DEMO_CHECKPOINT_VERSION}, upgrade camaudit"
+        )
+    state, meta = _split_checkpoint(obj, path)
+    names = _class_names_from(meta, None, path)
+    assert names is not None
+    if num_classes is not None and num_classes != len(names):
+        raise ModelLoadError(
+            f"demo checkpoint {path} has {len(names)} classes, not num_classes={num_classes}"
+        )
+    model = DemoNet(len(names))
+    _load_state(model, state, path, "the demo CNN")
+    return LoadedModel(
+        model=model,
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=_preprocess_from(meta, input_size, path),
+        class_names=names,
+        default_layer=DEMO_CAM_LAYER,
+        num_classes=len(names),
+    )
+
+
+def _load_torchvision(
+    plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None
+) -> LoadedModel:
+    name, path = plan.target, plan.checkpoint
+    state: dict[str, torch.Tensor] | None = None
+    meta: dict[str, Any] = {}
+    if path is not None:
+        state, meta = _split_checkpoint(_read_checkpoint(path), path)
+        if num_classes is None:
+            num_classes = _head_size(name, state)
+    model = _build_torchvision(name, num_classes, init_weights=state is None)
+    if state is not None and path is not None:
+        _load_state(model, state, path, f"torchvision:{name} with {num_classes or 'default'} classes")
+    classes = num_classes or _TORCHVISION_DEFAULT_CLASSES
+    return LoadedModel(
+        model=model,
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=_preprocess_from(meta, input_size, path),
+        class_names=_class_names_from(meta, classes, path),
+        default_layer=_torchvision_default_layer(name),
+        num_classes=classes,
+    )
+
+
+def _build_torchvision(name: str, num_classes: int | None, *, init_weights: bool = True) -> nn.Module:
+    kwargs: dict[str, Any] = {"weights": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if name in ("googlenet", "inception_v3"):
+        # Skips a slow random init when a checkpoint overwrites it, and silences the notice
+        # about the default changing.
+        kwargs["init_weights"] = init_weights
+    try:
+        return torchvision.models.get_model(name, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(f"cannot build torchvision:{name} with {kwargs}: {error}") from error
+
+
+def _head_size(name: str, state: Mapping[str, torch.Tensor]) -> int | None:
+    """Class count implied by the checkpoint: the leading size of tensors that are 1000 by default."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                reference = _build_torchvision(name, None, init_weights=False)
+        except Exception:  # some inits do not run on meta tensors; build for real instead
+            reference = _build_torchvision(name, None, init_weights=False)
+    sizes = set()
+    for key, default in reference.state_dict().items():
+        given = state.get(key)
+        if (
+            given is not None
+            and given.dim() == default.dim()
+            and default.dim() >= 1
+            and default.shape[0] == _TORCHVISION_DEFAULT_CLASSES
+            and given.shape[1:] == default.shape[1:]
+        ):
+            sizes.add(int(given.shape[0]))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _torchvision_default_layer(name: str) -> str | None:
+    """The last spatial feature map of each family, where CAMs are conventionally taken."""
+    families = (
+        (("resnet", "resnext", "wide_resnet"), "layer4"),
+        (("regnet",), "trunk_output"),
+        (("densenet", "vgg", "alexnet", "squeezenet", "mobilenet", "efficientnet", "convnext"), "features"),
+        (("mnasnet",), "layers"),
+        (("shufflenet",), "conv5"),
+        (("googlenet",), "inception5b"),
+        (("inception",), "Mixed_7c"),
+    )
+    for prefixes, layer in families:
+        if name.startswith(prefixes):
+            return layer
+    return None  # transformers (vit, swin, maxvit): token maps need the engine's own handling
+
+
+def _load_torchscript(
+    plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None
+) -> LoadedModel:
+    path = plan.checkpoint
+    assert path is not None
+    try:
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream but still the format users hand over.
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # torch raises RuntimeError or ValueError depending on the damage
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"{path} is not a TorchScript archive ({reason}); write one with "
+            f"torch.jit.save(torch.jit.script(model), path), or use 'torchvision:NAME' or 'python:...' "
+            f"with this file as checkpoint if it holds a state_dict"
+        ) from error
+    return LoadedModel(
+        model=model,
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=_preprocess_from({}, input_size, path),
+        class_names=None,
+        default_layer=None,
+        num_classes=num_classes,
+    )
+
+
+def _load_python(plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None) -> LoadedModel:
+    module_name, _, attr_path = plan.target.partition(":")
+    factory = _import_factory(module_name, attr_path)
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        model = factory(**kwargs)
+    except TypeError as error:
+        if kwargs:
+            raise ModelLoadError(f"{plan.ref} does not accept num_classes: {error}") from error
+        raise ModelLoadError(f"{plan.ref} could not be called without arguments: {error}") from error
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{plan.ref} returned a {type(model).__name__}, expected a torch.nn.Module")
+    meta: dict[str, Any] = {}
+    if plan.checkpoint is not None:
+        state, meta = _split_checkpoint(_read_checkpoint(plan.checkpoint), plan.checkpoint)
+        _load_state(model, state, plan.checkpoint, plan.ref)
+    return LoadedModel(
+        model=model,
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=_preprocess_from(meta, input_size, plan.checkpoint),
+        class_names=_class_names_from(meta, num_classes, plan.checkpoint),
+        default_layer=None,
+        num_classes=num_classes if num_classes is not None else _maybe_len(meta.get("class_names")),
+    )
+
+
+def _import_factory(module_name: str, attr_path: str) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise ModelLoadError(
+                f"cannot import module {module_name!r} (no module named {error.name!r}); "
+                f"is its directory on PYTHONPATH?"
+            ) from error
+        raise ModelLoadError(f"importing {module_name!r} failed: {error}") from error
+    except Exception as error:
+        raise ModelLoadError(f"importing {module_name!r} failed: {type(error).__name__}: {error}") from error
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            options = [n for n in dir(target) if not n.startswith("_") and callable(getattr(target, n, None))]
+            close = difflib.get_close_matches(part, options, n=5)
+            hint = f"closest: {', '.join(close)}" if close else f"callables there: {', '.join(options[:10])}"
+            raise ModelLoadError(f"{module_name}:{attr_path}: no attribute {part!r}; {hint}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelLoadError(f"{module_name}:{attr_path} is a {type(target).__name__}, not a callable")
+    return target
+
+
+def _maybe_len(names: Any) -> int | None:
+    return len(names) if isinstance(names, list | tuple) else None
+
+
+_LOADERS = {
+    "demo": _load_demo,
+    "torchvision": _load_torchvision,
+    "torchscript": _load_torchscript,
+    "python": _load_python,
+}
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit() and text.count("-") <= 1
+
+
+def _unknown_layer_message(model: nn.Module, name: str) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    if close:
+        hint = f"closest: {', '.join(close)}"
+    else:
+        top = [n for n, _ in model.named_children()]
+        hint = f"top-level layers: {', '.join(top[:12]) or '(none)'}"
+    return (
+        f"model has no layer {name!r}; {hint}. Layers are dotted module names as in "
+        f"model.named_modules(), e.g. 'layer4' or 'features.3'; integer parts may be negative"
+    )

@@ -4,13 +4,14 @@ Each image holds exactly one filled shape (one of ``CLASS_NAMES``) at a random p
 size, on a cluttered background: colour gradients, low-frequency colour noise, thin lines,
 scribbles, small fuzzy specks and pixel noise. The clutter is salient but never shaped like a
 class, so a model that classifies well has to look at the object, and a CAM that points at the
-clutter is genuinely wrong. Source images have independent random widths and heights, so code
-that maps boxes between model input and source pixels is exercised with non-square images.
+clutter is genuinely wrong. Source images have random widths and heights (aspect ratio up to
+``MAX_ASPECT``), so code that maps boxes between model input and source pixels is exercised
+with non-square images.
 
 Dataset layout written by :func:`make_dataset`::
 
     OUT_DIR/
-      images/000000.png, 000001.png, ...   RGB PNG, sizes in [min_size, max_size] per side
+      images/000000.png, 000001.png, ...   RGB PNG, each side in [min_size, max_size]
       manifest.jsonl                        one JSON object per line, one line per image
 
 Manifest line format (keys in this order)::
@@ -262,7 +263,7 @@ def _object_mask(rng: np.random.Generator, label: str, width: int, height: int) 
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
         draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
     elif label == "square":
-        angle = rng.uniform(-0.4, 0.4)
+        angle = rng.uniform(-0.25, 0.25)
         # Shrink with the rotation so the rotated square's extent stays within ``size``.
         side = size / (abs(math.cos(angle)) + abs(math.sin(angle))) * rng.uniform(0.85, 1.0)
         corners = [(-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5)]

@@ -2,7 +2,7 @@
 
 The trunk keeps a 16x16 feature map at 128x128 input (three stride-2 steps) so CAMs are sharp
 enough to point inside objects; a global-average-pool + linear head makes the plain CAM exact
-(class score = mean over positions of the CAM), which is what CAM methods assume.
+(class score = mean of the CAM over positions, plus the bias), which is what CAM methods assume.
 """
 
 from __future__ import annotations
