@@ -179,6 +179,7 @@ def run(
     batch_size: int = 16,
     shard_size: int = 256,
     name: str | None = None,
+    overlay: Annotated[bool, typer.Option(help="also store a JET overlay JPEG at source size")] = False,
     wait: Annotated[bool, typer.Option(help="with a broker: wait and show progress")] = False,
     database_url: DatabaseUrl = None,
     storage_url: StorageUrl = None,
@@ -211,6 +212,7 @@ def run(
             batch_size=batch_size,
             shard_size=shard_size,
             name=name,
+            overlay=overlay,
         )
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))

@@ -147,3 +147,53 @@ def test_rerunning_a_shard_leaves_the_same_rows_and_objects(dataset: Path, tmp_p
     assert {k: storage.get(k) for k in storage.list(f"runs/{run_id}/")} == objects_before
     # and a shard that is already done is not run again
     assert explain_shard(run_id, shard_id, settings).status == "skipped"
+
+
+def test_overlays_are_written_at_source_size_only_when_asked(dataset: Path, tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    out = tmp_path / "heatmaps"
+    proc = run_cli(
+        "run",
+        "--source",
+        str(dataset),
+        "--methods",
+        "gradcam",
+        "--overlay",
+        "--json",
+        "--database-url",
+        db,
+        "--storage-url",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(proc.stdout)["run_id"]
+    storage = open_storage(str(out))
+    with session_scope(db) as s:
+        items = s.execute(select(Item).where(Item.run_id == run_id, Item.status == "done")).scalars().all()
+        keys = {
+            h.item_id: h.object_key
+            for h in s.execute(select(Heatmap).where(Heatmap.run_id == run_id)).scalars()
+        }
+    assert len(items) == 20
+    for item in items:
+        jpeg = Image.open(io.BytesIO(storage.get(keys[item.id].removesuffix(".png") + ".jpg")))
+        assert jpeg.format == "JPEG" and jpeg.size == (item.width, item.height)
+    # the default run stores none
+    plain = run_cli(
+        "run",
+        "--source",
+        str(dataset),
+        "--methods",
+        "gradcam",
+        "--json",
+        "--database-url",
+        db,
+        "--storage-url",
+        str(out),
+    )
+    plain_id = json.loads(plain.stdout)["run_id"]
+    assert not [k for k in storage.list(f"runs/{plain_id}/") if k.endswith(".jpg")]

@@ -27,8 +27,8 @@ from schema.models import Item, ItemStatus, Run, RunStatus, Shard, ShardStatus, 
 from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.fetch import read_bytes
-from workers.heatmap_io import encode_npy, encode_png_gray, to_uint8
-from workers.images import DecodedImage, ImageDecodeError, decode_image
+from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg, to_uint8
+from workers.images import DecodedImage, ImageDecodeError, decode_image, open_rgb
 from workers.patches import patch_box, top_patches
 from workers.runtime import engine_for, model_for, storage_for
 from workers.storage import ConcurrentWriter
@@ -60,6 +60,7 @@ class ShardWork:
     output_uri: str
     class_names: list[str] | None
     items: list[WorkItem]
+    overlay: bool = False
 
 
 @dataclass
@@ -137,16 +138,23 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             batch_size=int(run.config.get("batch_size", 16)),
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
+            overlay=bool(run.config.get("overlay", False)),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
         )
 
 
+Decoded = tuple[DecodedImage, bytes | None]
+
+
 def _decoded_stream(
     work: ShardWork, settings: Settings, size: tuple[int, int], mean: Any, std: Any
-) -> Iterator[tuple[WorkItem, DecodedImage | str]]:
-    """Decode ahead of the model on a thread pool; yields (item, image or failure reason) in order."""
+) -> Iterator[tuple[WorkItem, Decoded | str]]:
+    """Decode ahead of the model on a thread pool; yields (item, image or failure reason) in order.
 
-    def load(item: WorkItem) -> DecodedImage | str:
+    The source bytes come along only when overlays are wanted, to draw them at source size.
+    """
+
+    def load(item: WorkItem) -> Decoded | str:
         try:
             data = read_bytes(
                 item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
@@ -158,7 +166,7 @@ def _decoded_stream(
                 tuple(std),
                 max_pixels=settings.max_image_pixels,
                 name=item.source_uri,
-            )
+            ), (data if work.overlay else None)
         except FileNotFoundError:
             return f"file not found: {item.source_uri}"
         except ImageDecodeError as exc:
@@ -168,7 +176,7 @@ def _decoded_stream(
 
     window = max(2 * work.batch_size, settings.decode_workers)
     with ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode") as pool:
-        pending: list[tuple[WorkItem, Future[DecodedImage | str]]] = []
+        pending: list[tuple[WorkItem, Future[Decoded | str]]] = []
         items = iter(work.items)
         for item in items:
             pending.append((item, pool.submit(load, item)))
@@ -208,12 +216,20 @@ def _targets_for(work: ShardWork, batch: list[WorkItem]) -> tuple[Any, list[str 
 
 
 def _encode_and_upload(
-    writer: ConcurrentWriter, png_key: str, npy_key: str, map_u8: np.ndarray, raw16: np.ndarray
+    writer: ConcurrentWriter,
+    png_key: str,
+    npy_key: str,
+    map_u8: np.ndarray,
+    raw16: np.ndarray,
+    source: bytes | None = None,
 ) -> str:
     """Runs on the encoder pool (zlib releases the GIL), so the device never waits on PNG encoding."""
     png = encode_png_gray(map_u8)
     writer.submit(png_key, png, "image/png")
     writer.submit(npy_key, encode_npy(raw16), "application/octet-stream")
+    if source is not None:
+        overlay = overlay_jpeg(open_rgb(source), map_u8.astype(np.float32) / 255.0)
+        writer.submit(png_key.removesuffix(".png") + ".jpg", overlay, "image/jpeg")
     return hashlib.sha256(png).hexdigest()
 
 
@@ -224,6 +240,7 @@ def _explain_batch(
     writer: ConcurrentWriter,
     encoder: ThreadPoolExecutor,
     rows: ShardRows,
+    sources: dict[int, bytes],
 ) -> None:
     loaded = model_for(work.model_ref, work.checkpoint, settings)
     engine = engine_for(loaded, work.methods, work.layers, settings)
@@ -297,7 +314,15 @@ def _explain_batch(
                     target = int(chosen[b, t])
                     png_key = heatmap_key(work.run_id, method, layer, item.id, target, "png")
                     npy_key = heatmap_key(work.run_id, method, layer, item.id, target, "npy")
-                    sha = encoder.submit(_encode_and_upload, writer, png_key, npy_key, u8[b, t], raw16[b, t])
+                    sha = encoder.submit(
+                        _encode_and_upload,
+                        writer,
+                        png_key,
+                        npy_key,
+                        u8[b, t],
+                        raw16[b, t],
+                        sources.get(item.id),
+                    )
                     total = totals[n]
                     row = {
                         "item_id": item.id,
@@ -355,19 +380,23 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
         ThreadPoolExecutor(max_workers=settings.encode_workers, thread_name_prefix="encode") as encoder,
     ):
         batch: list[tuple[WorkItem, DecodedImage]] = []
-        for item, decoded in _decoded_stream(work, settings, pre.size, pre.mean, pre.std):
-            if isinstance(decoded, str):
+        sources: dict[int, bytes] = {}
+        for item, loaded in _decoded_stream(work, settings, pre.size, pre.mean, pre.std):
+            if isinstance(loaded, str):
                 log.warning(
-                    "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, decoded
+                    "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, loaded
                 )
-                rows.items.append({"id": item.id, "status": ItemStatus.FAILED, "error": decoded})
+                rows.items.append({"id": item.id, "status": ItemStatus.FAILED, "error": loaded})
                 continue
+            decoded, source = loaded
             batch.append((item, decoded))
+            if source is not None:
+                sources[item.id] = source
             if len(batch) == work.batch_size:
-                _explain_batch(work, settings, batch, writer, encoder, rows)
-                batch = []
+                _explain_batch(work, settings, batch, writer, encoder, rows, sources)
+                batch, sources = [], {}
         if batch:
-            _explain_batch(work, settings, batch, writer, encoder, rows)
+            _explain_batch(work, settings, batch, writer, encoder, rows, sources)
         for row, sha in rows.encoded:
             row["sha256"] = sha.result()
         writer.flush()
