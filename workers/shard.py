@@ -26,9 +26,11 @@ from schema.db import session_scope
 from schema.models import Item, ItemStatus, Run, RunStatus, Shard, ShardStatus, utcnow
 from schema.settings import Settings, get_settings
 from workers import metrics, results
+from workers.cam import CamEngine
 from workers.fetch import read_bytes
 from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg, to_uint8
 from workers.images import DecodedImage, ImageDecodeError, decode_image, open_rgb
+from workers.models import LoadedModel
 from workers.patches import patch_box, top_patches
 from workers.runtime import engine_for, model_for, storage_for
 from workers.storage import ConcurrentWriter
@@ -235,15 +237,14 @@ def _encode_and_upload(
 
 def _explain_batch(
     work: ShardWork,
-    settings: Settings,
+    loaded: LoadedModel,
+    engine: CamEngine,
     batch: list[tuple[WorkItem, DecodedImage]],
     writer: ConcurrentWriter,
     encoder: ThreadPoolExecutor,
     rows: ShardRows,
     sources: dict[int, bytes],
 ) -> None:
-    loaded = model_for(work.model_ref, work.checkpoint, settings)
-    engine = engine_for(loaded, work.methods, work.layers, settings)
     device = next(loaded.model.parameters()).device
     input_size = loaded.preprocess.size
     targets, target_errors = _targets_for(work, [item for item, _ in batch])
@@ -372,6 +373,7 @@ def _explain_batch(
 
 def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     loaded = model_for(work.model_ref, work.checkpoint, settings)
+    engine = engine_for(loaded, work.methods, work.layers, settings)
     pre = loaded.preprocess
     storage = storage_for(work.output_uri, settings)
     rows = ShardRows()
@@ -381,22 +383,22 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     ):
         batch: list[tuple[WorkItem, DecodedImage]] = []
         sources: dict[int, bytes] = {}
-        for item, loaded in _decoded_stream(work, settings, pre.size, pre.mean, pre.std):
-            if isinstance(loaded, str):
+        for item, opened in _decoded_stream(work, settings, pre.size, pre.mean, pre.std):
+            if isinstance(opened, str):
                 log.warning(
-                    "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, loaded
+                    "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened
                 )
-                rows.items.append({"id": item.id, "status": ItemStatus.FAILED, "error": loaded})
+                rows.items.append({"id": item.id, "status": ItemStatus.FAILED, "error": opened})
                 continue
-            decoded, source = loaded
+            decoded, source = opened
             batch.append((item, decoded))
             if source is not None:
                 sources[item.id] = source
             if len(batch) == work.batch_size:
-                _explain_batch(work, settings, batch, writer, encoder, rows, sources)
+                _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
                 batch, sources = [], {}
         if batch:
-            _explain_batch(work, settings, batch, writer, encoder, rows, sources)
+            _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
         for row, sha in rows.encoded:
             row["sha256"] = sha.result()
         writer.flush()
