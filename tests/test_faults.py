@@ -206,7 +206,8 @@ def test_unreachable_s3_delays_but_loses_nothing(
     with TcpProxy(host, int(port)) as proxy:
         env = base_env(postgres_url, redis_url, s3_storage_url, proxy.url)
         worker = start_worker(env, name="w1")
-        run_id = start_run(dataset, env, "gradcam,cam", 6)
+        # Score-CAM keeps each shard busy for seconds, so the outage lands inside the run.
+        run_id = start_run(dataset, env, "gradcam,scorecam", 6)
         wait_until(lambda: running_shard(postgres_url, run_id), 120, "a shard to start")
         proxy.down()
         # The store stays away until the worker has visibly hit the outage and is retrying.
