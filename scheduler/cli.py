@@ -438,9 +438,6 @@ def render(
     )
 
 
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-
-
 def _worker_per_gpu(gpus: list[str], argv: list[str]) -> None:
     """One worker process per device, each seeing only its GPU; CUDA is never initialised here."""
     import signal
@@ -485,11 +482,6 @@ def worker(
         _fail(
             "a worker needs a broker: set --broker-url or CAMAUDIT_BROKER_URL (e.g. redis://127.0.0.1:6379/0)"
         )
-    if any(name not in os.environ for name in WORKER_MALLOC):
-        # glibc reads these at start-up only: without them every large activation buffer is
-        # returned to the kernel and page-faulted in again on the next batch.
-        env = {**WORKER_MALLOC, **os.environ}
-        os.execve(sys.executable, [sys.executable, "-m", "scheduler.cli", *sys.argv[1:]], env)
     if gpus:
         _worker_per_gpu(
             [g.strip() for g in gpus.split(",") if g.strip()],

@@ -26,9 +26,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     amp: str = "auto"
     log_level: str = "INFO"
-    decode_workers: int = 4
-    upload_workers: int = 16
-    encode_workers: int = 2
+    # Threads per shard stage; unset = follow the cores (and S3 vs local folder for uploads).
+    decode_workers: int | None = None
+    upload_workers: int | None = None
+    encode_workers: int | None = None
     max_image_pixels: int = 144_000_000
     metrics_port: int | None = None
     shard_time_limit_s: int = 3600
@@ -36,6 +37,13 @@ class Settings(BaseSettings):
     # unset = twice the shard time limit, so a live worker is never doubled.
     visibility_timeout_s: int | None = None
     unacked_restore_interval_s: int = 10
+
+    @field_validator("decode_workers", "upload_workers", "encode_workers")
+    @classmethod
+    def _check_workers(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1 thread (or unset to follow the cores), got {value}")
+        return value
 
     @field_validator("amp")
     @classmethod

@@ -180,3 +180,17 @@ def test_overlay_refuses_bad_arguments() -> None:
         overlay_rgb(image, np.zeros((4, 4)), alpha=1.5)
     with pytest.raises(ValueError, match="quality"):
         overlay_jpeg(image, np.zeros((4, 4)), quality=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (224, 224), (37, 53)])
+def test_png_is_read_identically_by_libpng(shape: tuple[int, int], rng: np.random.Generator) -> None:
+    u8 = rng.integers(0, 256, size=shape, dtype=np.uint8)  # big steps wrap the Sub filter modulo 256
+    data = encode_png_gray(u8)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded is not None and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded.reshape(shape), u8)
+
+
+def test_png_refuses_an_empty_map() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        encode_png_gray(np.zeros((0, 5), np.uint8))

@@ -18,7 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.images import MAX_PIXELS, ImageDecodeError, decode_image, open_rgb
+from workers.images import (
+    MAX_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    decode_pixels,
+    normalise_batch,
+    open_rgb,
+    stack_pixels,
+)
 
 try:
     from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -618,3 +626,35 @@ def test_open_rgb_gives_the_full_dicom_image() -> None:
     image = open_rgb(_dicom(STORED, WindowCenter=100.5, WindowWidth=101, **RESCALE))
     assert image.mode == "RGB" and image.size == (4, 1)
     np.testing.assert_array_equal(np.asarray(image)[0, :, 1], WINDOWED)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_batched_pixels_normalise_exactly_like_decode_image(orientation: int) -> None:
+    rng = np.random.default_rng(orientation)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = []
+    for n in range(3):
+        pixels = rng.integers(0, 256, size=(40 + 7 * n, 31 + 5 * n, 3), dtype=np.uint8)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        images.append(_encode(Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes()))
+    size = (24, 20)
+
+    pixels = [decode_pixels(data, size) for data in images]
+    batch = stack_pixels(pixels)
+    normalised = normalise_batch(batch, mean, std)
+    expected = torch.stack([decode_image(data, size, mean, std).tensor for data in images])
+
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 24, 20)
+    assert batch.is_contiguous(memory_format=torch.channels_last)  # what the engine feeds convolutions
+    assert torch.equal(normalised, expected)
+    assert [(p.width, p.height) for p in pixels] == [
+        (decode_image(d, size, mean, std).width, decode_image(d, size, mean, std).height) for d in images
+    ]
+
+
+def test_normalise_batch_refuses_what_is_not_a_uint8_rgb_batch() -> None:
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        normalise_batch(torch.zeros(2, 3, 4, 4), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        normalise_batch(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3)

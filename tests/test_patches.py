@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.patches import patch_box, patch_grid, top_patches
+from workers.patches import patch_box, patch_boxes, patch_grid, top_patches
 
 
 def test_patch_scores_add_up_to_the_spatial_mean_of_the_upsampled_map() -> None:
@@ -39,3 +40,23 @@ def test_boxes_map_back_to_source_pixels() -> None:
     assert patch_box(3, 3, 32, (128, 128), (256, 192)) == (192, 144, 256, 192)
     # partial edge patch stays inside the image
     assert patch_box(3, 2, 32, (100, 90), (90, 100)) == (64, 96, 90, 100)
+
+
+def test_patch_boxes_match_patch_box_for_every_patch() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        height, width = (int(v) for v in rng.integers(8, 300, 2))
+        patch = int(rng.integers(1, 64))
+        rows = rng.integers(0, -(-height // patch), size=(4, 3))
+        cols = rng.integers(0, -(-width // patch), size=(4, 3))
+        sources = rng.integers(1, 5000, size=(4, 2))
+        boxes = patch_boxes(rows, cols, patch, (height, width), sources)
+        assert boxes.shape == (4, 3, 4)
+        expected = [
+            [
+                patch_box(int(rows[n, k]), int(cols[n, k]), patch, (height, width), tuple(sources[n]))
+                for k in range(3)
+            ]
+            for n in range(4)
+        ]
+        assert [[tuple(box) for box in per_map] for per_map in boxes.tolist()] == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 import uuid
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.plugins.s3 import TcpProxy
+from workers import storage as storage_module
 from workers.storage import (
     ConcurrentWriter,
     InvalidKeyError,
@@ -287,3 +289,84 @@ def test_writer_retries_while_the_endpoint_is_down(s3_endpoint_url: str, s3_buck
     assert [r.key for r in results] == keys
     assert writer.retried >= 4
     assert all(direct.get(key) == key.encode() for key in keys)
+
+
+class RecordingSync(LocalStorage):
+    """A real local store that also notes which keys each ``sync`` was asked to make durable."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.synced: list[list[str]] = []
+
+    def sync(self, keys: Any = ()) -> None:
+        keys = list(keys)
+        self.synced.append(keys)
+        super().sync(keys)
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths os.fsync is called on from now on (the calls still happen)."""
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return fsynced
+
+
+def test_writer_defers_flushes_to_one_sync_per_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsynced = record_fsyncs(monkeypatch)
+    storage = RecordingSync(tmp_path / "store")
+    keys = [f"runs/r/gradcam/layer4/{i}/0.png" for i in range(20)]
+    with ConcurrentWriter(storage, max_workers=4) as writer:
+        for key in keys:
+            writer.submit(key, key.encode())
+        assert writer.flush()
+        assert fsynced == []  # no flush per object: syncfs covers them all at once
+        assert [sorted(batch) for batch in storage.synced] == [sorted(keys)]
+    assert all(storage.get(key) == key.encode() for key in keys)
+
+
+def test_sync_without_syncfs_fsyncs_each_file_and_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage_module, "_syncfs", lambda _folder: False)
+    fsynced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (fsynced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1]
+    )
+    storage = LocalStorage(tmp_path / "store")
+    storage.put("a/1.png", b"one", sync=False)
+    storage.put("a/2.png", b"two", sync=False)
+    storage.put("b/3.png", b"three", sync=False)
+    assert fsynced == []
+    storage.sync(["a/1.png", "a/2.png", "b/3.png"])
+    root = tmp_path / "store"
+    assert sorted(fsynced) == sorted(
+        str(p) for p in (root / "a/1.png", root / "a/2.png", root / "b/3.png", root / "a", root / "b")
+    )
+
+
+def test_put_after_its_folder_was_deleted_makes_it_again(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    storage.put("runs/r1/gradcam/l/7/0.png", b"first")
+    assert storage.delete_prefix("runs/r1") == 1
+    assert not (tmp_path / "store" / "runs" / "r1").exists()
+    storage.put("runs/r1/gradcam/l/7/0.png", b"again")
+    assert storage.get("runs/r1/gradcam/l/7/0.png") == b"again"
+
+
+def test_a_folder_made_then_swapped_for_a_link_is_refused_after_gc(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    storage = LocalStorage(tmp_path / "store")
+    storage.put("runs/r1/x.png", b"x")
+    storage.delete_prefix("runs/r1")
+    (tmp_path / "store" / "runs" / "r1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidKeyError, match="outside the storage root"):
+        storage.put("runs/r1/y.png", b"y")
+    assert list(outside.iterdir()) == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,3 +68,26 @@ def patch_box(
         max(round(x1 * sx), round(x0 * sx) + 1),
         max(round(y1 * sy), round(y0 * sy) + 1),
     )
+
+
+def patch_boxes(
+    rows: np.ndarray, cols: np.ndarray, patch: int, input_size: tuple[int, int], source_sizes: np.ndarray
+) -> np.ndarray:
+    """:func:`patch_box` for many patches at once: rows/cols [N, L], source_sizes [N, 2] (w, h).
+
+    Returns int64 [N, L, 4]; the same float64 arithmetic and round-half-even as ``patch_box``.
+    """
+    height, width = input_size
+    sizes = np.asarray(source_sizes, dtype=np.float64)
+    sx = (sizes[:, 0] / width)[:, None]
+    sy = (sizes[:, 1] / height)[:, None]
+    x0 = np.asarray(cols, dtype=np.int64) * patch
+    y0 = np.asarray(rows, dtype=np.int64) * patch
+    x1 = np.minimum(x0 + patch, width)
+    y1 = np.minimum(y0 + patch, height)
+    left, top = np.round(x0 * sx), np.round(y0 * sy)
+    boxes = np.stack(
+        [left, top, np.maximum(np.round(x1 * sx), left + 1), np.maximum(np.round(y1 * sy), top + 1)],
+        axis=-1,
+    )
+    return boxes.astype(np.int64)

@@ -29,11 +29,19 @@ from workers import metrics, results
 from workers.cam import CamEngine
 from workers.fetch import read_bytes
 from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg, to_uint8
-from workers.images import DecodedImage, ImageDecodeError, decode_image, open_rgb
+from workers.images import (
+    DecodedPixels,
+    ImageDecodeError,
+    decode_pixels,
+    normalise_batch,
+    open_rgb,
+    stack_pixels,
+)
 from workers.models import LoadedModel
-from workers.patches import patch_box, top_patches
+from workers.patches import patch_boxes, top_patches
+from workers.pools import pool_sizes
 from workers.runtime import engine_for, model_for, storage_for
-from workers.storage import ConcurrentWriter
+from workers.storage import ConcurrentWriter, S3Storage
 
 log = logging.getLogger("camaudit.worker")
 
@@ -69,8 +77,8 @@ class ShardWork:
 class ShardRows:
     items: list[dict[str, Any]] = field(default_factory=list)
     heatmaps: list[dict[str, Any]] = field(default_factory=list)
-    # each heatmap row's sha256 arrives when its PNG has been encoded on the encoder pool
-    encoded: list[tuple[dict[str, Any], Future[str]]] = field(default_factory=list)
+    # heatmap rows and the encoder task that returns their PNGs' sha256, in the same order
+    encoded: list[tuple[list[dict[str, Any]], Future[list[str]]]] = field(default_factory=list)
     # patch rows wait for their heatmap's id: keyed by (item, method, layer, class)
     patches: list[tuple[tuple[int, str, str, int], dict[str, Any]]] = field(default_factory=list)
 
@@ -145,11 +153,11 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
         )
 
 
-Decoded = tuple[DecodedImage, bytes | None]
+Decoded = tuple[DecodedPixels, bytes | None]
 
 
 def _decoded_stream(
-    work: ShardWork, settings: Settings, size: tuple[int, int], mean: Any, std: Any
+    work: ShardWork, settings: Settings, size: tuple[int, int], threads: int
 ) -> Iterator[tuple[WorkItem, Decoded | str]]:
     """Decode ahead of the model on a thread pool; yields (item, image or failure reason) in order.
 
@@ -161,14 +169,9 @@ def _decoded_stream(
             data = read_bytes(
                 item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
             )
-            return decode_image(
-                data,
-                size,
-                tuple(mean),
-                tuple(std),
-                max_pixels=settings.max_image_pixels,
-                name=item.source_uri,
-            ), (data if work.overlay else None)
+            return decode_pixels(data, size, max_pixels=settings.max_image_pixels, name=item.source_uri), (
+                data if work.overlay else None
+            )
         except FileNotFoundError:
             return f"file not found: {item.source_uri}"
         except ImageDecodeError as exc:
@@ -176,8 +179,8 @@ def _decoded_stream(
         except Exception as exc:  # one unreadable item must never fail its shard
             return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
 
-    window = max(2 * work.batch_size, settings.decode_workers)
-    with ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode") as pool:
+    window = max(2 * work.batch_size, threads)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
         pending: list[tuple[WorkItem, Future[Decoded | str]]] = []
         items = iter(work.items)
         for item in items:
@@ -219,34 +222,41 @@ def _targets_for(work: ShardWork, batch: list[WorkItem]) -> tuple[Any, list[str 
 
 def _encode_and_upload(
     writer: ConcurrentWriter,
-    png_key: str,
-    npy_key: str,
-    map_u8: np.ndarray,
-    raw16: np.ndarray,
-    source: bytes | None = None,
-) -> str:
-    """Runs on the encoder pool (zlib releases the GIL), so the device never waits on PNG encoding."""
-    png = encode_png_gray(map_u8)
-    writer.submit(png_key, png, "image/png")
-    writer.submit(npy_key, encode_npy(raw16), "application/octet-stream")
-    if source is not None:
-        overlay = overlay_jpeg(open_rgb(source), map_u8.astype(np.float32) / 255.0)
-        writer.submit(png_key.removesuffix(".png") + ".jpg", overlay, "image/jpeg")
-    return hashlib.sha256(png).hexdigest()
+    keys: list[tuple[str, str]],
+    maps_u8: np.ndarray,
+    raws16: np.ndarray,
+    sources: list[bytes | None],
+) -> list[str]:
+    """Runs on the encoder pool (zlib releases the GIL), so the device never waits on PNG encoding.
+
+    One task per method, layer and batch: ``keys[n]`` are the PNG and npy keys of map ``n``.
+    Returns each PNG's sha256, in order.
+    """
+    digests = []
+    for (png_key, npy_key), map_u8, raw16, source in zip(keys, maps_u8, raws16, sources, strict=True):
+        png = encode_png_gray(map_u8)
+        writer.submit(png_key, png, "image/png")
+        writer.submit(npy_key, encode_npy(raw16), "application/octet-stream")
+        if source is not None:
+            overlay = overlay_jpeg(open_rgb(source), map_u8.astype(np.float32) / 255.0)
+            writer.submit(png_key.removesuffix(".png") + ".jpg", overlay, "image/jpeg")
+        digests.append(hashlib.sha256(png).hexdigest())
+    return digests
 
 
 def _explain_batch(
     work: ShardWork,
     loaded: LoadedModel,
     engine: CamEngine,
-    batch: list[tuple[WorkItem, DecodedImage]],
+    batch: list[tuple[WorkItem, DecodedPixels]],
     writer: ConcurrentWriter,
     encoder: ThreadPoolExecutor,
     rows: ShardRows,
     sources: dict[int, bytes],
 ) -> None:
     device = next(loaded.model.parameters()).device
-    input_size = loaded.preprocess.size
+    pre = loaded.preprocess
+    input_size = pre.size
     targets, target_errors = _targets_for(work, [item for item, _ in batch])
     keep = [i for i, err in enumerate(target_errors) if err is None]
     for i, err in enumerate(target_errors):
@@ -257,14 +267,14 @@ def _explain_batch(
     batch = [batch[i] for i in keep]
     if isinstance(targets, torch.Tensor):
         targets = targets[keep].to(device)
-    images = torch.stack([img.tensor for _, img in batch]).to(device, non_blocking=True)
-    result = engine(images, targets=targets)
+    pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
+    result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
 
     probs = torch.softmax(result.logits.float(), dim=1)
     k = min(work.top_k_predictions, probs.shape[1])
     top_p, top_c = (t.cpu() for t in torch.topk(probs, k, dim=1))
     chosen = result.targets.cpu()
-    scores = result.scores.float().cpu()
+    scores = result.scores.float().cpu().tolist()
     names = work.class_names
     for b, (item, img) in enumerate(batch):
         preds = [
@@ -293,97 +303,99 @@ def _explain_batch(
         )
 
     n_targets = chosen.shape[1]
+    # One entry per map n = b * n_targets + t, shared by every method and layer.
+    map_items = [item for item, _ in batch for _t in range(n_targets)]
+    map_targets = chosen.reshape(-1).tolist()
+    map_scores = [score for per_item in scores for score in per_item]
+    map_sources = [sources.get(item.id) for item in map_items]
+    source_sizes = np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0)
     for method in work.methods:
         for layer in result.layers:
             maps = result.layer_maps[method][layer]
             raw = result.raw[method][layer].float()
             bsz, kk, h, w = raw.shape
-            u8 = to_uint8(maps).cpu().numpy()
-            raw16 = raw.to(torch.float16).cpu().numpy()
+            u8 = to_uint8(maps).cpu().numpy().reshape(bsz * kk, *maps.shape[-2:])
             flat_raw = raw.reshape(bsz * kk, h, w)
+            raw16 = flat_raw.to(torch.float16).cpu().numpy()
             top = top_patches(flat_raw, input_size, work.patch_size, work.top_patches)
             raw_max = flat_raw.amax(dim=(1, 2)).cpu().tolist()
             raw_mean = flat_raw.mean(dim=(1, 2)).cpu().tolist()
             map_mean = maps.reshape(bsz * kk, -1).float().mean(dim=1).cpu().tolist()
             p_scores = top.scores.cpu().tolist()
-            p_rows = top.rows.cpu().tolist()
-            p_cols = top.cols.cpu().tolist()
+            p_rows = top.rows.cpu().numpy()
+            p_cols = top.cols.cpu().numpy()
+            boxes = patch_boxes(p_rows, p_cols, work.patch_size, input_size, source_sizes).tolist()
+            p_rows_l, p_cols_l = p_rows.tolist(), p_cols.tolist()
             totals = top.total.cpu().tolist()
-            for b, (item, img) in enumerate(batch):
-                for t in range(n_targets):
-                    n = b * n_targets + t
-                    target = int(chosen[b, t])
-                    png_key = heatmap_key(work.run_id, method, layer, item.id, target, "png")
-                    npy_key = heatmap_key(work.run_id, method, layer, item.id, target, "npy")
-                    sha = encoder.submit(
-                        _encode_and_upload,
-                        writer,
-                        png_key,
-                        npy_key,
-                        u8[b, t],
-                        raw16[b, t],
-                        sources.get(item.id),
-                    )
-                    total = totals[n]
-                    row = {
+            keys = [
+                (
+                    heatmap_key(work.run_id, method, layer, item.id, target, "png"),
+                    heatmap_key(work.run_id, method, layer, item.id, target, "npy"),
+                )
+                for item, target in zip(map_items, map_targets, strict=True)
+            ]
+            shas = encoder.submit(_encode_and_upload, writer, keys, u8, raw16, map_sources)
+            heatmap_rows = []
+            for n, (item, target) in enumerate(zip(map_items, map_targets, strict=True)):
+                total = totals[n]
+                heatmap_rows.append(
+                    {
                         "item_id": item.id,
                         "run_id": work.run_id,
                         "method": method,
                         "layer": layer,
                         "target_class": target,
-                        "target_score": float(scores[b, t]),
-                        "object_key": png_key,
-                        "raw_key": npy_key,
+                        "target_score": map_scores[n],
+                        "object_key": keys[n][0],
+                        "raw_key": keys[n][1],
                         "sha256": "",
                         "raw_max": raw_max[n],
                         "raw_mean": raw_mean[n],
                         "map_mean": map_mean[n],
                         "top_patch_fraction": p_scores[n][0] / total if total > 0 else 0.0,
                     }
-                    rows.heatmaps.append(row)
-                    rows.encoded.append((row, sha))
-                    hkey = (item.id, method, layer, target)
-                    for rank, (score, row, col) in enumerate(
-                        zip(p_scores[n], p_rows[n], p_cols[n], strict=True)
-                    ):
-                        x0, y0, x1, y1 = patch_box(
-                            row, col, work.patch_size, input_size, (img.width, img.height)
-                        )
-                        rows.patches.append(
-                            (
-                                hkey,
-                                {
-                                    "run_id": work.run_id,
-                                    "item_id": item.id,
-                                    "method": method,
-                                    "layer": layer,
-                                    "target_class": target,
-                                    "rank": rank,
-                                    "row": row,
-                                    "col": col,
-                                    "x0": x0,
-                                    "y0": y0,
-                                    "x1": x1,
-                                    "y1": y1,
-                                    "score": score,
-                                },
-                            )
-                        )
+                )
+                hkey = (item.id, method, layer, target)
+                rows.patches.extend(
+                    (
+                        hkey,
+                        {
+                            "run_id": work.run_id,
+                            "item_id": item.id,
+                            "method": method,
+                            "layer": layer,
+                            "target_class": target,
+                            "rank": rank,
+                            "row": row,
+                            "col": col,
+                            "x0": x0,
+                            "y0": y0,
+                            "x1": x1,
+                            "y1": y1,
+                            "score": score,
+                        },
+                    )
+                    for rank, (score, row, col, (x0, y0, x1, y1)) in enumerate(
+                        zip(p_scores[n], p_rows_l[n], p_cols_l[n], boxes[n], strict=True)
+                    )
+                )
+            rows.heatmaps.extend(heatmap_rows)
+            rows.encoded.append((heatmap_rows, shas))
 
 
 def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     loaded = model_for(work.model_ref, work.checkpoint, settings)
     engine = engine_for(loaded, work.methods, work.layers, settings)
-    pre = loaded.preprocess
     storage = storage_for(work.output_uri, settings)
+    sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage))
     rows = ShardRows()
     with (
-        ConcurrentWriter(storage, max_workers=settings.upload_workers) as writer,
-        ThreadPoolExecutor(max_workers=settings.encode_workers, thread_name_prefix="encode") as encoder,
+        ConcurrentWriter(storage, max_workers=sizes.upload) as writer,
+        ThreadPoolExecutor(max_workers=sizes.encode, thread_name_prefix="encode") as encoder,
     ):
-        batch: list[tuple[WorkItem, DecodedImage]] = []
+        batch: list[tuple[WorkItem, DecodedPixels]] = []
         sources: dict[int, bytes] = {}
-        for item, opened in _decoded_stream(work, settings, pre.size, pre.mean, pre.std):
+        for item, opened in _decoded_stream(work, settings, loaded.preprocess.size, sizes.decode):
             if isinstance(opened, str):
                 log.warning(
                     "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened
@@ -399,8 +411,9 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
                 batch, sources = [], {}
         if batch:
             _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
-        for row, sha in rows.encoded:
-            row["sha256"] = sha.result()
+        for heatmap_rows, shas in rows.encoded:
+            for row, sha in zip(heatmap_rows, shas.result(), strict=True):
+                row["sha256"] = sha
         writer.flush()
     return rows
 

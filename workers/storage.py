@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
+import ctypes.util
 import difflib
+import functools
 import hashlib
 import logging
 import os
@@ -27,7 +30,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +103,15 @@ class Storage(Protocol):
 
     url: str
 
-    def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> PutResult: ...
+    def put(
+        self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE, *, sync: bool = True
+    ) -> PutResult:
+        """Store one object; ``sync=False`` may leave it volatile until :meth:`sync` is called."""
+        ...
+
+    def sync(self, keys: Iterable[str] = ()) -> None:
+        """Make objects put with ``sync=False`` (``keys``, or everything so far) durable."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -192,29 +203,39 @@ class LocalStorage:
             raise StorageError(f"storage folder {self.root} does not exist; create it or pass create=True")
         self.durable = durable
         self.url = self.root.as_uri()
+        # Folders already made and checked to lie inside the root: one mkdir and realpath each.
+        self._made: set[Path] = set()
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
         path = self.root.joinpath(*check_key(key).split("/"))
+        if path.parent in self._made:
+            return path
         # A symlinked folder inside the root could otherwise lead a write outside it.
         parent = Path(os.path.realpath(path.parent))
         if parent != self.root and self.root not in parent.parents:
             raise InvalidKeyError(f"key {key!r} resolves to {parent}, outside the storage root {self.root}")
         return path
 
-    def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> PutResult:
+    def put(
+        self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE, *, sync: bool = True
+    ) -> PutResult:
+        """Write atomically; with ``sync=False`` the flush to disk waits for :meth:`sync`.
+
+        Deferring pays off when many small objects are written before one commit point: a
+        single :meth:`sync` costs one ``syncfs`` instead of one ``fsync`` (a journal commit) each.
+        """
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, dir=path.parent)
+            fd, tmp_name = self._open_partial(path.parent)
         except OSError as exc:
             raise StorageError(f"cannot write {key!r} under {self.root}: {exc}") from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-                if self.durable:
+                if self.durable and sync:
                     handle.flush()
                     os.fsync(handle.fileno())
             os.replace(tmp_name, path)
@@ -227,6 +248,40 @@ class LocalStorage:
         if written != len(data):
             raise TransientStorageError(f"wrote {len(data)} bytes to {key!r} but {written} are on disk")
         return PutResult(key=key, size=len(data), sha256=_sha256(data), etag=None)
+
+    def sync(self, keys: Iterable[str] = ()) -> None:
+        """Flush the files and renames of earlier ``sync=False`` puts to disk.
+
+        One ``syncfs`` of the root's file system where the OS has it (Linux); elsewhere each
+        named key's file and folder are fsynced.
+        """
+        if not self.durable:
+            return
+        try:
+            if _syncfs(self.root):
+                return
+            folders: set[Path] = set()
+            for key in keys:
+                path = self._path(key)
+                _fsync_path(path, os.O_RDONLY)
+                folders.add(path.parent)
+            for folder in folders:
+                _fsync_path(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as exc:
+            raise TransientStorageError(f"cannot flush writes under {self.root} to disk: {exc}") from exc
+
+    def _open_partial(self, folder: Path) -> tuple[int, str]:
+        if folder in self._made:
+            try:
+                return tempfile.mkstemp(prefix=_PARTIAL_PREFIX, dir=folder)
+            except FileNotFoundError:  # removed since (gc): make it again below
+                self._made.discard(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        opened = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, dir=folder)
+        if len(self._made) >= _FOLDER_MEMORY:
+            self._made.clear()
+        self._made.add(folder)
+        return opened
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -269,6 +324,7 @@ class LocalStorage:
     def delete_prefix(self, prefix: str) -> int:
         """Delete the folder ``prefix`` (a trailing ``/`` is implied) and return how many objects went."""
         folder = _folder_prefix(prefix)
+        self._made.clear()
         count = 0
         for key in list(self.list(folder)):
             self._path(key).unlink(missing_ok=True)
@@ -282,6 +338,46 @@ class LocalStorage:
 
     def locate(self, key: str) -> str:
         return str(self._path(key))
+
+
+# Folders a LocalStorage remembers as made and checked before starting over.
+_FOLDER_MEMORY = 4096
+
+
+@functools.cache
+def _libc_syncfs() -> Any:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+def _syncfs(folder: Path) -> bool:
+    """``syncfs(2)`` on the file system holding ``folder``; False where the OS lacks it."""
+    function = _libc_syncfs()
+    if function is None:
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if function(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), str(folder))
+    finally:
+        os.close(fd)
+    return True
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- S3
@@ -463,8 +559,12 @@ class S3Storage:
     def _key(self, key: str) -> str:
         return self._root + check_key(key)
 
-    def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> PutResult:
+    def put(
+        self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE, *, sync: bool = True
+    ) -> PutResult:
         """Upload one object in a single request and check the store received exactly ``data``.
+
+        A successful PUT is already durable, so ``sync`` changes nothing here.
 
         The Content-MD5 header makes the store reject a body damaged on the way; the ETag
         of a single-part upload is the MD5 of what was stored, which pins content and size.
@@ -490,6 +590,9 @@ class S3Storage:
                 "if this store's ETags are not MD5s, open it with verify=False"
             )
         return PutResult(key=key, size=len(data), sha256=_sha256(data), etag=etag)
+
+    def sync(self, keys: Iterable[str] = ()) -> None:
+        """Nothing to do: every PUT that returned is stored."""
 
     def get(self, key: str) -> bytes:
         try:
@@ -632,7 +735,9 @@ class ConcurrentWriter:
     ``retries + 1`` times; :class:`TransientStorageError` waits ``backoff * 2**n`` seconds
     (with jitter, at most ``max_backoff``) before the next try, any other error fails that
     key at once. ``flush`` and leaving the ``with`` block wait for everything and raise
-    :class:`UploadError` naming every key that failed. ``on_retry(key, attempt, error)`` is
+    :class:`UploadError` naming every key that failed; with ``defer_sync`` (the default) the
+    objects are written without a flush each and ``flush`` makes them durable with one
+    ``storage.sync``, so what ``flush`` returns is on disk. ``on_retry(key, attempt, error)`` is
     called from the upload thread before each wait, for metrics or logs; an exception it
     raises fails that upload.
     """
@@ -647,6 +752,7 @@ class ConcurrentWriter:
         *,
         max_backoff: float = 10.0,
         on_retry: RetryCallback | None = None,
+        defer_sync: bool = True,
     ) -> None:
         if max_workers < 1 or max_pending < 1:
             raise ValueError(f"max_workers and max_pending must be >= 1, got {max_workers} and {max_pending}")
@@ -669,6 +775,7 @@ class ConcurrentWriter:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._on_retry = on_retry
+        self._defer_sync = defer_sync
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="camaudit-upload")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._lock = threading.Lock()
@@ -702,7 +809,7 @@ class ConcurrentWriter:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return self.storage.put(key, data, content_type)
+                return self.storage.put(key, data, content_type, sync=not self._defer_sync)
             except TransientStorageError as exc:
                 if attempt == self.retries:
                     raise
@@ -738,6 +845,8 @@ class ConcurrentWriter:
             results = list(self._results)
         if failures:
             raise UploadError(_describe_failures(failures, len(batch), self.retries + 1), failures)
+        if self._defer_sync and succeeded:
+            self.storage.sync([result.key for result in succeeded])
         return results
 
     def results(self) -> list[PutResult]:

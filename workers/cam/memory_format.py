@@ -23,6 +23,9 @@ class ChannelsLast:
         self.enabled = False
 
     def input(self, images: torch.Tensor) -> torch.Tensor:
-        if self.enabled and images.dim() == 4:
+        """Channels-last when enabled; otherwise plain contiguous, whatever layout came in."""
+        if images.dim() != 4:
+            return images
+        if self.enabled:
             return images.contiguous(memory_format=torch.channels_last)
-        return images
+        return images.contiguous()
