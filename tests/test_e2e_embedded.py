@@ -162,6 +162,8 @@ def test_overlays_are_written_at_source_size_only_when_asked(dataset: Path, tmp_
         str(dataset),
         "--methods",
         "gradcam",
+        "--targets",
+        "topk:2",
         "--overlay",
         "--json",
         "--database-url",
@@ -174,14 +176,16 @@ def test_overlays_are_written_at_source_size_only_when_asked(dataset: Path, tmp_
     storage = open_storage(str(out))
     with session_scope(db) as s:
         items = s.execute(select(Item).where(Item.run_id == run_id, Item.status == "done")).scalars().all()
-        keys = {
-            h.item_id: h.object_key
-            for h in s.execute(select(Heatmap).where(Heatmap.run_id == run_id)).scalars()
-        }
-    assert len(items) == 20
-    for item in items:
-        jpeg = Image.open(io.BytesIO(storage.get(keys[item.id].removesuffix(".png") + ".jpg")))
-        assert jpeg.format == "JPEG" and jpeg.size == (item.width, item.height)
+        heatmaps = s.execute(select(Heatmap).where(Heatmap.run_id == run_id)).scalars().all()
+    sizes = {item.id: (item.width, item.height) for item in items}
+    assert len(items) == 20 and len(heatmaps) == 40  # two targets per item, one overlay each
+    overlays: dict[int, list[bytes]] = {}
+    for heatmap in heatmaps:
+        data = storage.get(heatmap.object_key.removesuffix(".png") + ".jpg")
+        jpeg = Image.open(io.BytesIO(data))
+        assert jpeg.format == "JPEG" and jpeg.size == sizes[heatmap.item_id]
+        overlays.setdefault(heatmap.item_id, []).append(data)
+    assert all(len(set(pair)) == 2 for pair in overlays.values())  # each target its own map
     # the default run stores none
     plain = run_cli(
         "run",

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -230,15 +231,19 @@ def _encode_and_upload(
     """Runs on the encoder pool (zlib releases the GIL), so the device never waits on PNG encoding.
 
     One task per method, layer and batch: ``keys[n]`` are the PNG and npy keys of map ``n``.
-    Returns each PNG's sha256, in order.
+    Returns each PNG's sha256, in order. An item's source is decoded once per task for its
+    overlays, however many targets it has.
     """
     digests = []
+    upright: dict[int, Image.Image] = {}
     for (png_key, npy_key), map_u8, raw16, source in zip(keys, maps_u8, raws16, sources, strict=True):
         png = encode_png_gray(map_u8)
         writer.submit(png_key, png, "image/png")
         writer.submit(npy_key, encode_npy(raw16), "application/octet-stream")
         if source is not None:
-            overlay = overlay_jpeg(open_rgb(source), map_u8.astype(np.float32) / 255.0)
+            if id(source) not in upright:
+                upright[id(source)] = open_rgb(source)
+            overlay = overlay_jpeg(upright[id(source)], map_u8.astype(np.float32) / 255.0)
             writer.submit(png_key.removesuffix(".png") + ".jpg", overlay, "image/jpeg")
         digests.append(hashlib.sha256(png).hexdigest())
     return digests
