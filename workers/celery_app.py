@@ -39,6 +39,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_s or hard_limit * 2,
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
+            # Each sweep holds a lock in Redis for milliseconds. A worker killed inside one
+            # leaves the lock behind until it expires (kombu's default: 5 minutes), and until
+            # then no worker restores the shard it was running.
+            "unacked_mutex_expire": max(10, 3 * settings.unacked_restore_interval_s),
         },
         "task_default_queue": CONTROL_QUEUE,
         "task_routes": {"camaudit.explain_shard": {"queue": SHARD_QUEUE}},

@@ -7,8 +7,6 @@ keyed so that two runs with different models or outputs never share the wrong ob
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import functools
 import gc
 import threading
 from typing import Any
@@ -17,6 +15,7 @@ import torch
 
 from schema.settings import Settings
 from workers.cam import CamEngine
+from workers.libc import libc_function
 from workers.models import LoadedModel, load_model_cached
 from workers.storage import Storage, open_storage
 
@@ -72,24 +71,10 @@ def keep_freed_memory(threshold: int = ALLOCATOR_THRESHOLD) -> bool:
     ``MALLOC_TRIM_THRESHOLD_`` in the environment, but set from inside the process, so the
     worker, embedded runs and benchmarks all get it. False where the C library has no mallopt.
     """
-    mallopt = _mallopt()
+    mallopt = libc_function("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold) == 1)
-
-
-@functools.cache
-def _mallopt() -> Any:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        function = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
 
 
 def settle_heap() -> None:

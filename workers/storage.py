@@ -19,9 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
-import ctypes.util
 import difflib
-import functools
 import hashlib
 import logging
 import os
@@ -37,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
+
+from workers.libc import libc_function
 
 __all__ = [
     "ConcurrentWriter",
@@ -344,22 +344,9 @@ class LocalStorage:
 _FOLDER_MEMORY = 4096
 
 
-@functools.cache
-def _libc_syncfs() -> Any:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        function = ctypes.CDLL(name, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int]
-    return function
-
-
 def _syncfs(folder: Path) -> bool:
     """``syncfs(2)`` on the file system holding ``folder``; False where the OS lacks it."""
-    function = _libc_syncfs()
+    function = libc_function("syncfs", ctypes.c_int)
     if function is None:
         return False
     fd = os.open(folder, os.O_RDONLY)
