@@ -66,6 +66,22 @@ class Region:
         return [f.name for f in fields(cls)]
 
 
+def patch_fields(patch: PatchScore) -> dict[str, Any]:
+    """What a region shows of its patch-score row, shared by the CLI's regions and the gallery's cards."""
+    return {
+        "item_id": patch.item_id,
+        "target_class": patch.target_class,
+        "method": patch.method,
+        "layer": patch.layer,
+        "rank": patch.rank,
+        "x0": patch.x0,
+        "y0": patch.y0,
+        "x1": patch.x1,
+        "y1": patch.y1,
+        "score": patch.score,
+    }
+
+
 @dataclass(frozen=True)
 class RegionFilters:
     """Narrow the regions to some items or a score range; ``None`` means no condition."""
@@ -204,19 +220,10 @@ def top_regions(
             _check_label(session, run, label)
         return [
             Region(
-                item_id=p.item_id,
+                **patch_fields(p),
                 source_uri=uri,
                 label=item_label,
-                target_class=p.target_class,
                 class_name=names[p.target_class] if 0 <= p.target_class < len(names) else None,
-                method=p.method,
-                layer=p.layer,
-                rank=p.rank,
-                x0=p.x0,
-                y0=p.y0,
-                x1=p.x1,
-                y1=p.y1,
-                score=p.score,
                 pred_class=pred,
                 correct=ok,
             )

@@ -18,7 +18,14 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Subquery
 
-from scheduler.query import DELETING, QueryError, RegionFilters, resolve_class, top_regions_statement
+from scheduler.query import (
+    DELETING,
+    QueryError,
+    RegionFilters,
+    patch_fields,
+    resolve_class,
+    top_regions_statement,
+)
 from schema.db import session_scope
 from schema.models import Heatmap, Item, PatchScore, Run, Shard
 
@@ -318,18 +325,9 @@ def _card(row: Any) -> Card:
     p, uri, label, pred, ok, width, height = row
     return Card(
         patch_id=p.id,
-        item_id=p.item_id,
+        **patch_fields(p),
         source_uri=uri,
         label=label,
-        target_class=p.target_class,
-        method=p.method,
-        layer=p.layer,
-        rank=p.rank,
-        x0=p.x0,
-        y0=p.y0,
-        x1=p.x1,
-        y1=p.y1,
-        score=p.score,
         pred_class=pred,
         correct=ok,
         width=width,
