@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.patches import patch_box, patch_boxes, patch_grid, top_patches
+from workers.patches import patch_boxes, patch_grid, top_patches
 
 
 def test_patch_scores_add_up_to_the_spatial_mean_of_the_upsampled_map() -> None:
@@ -34,15 +34,39 @@ def test_top_patch_finds_the_hot_spot() -> None:
     assert (int(top.rows[0, 0]), int(top.cols[0, 0])) == (3, 1)
 
 
+def patch_box(
+    row: int, col: int, patch: int, input_size: tuple[int, int], source_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """One patch's box written out in plain Python: the oracle for the vectorised version."""
+    height, width = input_size
+    src_w, src_h = source_size
+    x0, y0 = col * patch, row * patch
+    x1, y1 = min(x0 + patch, width), min(y0 + patch, height)
+    sx, sy = src_w / width, src_h / height
+    return (
+        round(x0 * sx),
+        round(y0 * sy),
+        max(round(x1 * sx), round(x0 * sx) + 1),
+        max(round(y1 * sy), round(y0 * sy) + 1),
+    )
+
+
+def one_box(
+    row: int, col: int, patch: int, input_size: tuple[int, int], source_size: tuple[int, int]
+) -> tuple[int, ...]:
+    boxes = patch_boxes(np.array([[row]]), np.array([[col]]), patch, input_size, np.array([source_size]))
+    return tuple(boxes[0, 0].tolist())
+
+
 def test_boxes_map_back_to_source_pixels() -> None:
     # 128x128 input from a 256 (wide) x 192 (high) source
-    assert patch_box(0, 0, 32, (128, 128), (256, 192)) == (0, 0, 64, 48)
-    assert patch_box(3, 3, 32, (128, 128), (256, 192)) == (192, 144, 256, 192)
+    assert one_box(0, 0, 32, (128, 128), (256, 192)) == (0, 0, 64, 48)
+    assert one_box(3, 3, 32, (128, 128), (256, 192)) == (192, 144, 256, 192)
     # partial edge patch stays inside the image
-    assert patch_box(3, 2, 32, (100, 90), (90, 100)) == (64, 96, 90, 100)
+    assert one_box(3, 2, 32, (100, 90), (90, 100)) == (64, 96, 90, 100)
 
 
-def test_patch_boxes_match_patch_box_for_every_patch() -> None:
+def test_patch_boxes_match_the_plain_python_box_for_every_patch() -> None:
     rng = np.random.default_rng(0)
     for _ in range(200):
         height, width = (int(v) for v in rng.integers(8, 300, 2))

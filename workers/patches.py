@@ -53,29 +53,14 @@ def top_patches(raw: torch.Tensor, input_size: tuple[int, int], patch: int, top:
     )
 
 
-def patch_box(
-    row: int, col: int, patch: int, input_size: tuple[int, int], source_size: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """A patch's box at model input size, mapped back to source pixels (x0, y0, x1, y1; x1/y1 exclusive)."""
-    height, width = input_size
-    src_w, src_h = source_size
-    x0, y0 = col * patch, row * patch
-    x1, y1 = min(x0 + patch, width), min(y0 + patch, height)
-    sx, sy = src_w / width, src_h / height
-    return (
-        round(x0 * sx),
-        round(y0 * sy),
-        max(round(x1 * sx), round(x0 * sx) + 1),
-        max(round(y1 * sy), round(y0 * sy) + 1),
-    )
-
-
 def patch_boxes(
     rows: np.ndarray, cols: np.ndarray, patch: int, input_size: tuple[int, int], source_sizes: np.ndarray
 ) -> np.ndarray:
-    """:func:`patch_box` for many patches at once: rows/cols [N, L], source_sizes [N, 2] (w, h).
+    """Patches' boxes at model input size, mapped back to source pixels.
 
-    Returns int64 [N, L, 4]; the same float64 arithmetic and round-half-even as ``patch_box``.
+    rows/cols [N, L] index the patch grid of map n, whose source is ``source_sizes[n]`` = (w, h)
+    pixels. Returns int64 [N, L, 4] as (x0, y0, x1, y1), x1/y1 exclusive, rounded half to even;
+    edge patches are clipped to the input and every box is at least one source pixel wide.
     """
     height, width = input_size
     sizes = np.asarray(source_sizes, dtype=np.float64)
