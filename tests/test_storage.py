@@ -370,3 +370,15 @@ def test_a_folder_made_then_swapped_for_a_link_is_refused_after_gc(tmp_path: Pat
     with pytest.raises(InvalidKeyError, match="outside the storage root"):
         storage.put("runs/r1/y.png", b"y")
     assert list(outside.iterdir()) == []
+
+
+def test_a_flush_that_fails_still_makes_the_successes_durable(tmp_path: Path) -> None:
+    storage = RecordingSync(tmp_path / "store")
+    storage.put("taken", b"a file where a folder is needed")
+    writer = ConcurrentWriter(storage, max_workers=2)
+    writer.submit("ok/1.png", b"1")
+    writer.submit("taken/2.png", b"2")
+    with pytest.raises(UploadError, match=re.escape("taken/2.png")):
+        writer.flush()
+    assert storage.synced == [["ok/1.png"]]  # what results() keeps is on disk
+    writer.close()

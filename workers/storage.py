@@ -830,10 +830,10 @@ class ConcurrentWriter:
         with self._lock:
             self._results.extend(succeeded)
             results = list(self._results)
+        if self._defer_sync and succeeded:  # before any failure is raised: kept results are durable
+            self.storage.sync([result.key for result in succeeded])
         if failures:
             raise UploadError(_describe_failures(failures, len(batch), self.retries + 1), failures)
-        if self._defer_sync and succeeded:
-            self.storage.sync([result.key for result in succeeded])
         return results
 
     def results(self) -> list[PutResult]:
