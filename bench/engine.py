@@ -53,6 +53,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from workers.cam import METHODS, CamEngine
 from workers.cam.memory_format import ChannelsLast
+from workers.libc import libc_function
 
 # "cam" has no counterpart in the reference; on a GAP + linear head Grad-CAM gives the same map.
 REFERENCE = {
@@ -143,14 +144,12 @@ class _MallInfo2(ctypes.Structure):
 
 def _heap_in_use() -> Callable[[], int] | None:
     """Bytes malloc has handed out and not got back (glibc), independent of what it retains."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
+    mallinfo2 = libc_function("mallinfo2", restype=_MallInfo2)
+    if mallinfo2 is None:
         return None
 
     def in_use() -> int:
-        info = libc.mallinfo2()
+        info = mallinfo2()
         return int(info.uordblks + info.hblkhd)
 
     return in_use

@@ -58,20 +58,11 @@ import boto3
 import cv2
 import numpy as np
 import torch
-from pytorch_grad_cam import (
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    XGradCAM,
-)
 from pytorch_grad_cam.utils.image import preprocess_image
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 
+from bench.engine import PERTURBATION, REFERENCE
 from scheduler.gc import gc_run
 from scheduler.plan import PlanError, check_methods, plan_run, resolve_layers
 from schema.db import session_scope
@@ -86,19 +77,9 @@ from workers.runtime import amp_argument, engine_for, pick_device
 from workers.shard import explain_shard
 from workers.synth import make_dataset
 
-# What a user reaches for in pytorch-grad-cam for each of our methods. The plain CAM has no
-# class there; on a GAP + linear head Grad-CAM gives the same map, so users run it again.
-USER_CAM = {
-    "cam": GradCAM,
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "gradcam-elementwise": GradCAMElementWise,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-}
+# What a user reaches for in pytorch-grad-cam for each of our methods (the engine benchmark's
+# table), less the perturbation methods, which one image at a time cannot be timed here.
+USER_CAM = {method: cam for method, cam in REFERENCE.items() if method not in PERTURBATION}
 BUCKET = "camaudit-bench"
 FLOOR_ENGINE = 0.8
 FLOOR_LOOP = 3.0

@@ -9,8 +9,8 @@ from typing import Any
 
 
 @functools.cache
-def libc_function(name: str, *argtypes: Any) -> Any:
-    """The C library's ``name`` taking ``argtypes`` and returning int; None where there is none."""
+def libc_function(name: str, *argtypes: Any, restype: Any = ctypes.c_int) -> Any:
+    """The C library's ``name`` taking ``argtypes`` and returning ``restype``; None where there is none."""
     library = ctypes.util.find_library("c")
     if library is None:
         return None
@@ -19,5 +19,5 @@ def libc_function(name: str, *argtypes: Any) -> Any:
     except (OSError, AttributeError):
         return None
     function.argtypes = list(argtypes)
-    function.restype = ctypes.c_int
+    function.restype = restype
     return function
