@@ -113,7 +113,7 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 
 def decode_png_gray(data: bytes) -> np.ndarray:
     """Decode a PNG written by :func:`encode_png_gray` back to an [H, W] uint8 array."""
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
         if image.mode != "L":
             raise ValueError(f"expected an 8-bit grayscale PNG (mode 'L'), got mode {image.mode!r}")
         return np.array(image, dtype=np.uint8)

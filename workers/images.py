@@ -67,6 +67,18 @@ _FOREIGN_SIGNATURES = (
     (b"PK\x03\x04", "a ZIP archive"),
     (b"\x1f\x8b", "a gzip archive"),
 )
+# Image formats that are recognised by their magic number but not accepted. Unknown files are
+# never handed to every Pillow plugin just to name them: each plugin is code that parses the bytes.
+_OTHER_IMAGE_SIGNATURES = (
+    (b"8BPS", "a Photoshop document"),
+    (b"\x00\x00\x01\x00", "an ICO icon"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG 2000 image"),
+    (b"\xffO\xffQ", "a JPEG 2000 codestream"),
+    (b"\x76\x2f\x31\x01", "an OpenEXR image"),
+    (b"#?RADIANCE", "a Radiance HDR image"),
+    (b"\xff\x0a", "a JPEG XL image"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "a JPEG XL image"),
+)
 # Magic numbers of accepted formats: a file that starts like one but cannot be opened is damaged.
 _OWN_SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -322,18 +334,17 @@ def _unidentified_reason(data: bytes) -> str:
     if head[4:8] == b"ftyp":
         brand = head[8:12].decode("ascii", "replace")
         return f"unsupported format: ISO media file of brand {brand!r} (HEIF/AVIF?); supported: {SUPPORTED}"
-    text = _as_text(head)
-    if text is not None:
-        preview = " ".join(text.split())[:40]
-        return f"not an image: the file holds text ({preview!r}...); supported: {SUPPORTED}"
+    for signature, what in _OTHER_IMAGE_SIGNATURES:
+        if head.startswith(signature):
+            return f"unsupported image format: the file is {what} (supported: {SUPPORTED})"
+    if _as_text(head) is not None:
+        # The kind of content only: the bytes of a file that is not an image may be a secret.
+        return f"not an image: the file holds text (supported: {SUPPORTED})"
     if head.startswith(b"BM"):  # two bytes only: checked after text, which may start with them
         return f"cannot read the BMP header: {damaged} ({len(data)} bytes)"
-    try:
-        with Image.open(io.BytesIO(data)) as other:
-            return f"unsupported image format {other.format} (supported: {SUPPORTED})"
-    except Exception:  # any reader failing here means the format is simply unknown
-        pass
-    return f"unrecognised image format (file starts with {data[:8].hex(' ')}); supported: {SUPPORTED}"
+    if len(head) >= 2 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
+        return f"unsupported image format: the file is a Netpbm image (supported: {SUPPORTED})"
+    return f"unrecognised image format ({len(data)} bytes); supported: {SUPPORTED}"
 
 
 def _as_text(head: bytes) -> str | None:
