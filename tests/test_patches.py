@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.patches import patch_boxes, patch_grid, top_patches
+from workers.patches import distinct_ranks, patch_boxes, patch_grid, top_patches
 
 
 def test_patch_scores_add_up_to_the_spatial_mean_of_the_upsampled_map() -> None:
@@ -43,12 +44,8 @@ def patch_box(
     x0, y0 = col * patch, row * patch
     x1, y1 = min(x0 + patch, width), min(y0 + patch, height)
     sx, sy = src_w / width, src_h / height
-    return (
-        round(x0 * sx),
-        round(y0 * sy),
-        max(round(x1 * sx), round(x0 * sx) + 1),
-        max(round(y1 * sy), round(y0 * sy) + 1),
-    )
+    left, top = min(round(x0 * sx), src_w - 1), min(round(y0 * sy), src_h - 1)
+    return (left, top, min(max(round(x1 * sx), left + 1), src_w), min(max(round(y1 * sy), top + 1), src_h))
 
 
 def one_box(
@@ -84,3 +81,19 @@ def test_patch_boxes_match_the_plain_python_box_for_every_patch() -> None:
             for n in range(4)
         ]
         assert [[tuple(box) for box in per_map] for per_map in boxes.tolist()] == expected
+
+
+@pytest.mark.parametrize("source_size", [(1, 1), (100_000, 1), (1, 100_000), (3, 2)])
+def test_boxes_stay_inside_sources_smaller_than_the_grid(source_size: tuple[int, int]) -> None:
+    patch, input_size = 32, (224, 224)
+    rows, cols = np.meshgrid(np.arange(7), np.arange(7), indexing="ij")
+    boxes = patch_boxes(rows.reshape(1, -1), cols.reshape(1, -1), patch, input_size, np.array([source_size]))
+    src_w, src_h = source_size
+    for x0, y0, x1, y1 in boxes[0].tolist():
+        assert 0 <= x0 < x1 <= src_w and 0 <= y0 < y1 <= src_h, (x0, y0, x1, y1)
+    kept = distinct_ranks(boxes)[0]
+    distinct = {tuple(boxes[0, rank]) for rank in kept}
+    assert len(distinct) == len(kept) == len({tuple(box) for box in boxes[0].tolist()})
+    assert kept[0] == 0 and kept == sorted(kept)
+    if source_size == (1, 1):
+        assert kept == [0] and tuple(boxes[0, 0]) == (0, 0, 1, 1)

@@ -60,19 +60,40 @@ def patch_boxes(
 
     rows/cols [N, L] index the patch grid of map n, whose source is ``source_sizes[n]`` = (w, h)
     pixels. Returns int64 [N, L, 4] as (x0, y0, x1, y1), x1/y1 exclusive, rounded half to even;
-    edge patches are clipped to the input and every box is at least one source pixel wide.
+    edge patches are clipped to the input and every box is at least one source pixel wide and
+    lies inside the source, also when the source has fewer pixels than the grid has patches
+    (a 1 x 1 source, or a 100,000 x 1 strip): then several patches share one box (see
+    :func:`distinct_ranks`).
     """
     height, width = input_size
     sizes = np.asarray(source_sizes, dtype=np.float64)
-    sx = (sizes[:, 0] / width)[:, None]
-    sy = (sizes[:, 1] / height)[:, None]
+    src_w, src_h = sizes[:, 0][:, None], sizes[:, 1][:, None]
+    sx, sy = src_w / width, src_h / height
     x0 = np.asarray(cols, dtype=np.int64) * patch
     y0 = np.asarray(rows, dtype=np.int64) * patch
     x1 = np.minimum(x0 + patch, width)
     y1 = np.minimum(y0 + patch, height)
-    left, top = np.round(x0 * sx), np.round(y0 * sy)
-    boxes = np.stack(
-        [left, top, np.maximum(np.round(x1 * sx), left + 1), np.maximum(np.round(y1 * sy), top + 1)],
-        axis=-1,
-    )
-    return boxes.astype(np.int64)
+    left = np.minimum(np.round(x0 * sx), src_w - 1)
+    top = np.minimum(np.round(y0 * sy), src_h - 1)
+    right = np.minimum(np.maximum(np.round(x1 * sx), left + 1), src_w)
+    bottom = np.minimum(np.maximum(np.round(y1 * sy), top + 1), src_h)
+    return np.stack([left, top, right, bottom], axis=-1).astype(np.int64)
+
+
+def distinct_ranks(boxes: np.ndarray) -> list[list[int]]:
+    """Per map, the ranks whose source box no better rank already has.
+
+    Patches of a grid finer than the source map onto the same source pixels; storing each of
+    them would list one region several times, so only its best-scoring patch is kept.
+    """
+    kept: list[list[int]] = []
+    for per_map in np.asarray(boxes).tolist():
+        seen: set[tuple[int, ...]] = set()
+        ranks = []
+        for rank, box in enumerate(per_map):
+            key = tuple(box)
+            if key not in seen:
+                seen.add(key)
+                ranks.append(rank)
+        kept.append(ranks)
+    return kept
