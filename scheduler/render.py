@@ -19,7 +19,8 @@ from sqlalchemy import select
 from scheduler.query import DELETING, resolve_class
 from schema.db import session_scope
 from schema.models import Heatmap, Item, Run
-from workers.fetch import read_bytes
+from schema.settings import get_settings
+from workers.fetch import read_source, run_roots
 from workers.heatmap_io import decode_png_gray, overlay_jpeg
 from workers.images import ImageDecodeError, open_rgb
 from workers.storage import ObjectNotFoundError, open_storage
@@ -104,6 +105,18 @@ def _find(database_url: str, item_id: int, method: str, class_: str | int, layer
         return _Target(run, item, heatmap)
 
 
+def read_item_source(run: Run, uri: str, *, endpoint_url: str | None, region: str | None) -> bytes:
+    """An item's source read as its workers read it: within the run's source roots and the byte cap."""
+    settings = get_settings()
+    return read_source(
+        uri,
+        roots=run_roots(run.config, run.source_uri, settings.source_roots),
+        max_bytes=settings.max_source_bytes,
+        endpoint_url=endpoint_url,
+        region=region,
+    )
+
+
 def _source_image(data: bytes, uri: str) -> Image.Image:
     """Oriented and in 8-bit RGB exactly as the worker decoded it, so map and pixels line up."""
     try:
@@ -141,8 +154,8 @@ def render_overlay(
             f"stored map {storage.locate(found.heatmap.object_key)} is not a heatmap: {exc}"
         ) from exc
     try:
-        data = read_bytes(found.item.source_uri, endpoint_url=endpoint_url, region=region)
-    except (OSError, ClientError) as exc:
+        data = read_item_source(found.run, found.item.source_uri, endpoint_url=endpoint_url, region=region)
+    except (OSError, ClientError, ValueError) as exc:
         raise RenderError(
             f"cannot read the source image {found.item.source_uri} of item {item_id}: {exc}"
         ) from exc

@@ -28,7 +28,7 @@ from schema.models import Item, ItemStatus, Run, RunStatus, Shard, ShardStatus, 
 from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.cam import CamEngine
-from workers.fetch import read_bytes
+from workers.fetch import SourceRefused, read_source, run_roots
 from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg, to_uint8
 from workers.images import (
     DecodedPixels,
@@ -72,6 +72,8 @@ class ShardWork:
     class_names: list[str] | None
     items: list[WorkItem]
     overlay: bool = False
+    # Real folders local items may be read from; empty for a source on S3 (objects only).
+    source_roots: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,7 +116,9 @@ def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int,
     return f"runs/{run_id}/{method}/{layer}/{item_id}/{target}.{ext}"
 
 
-def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | None:
+def claim_shard(
+    database_url: str, run_id: str, shard_id: int, *, extra_roots: str | None = None
+) -> ShardWork | None:
     with session_scope(database_url) as session:
         shard = session.get(Shard, shard_id)
         run = session.get(Run, run_id)
@@ -150,6 +154,7 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
             overlay=bool(run.config.get("overlay", False)),
+            source_roots=run_roots(run.config, run.source_uri, extra_roots),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
         )
 
@@ -167,15 +172,19 @@ def _decoded_stream(
 
     def load(item: WorkItem) -> Decoded | str:
         try:
-            data = read_bytes(
-                item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+            data = read_source(
+                item.source_uri,
+                roots=work.source_roots,
+                max_bytes=settings.max_source_bytes,
+                endpoint_url=settings.s3_endpoint_url,
+                region=settings.s3_region,
             )
             return decode_pixels(data, size, max_pixels=settings.max_image_pixels, name=item.source_uri), (
                 data if work.overlay else None
             )
         except FileNotFoundError:
             return f"file not found: {item.source_uri}"
-        except ImageDecodeError as exc:
+        except (SourceRefused, ImageDecodeError) as exc:
             return str(exc)
         except Exception as exc:  # one unreadable item must never fail its shard
             return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
@@ -494,7 +503,7 @@ def fail_shard(database_url: str, run_id: str, shard_id: int, error: str) -> Sha
 
 def explain_shard(run_id: str, shard_id: int, settings: Settings | None = None) -> ShardOutcome:
     settings = settings or get_settings()
-    work = claim_shard(settings.database_url, run_id, shard_id)
+    work = claim_shard(settings.database_url, run_id, shard_id, extra_roots=settings.source_roots)
     if work is None:
         log.info("run=%s shard_id=%d already done; nothing to do", run_id, shard_id)
         return ShardOutcome(run_id, -1, "skipped")

@@ -20,10 +20,9 @@ from PIL import Image
 from sqlalchemy import select
 
 from scheduler.query import QueryError
-from scheduler.render import Rendered, RenderError, render_overlay
+from scheduler.render import Rendered, RenderError, read_item_source, render_overlay
 from schema.db import session_scope
-from schema.models import Heatmap, Item
-from workers.fetch import read_bytes
+from schema.models import Heatmap, Item, Run
 from workers.images import ImageDecodeError, open_rgb
 
 __all__ = ["Crop", "ImageService", "JpegImage"]
@@ -192,12 +191,12 @@ class ImageService:
     # ------------------------------------------------------------------ sources
 
     def source_etag(self, item_id: int, crop: Crop) -> str:
-        return _etag("source", self._source_uri(item_id), item_id, crop.key())
+        return _etag("source", self._source_uri(item_id)[0], item_id, crop.key())
 
     def source(self, item_id: int, crop: Crop) -> JpegImage:
-        uri = self._source_uri(item_id)
+        uri, run = self._source_uri(item_id)
         try:
-            data = read_bytes(uri, endpoint_url=self.endpoint_url, region=self.region)
+            data = read_item_source(run, uri, endpoint_url=self.endpoint_url, region=self.region)
         except (OSError, ClientError, ValueError) as exc:
             raise RenderError(f"cannot read the source image {uri} of item {item_id}: {exc}") from exc
         try:
@@ -206,9 +205,13 @@ class ImageService:
             raise RenderError(f"cannot decode the source image {uri} of item {item_id}: {exc}") from exc
         return JpegImage(_jpeg(crop.apply(image)), _etag("source", uri, item_id, crop.key()))
 
-    def _source_uri(self, item_id: int) -> str:
+    def _source_uri(self, item_id: int) -> tuple[str, Run]:
+        """The item's source and its run, whose roots bound what may be read."""
         with session_scope(self.database_url) as session:
-            uri = session.execute(select(Item.source_uri).where(Item.id == item_id)).scalar_one_or_none()
-        if uri is None:
-            raise RenderError(f"no item {item_id} in this database; the run pages link to existing items")
-        return uri
+            found = session.execute(
+                select(Item.source_uri, Run).join(Run, Run.id == Item.run_id).where(Item.id == item_id)
+            ).one_or_none()
+            if found is None:
+                raise RenderError(f"no item {item_id} in this database; the run pages link to existing items")
+            session.expunge_all()
+        return found[0], found[1]
