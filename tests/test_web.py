@@ -34,6 +34,7 @@ from workers.synth import CLASS_NAMES, make_dataset
 
 N_IMAGES = 20
 TOKEN = "s3cret-token-for-tests"
+LOCAL = "http://localhost"  # a server without a token answers only requests for this machine
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
 
 @pytest.fixture(scope="module")
 def client(site: Site) -> TestClient:
-    return TestClient(create_app(site.db, page_size=7, runs_page_size=25))
+    return TestClient(create_app(site.db, page_size=7, runs_page_size=25), base_url=LOCAL)
 
 
 def cards(html: str) -> list[tuple[int, float]]:
@@ -142,7 +143,7 @@ def test_runs_list_shows_each_run_with_status_and_progress(client: TestClient, s
 
 
 def test_runs_list_pages(site: Site) -> None:
-    small = TestClient(create_app(site.db, runs_page_size=1))
+    small = TestClient(create_app(site.db, runs_page_size=1), base_url=LOCAL)
     first, second = small.get("/"), small.get("/?page=2")
     assert site.second in first.text and site.first not in first.text
     assert site.first in second.text and site.second not in second.text
@@ -188,7 +189,7 @@ def test_filters_by_label_and_correctness(client: TestClient, site: Site) -> Non
 
 def test_filtered_pages_read_a_bounded_window_and_still_miss_nothing(site: Site) -> None:
     """With a window barely above the page size, pages come back part-full but the walk is complete."""
-    narrow = TestClient(create_app(site.db, page_size=3, scan_window=4))
+    narrow = TestClient(create_app(site.db, page_size=3, scan_window=4), base_url=LOCAL)
     target = CLASS_NAMES.index("cross")
     for params, where in (("label=cross", {"label": "cross"}), ("correct=incorrect", {"correct": False})):
         want = expected_regions(site.db, site.first, target, "cam", **where)
@@ -413,6 +414,64 @@ def test_token_is_required_and_accepted_as_bearer_query_or_cookie(site: Site) ->
     stranger = TestClient(create_app(site.db, token=TOKEN))
     stranger.cookies.set(COOKIE, "forged")
     assert stranger.get("/").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("localhost", True),
+        ("localhost:8000", True),
+        ("127.0.0.1:8000", True),
+        ("[::1]:8000", True),
+        ("attacker.example", False),
+        ("attacker.example:8000", False),
+        ("localhost.attacker.example", False),
+        ("127.0.0.1.nip.io", False),
+        ("", False),
+    ],
+)
+def test_without_a_token_only_localhost_names_are_served(site: Site, host: str, allowed: bool) -> None:
+    """A page that rebinds its own name to 127.0.0.1 sends its own name as Host: refused."""
+    open_app = TestClient(create_app(site.db))
+    answer = open_app.get("/", headers={"host": host})
+    if allowed:
+        assert answer.status_code == 200 and site.first in answer.text
+    else:
+        assert answer.status_code == 400 and "answers only requests for localhost" in answer.text
+        assert site.first not in answer.text
+    item = item_ids(site.db, site.first)["done"][0]
+    image = open_app.get(f"/items/{item}/source.jpg", headers={"host": host})
+    assert image.status_code == (200 if allowed else 400)
+    guarded = TestClient(create_app(site.db, token=TOKEN))
+    named = guarded.get(
+        "/", headers={"host": host or "camaudit.example.org", "Authorization": f"Bearer {TOKEN}"}
+    )
+    assert named.status_code == 200  # with a token, the token decides
+
+
+def test_oversized_numbers_are_a_400_with_a_reason(site: Site, client: TestClient) -> None:
+    item = item_ids(site.db, site.first)["done"][0]
+    huge = "100000000000000000000"
+    with session_scope(site.db) as s:
+        method, target = s.execute(
+            select(Heatmap.method, Heatmap.target_class).where(Heatmap.item_id == item)
+        ).first()
+    for url, reason in [
+        (f"/items/{item}/overlay.jpg?method={method}&class={target}&box=0,0,inf,1", "box must be"),
+        (f"/items/{item}/source.jpg?box=0,0,inf,1", "box must be"),
+        (f"/items/{item}/source.jpg?box=0,0,1e30,1", "box must be"),
+        ("/?page=1e20", "page"),
+        (f"/?page={huge}", "page"),
+        (f"/runs/{site.first}?page={huge}", "page"),
+        (f"/runs/{site.first}?after=0.5_{huge}", "bad page cursor"),
+        (f"/items/{huge}", "item_id"),
+        (f"/items/{huge}/source.jpg", "item_id"),
+        (f"/items/{huge}/overlay.jpg?method={method}&class=1", "item_id"),
+        (f"/items/{item}/overlay.jpg?method={method}&class={huge}", "not a class index"),
+    ]:
+        answer = client.get(url)
+        assert answer.status_code == 400, (url, answer.status_code)
+        assert reason in answer.text, (url, answer.text[:300])
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"])

@@ -28,6 +28,7 @@ from workers.images import ImageDecodeError, open_rgb
 __all__ = ["Crop", "ImageService", "JpegImage"]
 
 MIN_SIDE, MAX_SIDE = 16, 4096
+MAX_COORDINATE = 2**31 - 1  # source pixels: beyond any image a worker accepts
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,14 @@ class Crop:
         parsed: tuple[int, int, int, int] | None = None
         if box:
             try:
-                x0, y0, x1, y1 = (int(float(v)) for v in box.split(","))
+                corners = [float(v) for v in box.split(",")]
+                if len(corners) != 4 or not all(0 <= v <= MAX_COORDINATE for v in corners):
+                    raise ValueError(box)
+                x0, y0, x1, y1 = (int(v) for v in corners)
             except ValueError:
                 raise QueryError(
-                    f"box must be x0,y0,x1,y1 in source pixels (e.g. 0,0,32,32), got {box!r}"
+                    f"box must be x0,y0,x1,y1 in source pixels, each 0..{MAX_COORDINATE:,} "
+                    f"(e.g. 0,0,32,32), got {box[:80]!r}"
                 ) from None
             if x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
                 raise QueryError(f"box {box!r} is empty or negative; x1 > x0 >= 0 and y1 > y0 >= 0")
