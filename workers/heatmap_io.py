@@ -105,6 +105,7 @@ def encode_png_gray(u8: np.ndarray, compress_level: int = 1) -> bytes:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_MAX_SIDE = 65_500  # the largest width or height libjpeg (and so Pillow) writes
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

@@ -29,7 +29,7 @@ from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.cam import CamEngine
 from workers.fetch import SourceRefused, read_source, run_roots
-from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg
+from workers.heatmap_io import JPEG_MAX_SIDE, encode_npy, encode_png_gray, overlay_jpeg
 from workers.images import (
     DecodedPixels,
     ImageDecodeError,
@@ -49,8 +49,10 @@ from workers.shard_rows import (
     heatmap_rows,
     map_layout,
     map_statistics,
+    non_finite_reasons,
     patch_rows,
     prediction_rows,
+    select_images,
 )
 from workers.storage import ConcurrentWriter, S3Storage
 
@@ -250,6 +252,17 @@ def _encode_and_upload(
     return digests
 
 
+def _overlay_refusal(image: DecodedPixels) -> str | None:
+    """An overlay is a JPEG at source size: a source JPEG cannot hold fails alone, before any work."""
+    if max(image.width, image.height) <= JPEG_MAX_SIDE:
+        return None
+    return (
+        f"--overlay: the source is {image.width}x{image.height} pixels, and a JPEG overlay at source "
+        f"size can be at most {JPEG_MAX_SIDE:,} pixels on a side; audit it without --overlay "
+        "(`camaudit serve` and `camaudit render` draw overlays on demand) or downscale it"
+    )
+
+
 def _batch_targets(
     work: ShardWork,
     batch: list[tuple[WorkItem, DecodedPixels]],
@@ -306,6 +319,17 @@ def _explain_batch(
         return
     pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
     result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    reasons = non_finite_reasons(result)
+    if any(reasons):
+        for (item, _), reason in zip(batch, reasons, strict=True):
+            if reason is not None:
+                log.warning("run=%s item=%d failed: %s", work.run_id, item.id, reason)
+                rows.items.append(failed_item_row(item, reason))
+        keep = [b for b, reason in enumerate(reasons) if reason is None]
+        if not keep:
+            return
+        batch = [batch[b] for b in keep]
+        result = select_images(result, keep)
     rows.items.extend(prediction_rows(work, batch, result))
 
     layout = map_layout(batch, result)
@@ -347,6 +371,10 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
                 rows.items.append(failed_item_row(item, opened))
                 continue
             decoded, source = opened
+            too_wide = _overlay_refusal(decoded) if work.overlay else None
+            if too_wide is not None:
+                rows.items.append(failed_item_row(item, too_wide))
+                continue
             batch.append((item, decoded))
             if source is not None:
                 sources[item.id] = source

@@ -1,0 +1,166 @@
+"""What one image can do to its shard: nothing. A non-finite model output, a source too wide for
+a JPEG overlay, or a source smaller than the patch grid each stay with their own item.
+
+Whole runs through the task code a worker runs, on SQLite (which refuses NaN in its NOT NULL
+columns, so a NaN that reached the commit would fail the shard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy import select
+from torch import nn
+
+from scheduler.plan import plan_run
+from scheduler.runner import run_embedded
+from schema.db import session_scope
+from schema.models import Heatmap, Item, PatchScore, Run
+from schema.payloads import RunSpec
+from schema.settings import get_settings
+from workers.models import load_model
+from workers.synth import make_dataset
+
+
+def nan_on_flat_images() -> nn.Module:
+    """The demo network, with NaN logits for a flat white image and infinite ones for a flat black one.
+
+    Loaded as ``python:tests.test_item_outputs:nan_on_flat_images``.
+    """
+    model = load_model("demo").model
+
+    def poison(_: nn.Module, inputs: tuple[torch.Tensor, ...], logits: torch.Tensor) -> torch.Tensor:
+        images = inputs[0]
+        flat = images.flatten(2).std(dim=2).amax(dim=1) == 0
+        level = images.mean(dim=(1, 2, 3))
+        nan = torch.where(flat & (level > 1.5), float("nan"), 0.0)
+        inf = torch.where(flat & (level < -1.5), float("inf"), 0.0)
+        return logits + (nan + inf)[:, None]
+
+    model.register_forward_hook(poison)
+    return model.eval()
+
+
+def _run(spec: RunSpec, **env: str) -> str:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        get_settings.cache_clear()
+        try:
+            settings = get_settings()
+            planned = plan_run(spec, settings)
+            run_embedded(planned.run_id, planned.shard_ids, settings)
+        finally:
+            get_settings.cache_clear()
+    return planned.run_id
+
+
+def _items(db: str, run_id: str) -> dict[str, tuple[str, str | None]]:
+    with session_scope(db) as session:
+        rows = session.execute(
+            select(Item.source_uri, Item.status, Item.error).where(Item.run_id == run_id)
+        ).all()
+    return {os.path.basename(uri): (status, error) for uri, status, error in rows}
+
+
+def _add(manifest: Path, **images: Image.Image) -> None:
+    with manifest.open("a") as fh:
+        for name, image in images.items():
+            image.save(manifest.parent / f"{name}.png")
+            fh.write(json.dumps({"uri": f"{name}.png"}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def poisoned_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("outputs")
+    manifest = make_dataset(root / "data", 6, seed=4)
+    strip = np.tile(np.linspace(0, 255, 100_000, dtype=np.uint8)[None, :, None], (1, 1, 3))
+    _add(
+        manifest,
+        white=Image.new("RGB", (40, 40), (255, 255, 255)),
+        black=Image.new("RGB", (40, 40), (0, 0, 0)),
+        dot=Image.new("RGB", (1, 1), (128, 128, 128)),
+        strip=Image.fromarray(strip),
+    )
+    db = f"sqlite:///{root / 'runs.db'}"
+    run_id = _run(
+        RunSpec(
+            source=str(manifest),
+            model="python:tests.test_item_outputs:nan_on_flat_images",
+            methods=["gradcam", "cam"],
+            layers=["features"],
+            shard_size=20,
+            batch_size=4,
+        ),
+        CAMAUDIT_DATABASE_URL=db,
+        CAMAUDIT_STORAGE_URL=str(root / "out"),
+    )
+    return {"db": db, "run_id": run_id, "items": _items(db, run_id)}
+
+
+def test_a_non_finite_model_output_fails_its_item_not_the_shard(poisoned_run: dict[str, Any]) -> None:
+    items = poisoned_run["items"]
+    for name in ("white", "black"):
+        status, error = items[f"{name}.png"]
+        assert status == "failed" and "not finite: NaN or infinity in its class scores" in (error or ""), (
+            error
+        )
+    assert sum(status == "done" for status, _ in items.values()) == 6 + 2
+    with session_scope(poisoned_run["db"]) as session:
+        run = session.get(Run, poisoned_run["run_id"])
+        assert run is not None and (run.status, run.n_done, run.n_failed) == ("finished", 8, 2)
+        scores = session.execute(select(Heatmap.target_score).where(Heatmap.run_id == run.id)).scalars().all()
+    assert len(scores) == 8 * 2 and all(np.isfinite(scores))
+
+
+def test_patch_boxes_lie_inside_tiny_and_strip_sources_without_repeats(poisoned_run: dict[str, Any]) -> None:
+    with session_scope(poisoned_run["db"]) as session:
+        rows = session.execute(
+            select(Item.source_uri, Item.width, Item.height, PatchScore)
+            .join(PatchScore, PatchScore.item_id == Item.id)
+            .where(Item.run_id == poisoned_run["run_id"])
+        ).all()
+        boxes: dict[tuple[str, str, int], list[tuple[int, int, int, int, int]]] = {}
+        sizes = {}
+        for uri, width, height, patch in rows:
+            name = os.path.basename(uri)
+            sizes[name] = (width, height)
+            boxes.setdefault((name, patch.method, patch.heatmap_id), []).append(
+                (patch.rank, patch.x0, patch.y0, patch.x1, patch.y1)
+            )
+    assert sizes["dot.png"] == (1, 1) and sizes["strip.png"] == (100_000, 1)
+    for (name, _, _), ranked in boxes.items():
+        width, height = sizes[name]
+        ranked.sort()
+        assert [rank for rank, *_ in ranked] == list(range(len(ranked))), "ranks stay contiguous"
+        corners = [tuple(box) for _, *box in ranked]
+        assert len(set(corners)) == len(corners), (name, corners)
+        for x0, y0, x1, y1 in corners:
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, (name, corners)
+    dot = [ranked for (name, _, _), ranked in boxes.items() if name == "dot.png"]
+    assert dot and all([box for _, *box in ranked] == [[0, 0, 1, 1]] for ranked in dot)
+
+
+def test_a_source_too_wide_for_a_jpeg_overlay_fails_alone(tmp_path: Path) -> None:
+    manifest = make_dataset(tmp_path / "data", 3, seed=6)
+    _add(manifest, wide=Image.new("RGB", (70_000, 2), (10, 200, 10)))
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    out = tmp_path / "out"
+    run_id = _run(
+        RunSpec(source=str(manifest), methods=["gradcam"], shard_size=10, overlay=True),
+        CAMAUDIT_DATABASE_URL=db,
+        CAMAUDIT_STORAGE_URL=str(out),
+    )
+    items = _items(db, run_id)
+    status, error = items["wide.png"]
+    assert status == "failed" and "--overlay: the source is 70000x2 pixels" in (error or "")
+    assert "65,500" in (error or "")
+    assert sorted(status for status, _ in items.values()) == ["done"] * 3 + ["failed"]
+    assert len(list(out.rglob("*.jpg"))) == 3
