@@ -22,7 +22,7 @@ from torch import nn
 from scheduler.plan import plan_run
 from scheduler.runner import run_embedded
 from schema.db import session_scope
-from schema.models import Heatmap, Item, PatchScore, Run
+from schema.models import Heatmap, Item, PatchScore, Run, Shard
 from schema.payloads import RunSpec
 from schema.settings import get_settings
 from workers.models import load_model
@@ -164,3 +164,40 @@ def test_a_source_too_wide_for_a_jpeg_overlay_fails_alone(tmp_path: Path) -> Non
     assert "65,500" in (error or "")
     assert sorted(status for status, _ in items.values()) == ["done"] * 3 + ["failed"]
     assert len(list(out.rglob("*.jpg"))) == 3
+
+
+def test_a_checkpoint_replaced_after_planning_fails_the_shard(tmp_path: Path) -> None:
+    from workers.models import DEMO_CHECKPOINT, file_sha256
+
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(DEMO_CHECKPOINT.read_bytes())
+    manifest = make_dataset(tmp_path / "data", 4, seed=8)
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    env = {"CAMAUDIT_DATABASE_URL": db, "CAMAUDIT_STORAGE_URL": str(tmp_path / "out")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        get_settings.cache_clear()
+        try:
+            settings = get_settings()
+            planned = plan_run(
+                RunSpec(source=str(manifest), checkpoint=str(checkpoint), methods=["gradcam"]), settings
+            )
+            planned_sha = file_sha256(checkpoint)
+            # Other weights under the same name, between planning and the shard.
+            other = torch.load(checkpoint, weights_only=True)
+            first = next(iter(other["state_dict"]))
+            other["state_dict"][first] = other["state_dict"][first] + 1.0
+            torch.save(other, checkpoint)
+            run_embedded(planned.run_id, planned.shard_ids, settings)
+        finally:
+            get_settings.cache_clear()
+    with session_scope(db) as session:
+        run = session.get(Run, planned.run_id)
+        assert run is not None and run.status == "failed" and run.n_done == 0
+        assert run.checkpoint_sha256 == planned_sha
+        (error,) = session.execute(select(Shard.error).where(Shard.run_id == run.id)).scalars().all()
+        heatmaps = session.execute(select(Heatmap.id).where(Heatmap.run_id == run.id)).all()
+    assert heatmaps == []
+    assert "CheckpointChangedError" in error and f"planned with sha256 {planned_sha}" in error
+    assert file_sha256(checkpoint) in error

@@ -73,6 +73,7 @@ class ShardWork:
     shard_index: int
     model_ref: str
     checkpoint: str | None
+    checkpoint_sha256: str | None
     methods: list[str]
     layers: list[str]
     target_spec: str
@@ -138,6 +139,7 @@ def claim_shard(
             shard_index=shard.index,
             model_ref=run.model_ref,
             checkpoint=run.checkpoint_uri,
+            checkpoint_sha256=run.checkpoint_sha256,
             methods=list(run.methods),
             layers=list(run.layers),
             target_spec=run.target_spec,
@@ -352,7 +354,7 @@ def _explain_batch(
 
 
 def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
-    loaded = model_for(work.model_ref, work.checkpoint, settings)
+    loaded = model_for(work.model_ref, work.checkpoint, settings, expected_sha256=work.checkpoint_sha256)
     engine = engine_for(loaded, work.methods, work.layers, settings)
     storage = storage_for(work.output_uri, settings)
     sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage))
