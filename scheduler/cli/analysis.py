@@ -38,7 +38,7 @@ def _drift_tables(diff: Any) -> None:
     ):
         facts.add_row(key, str(value))
     console.print(facts)
-    from scheduler.drift import drift_rule
+    from scheduler.analysis.drift import drift_rule
 
     classes = Table(title=f"per class ({drift_rule(diff.threshold)})")
     for col in ("method", "layer", "class", "n", "corr", "IoU", "shift px", "L1", "drifted"):
@@ -87,7 +87,7 @@ def diff(
     s3_endpoint_url: S3Endpoint = None,
 ) -> None:
     """Compare where two runs' maps look, image by image and class by class."""
-    from scheduler.drift import DriftError, diff_runs
+    from scheduler.analysis.drift import DriftError, diff_runs
     from workers.storage import StorageError
 
     settings = make_settings(database_url=database_url, s3_endpoint_url=s3_endpoint_url)
@@ -173,7 +173,7 @@ def quality(
     s3_endpoint_url: S3Endpoint = None,
 ) -> None:
     """Measure a run's explanations: pointing game, energy-in-box, faithfulness, sanity check."""
-    from scheduler.quality import QualityError, assess_quality
+    from scheduler.analysis.quality import QualityError, assess_quality
     from workers.storage import StorageError
 
     settings = make_settings(database_url=database_url, s3_endpoint_url=s3_endpoint_url, device=device)
@@ -215,10 +215,10 @@ def report(
     s3_endpoint_url: S3Endpoint = None,
 ) -> None:
     """Write one self-contained HTML report of a run: summary, top regions, drift, quality."""
-    from scheduler.drift import DriftError
-    from scheduler.quality import QualityError
+    from scheduler.analysis.drift import DriftError
+    from scheduler.analysis.quality import QualityError
+    from scheduler.analysis.report import ReportError, ReportOptions, write_report
     from scheduler.query import QueryError
-    from scheduler.report import ReportError, ReportOptions, write_report
     from workers.storage import StorageError
 
     settings = make_settings(database_url=database_url, s3_endpoint_url=s3_endpoint_url, device=device)
