@@ -19,6 +19,7 @@ from sqlalchemy import select
 from scheduler.query import DELETING, resolve_class
 from schema.db import session_scope
 from schema.models import Heatmap, Item, Run
+from schema.redact import hide_password
 from schema.settings import get_settings
 from workers.fetch import read_source, run_roots
 from workers.heatmap_io import decode_png_gray, overlay_jpeg
@@ -94,7 +95,9 @@ def _find(database_url: str, item_id: int, method: str, class_: str | int, layer
     with session_scope(database_url) as session:
         item = session.get(Item, item_id)
         if item is None:
-            raise RenderError(f"no item {item_id} in {database_url}; `camaudit top` lists item ids")
+            raise RenderError(
+                f"no item {item_id} in {hide_password(database_url)}; `camaudit top` lists item ids"
+            )
         run = session.get(Run, item.run_id)
         if run is None or run.status == DELETING:
             raise RenderError(f"item {item_id} belongs to run {item.run_id}, which is being deleted")

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from schema.db import session_scope
 from schema.models import Item, Run, RunStatus, Shard, ShardStatus, utcnow
+from schema.redact import hide_password
 from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.cam import CamEngine
@@ -118,7 +119,9 @@ def claim_shard(
         shard = session.get(Shard, shard_id)
         run = session.get(Run, run_id)
         if shard is None or run is None or shard.run_id != run_id:
-            raise LookupError(f"shard {shard_id} of run {run_id} does not exist in {database_url}")
+            raise LookupError(
+                f"shard {shard_id} of run {run_id} does not exist in {hide_password(database_url)}"
+            )
         if shard.status == ShardStatus.DONE:
             return None
         shard.status = ShardStatus.RUNNING
@@ -450,7 +453,8 @@ def fail_shard(database_url: str, run_id: str, shard_id: int, error: str) -> Sha
     with session_scope(database_url) as session:
         run = _lock_run(session, run_id)
         shard = session.get(Shard, shard_id, populate_existing=True)
-        assert shard is not None
+        if shard is None or shard.run_id != run_id:
+            return ShardOutcome(run_id, -1, "failed")  # nothing of this run to mark
         run_status = None
         if shard.status not in (ShardStatus.DONE, ShardStatus.FAILED):
             shard.status = ShardStatus.FAILED
