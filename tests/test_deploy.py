@@ -172,3 +172,78 @@ def test_bad_audit_files_are_refused(tmp_path: Path, text: str, words: str) -> N
     path.write_text(text)
     with pytest.raises(AuditError, match=re.escape(words)):
         load_audits(path)
+
+
+def test_services_script_starts_a_throwaway_postgres_and_leaves_the_system_config_alone(
+    tmp_path: Path,
+) -> None:
+    """`make test` on a machine with nothing on the port: a private cluster, no system pg_hba.conf edit."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from tests.plugins.s3 import free_port
+
+    system_hba = sorted(Path("/etc/postgresql").glob("*/*/pg_hba.conf"))
+    before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in system_hba}
+    # Not below pytest's own folder: the postgres user cannot enter root's 0700 folders.
+    home = Path(tempfile.mkdtemp(prefix="camaudit-test-pg-"))
+    port, data = free_port(), home / "pg"
+    env = {**os.environ, "PG_PORT": str(port), "CAMAUDIT_TEST_PGDATA": str(data)}
+    bin_dir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+    if os.getuid() == 0:
+        shutil.chown(home, "postgres")
+    try:
+        done = subprocess.run(
+            ["bash", str(DEPLOY / "local" / "services.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"postgresql on 127.0.0.1:{port}" in done.stdout
+        query = subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-tAc",
+                "show listen_addresses; show hba_file",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert query.stdout.split() == ["127.0.0.1", str(data / "pg_hba.conf")], query
+        databases = subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-tAc",
+                "select datname from pg_database",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        assert "test" in databases
+    finally:
+        subprocess.run(
+            [*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data), "stop", "-w"],
+            capture_output=True,
+            timeout=120,
+        )
+        shutil.rmtree(home, ignore_errors=True)
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in system_hba} == before
