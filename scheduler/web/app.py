@@ -25,7 +25,7 @@ from scheduler.query import DELETING, QueryError, get_run, resolve_class
 from scheduler.render import RenderError
 from scheduler.web import data
 from scheduler.web.auth import token_guard
-from scheduler.web.compare import DriftUnavailableError, drift_view
+from scheduler.web.compare import DriftUnavailableError, drift_view, stored_drift_view
 from scheduler.web.images import Crop, ImageService, JpegImage
 from schema.db import normalise_url
 
@@ -275,6 +275,7 @@ def create_app(
         b: str | None = None,
         threshold: float = Query(0.5, ge=0.0, le=1.0),
         limit: int = Query(50, ge=1, le=500),
+        recompute: bool = False,
     ) -> HTMLResponse:
         context: dict[str, Any] = {
             "title": "camaudit · drift",
@@ -284,6 +285,8 @@ def create_app(
             "threshold": threshold,
             "limit": limit,
             "view": None,
+            "stored": False,
+            "recomputed": False,
             "error": None,
         }
         if b and not a:
@@ -297,6 +300,18 @@ def create_app(
                 return page(request, "drift.html", **context)
         if not (context["a"] and b):
             return page(request, "drift.html", **context)
+        if not recompute:
+            # What finalisation stored; reading every map of both runs waits for an explicit ask.
+            try:
+                get_run(database_url, context["a"])
+                get_run(database_url, b)
+            except QueryError as exc:
+                context["error"] = str(exc)
+                return page(request, "drift.html", 400, **context)
+            context["view"] = stored_drift_view(database_url, context["a"], b)
+            context["stored"] = True
+            return page(request, "drift.html", **context)
+        context["recomputed"] = True
         try:
             context["view"] = drift_view(
                 database_url,
