@@ -9,6 +9,7 @@ back to the source's size puts every activation over the pixels that caused it.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,11 +23,14 @@ from schema.models import Heatmap, Item, Run
 from schema.redact import hide_password
 from schema.settings import get_settings
 from workers.fetch import read_source, run_roots
-from workers.heatmap_io import decode_png_gray, overlay_jpeg
+from workers.heatmap_io import JPEG_MAX_SIDE, decode_png_gray, overlay_jpeg
 from workers.images import ImageDecodeError, open_rgb
 from workers.storage import ObjectNotFoundError, open_storage
 
-__all__ = ["RenderError", "Rendered", "render_overlay"]
+__all__ = ["Frame", "RenderError", "Rendered", "render_overlay"]
+
+# (source width, height) -> (the source region to draw (left, top, right, bottom), output size)
+Frame = Callable[[int, int], tuple[tuple[int, int, int, int], tuple[int, int]]]
 
 
 class RenderError(ValueError):
@@ -128,6 +132,18 @@ def _source_image(data: bytes, uri: str) -> Image.Image:
         raise RenderError(f"cannot decode the source image {uri}: {exc}") from exc
 
 
+def _framed(
+    image: Image.Image, map01: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]
+) -> tuple[Image.Image, np.ndarray]:
+    """The region ``box`` of the source and of its map (which spans the whole source), at ``size``."""
+    left, top, right, bottom = box
+    sx, sy = map01.shape[1] / image.width, map01.shape[0] / image.height
+    on_map = (left * sx, top * sy, right * sx, bottom * sy)
+    shrunk = image.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
+    levels = Image.fromarray(map01).resize(size, Image.Resampling.BILINEAR, box=on_map)
+    return shrunk, np.asarray(levels, dtype=np.float32)
+
+
 def render_overlay(
     database_url: str,
     item_id: int,
@@ -139,8 +155,13 @@ def render_overlay(
     quality: int = 90,
     endpoint_url: str | None = None,
     region: str | None = None,
+    frame: Frame | None = None,
 ) -> Rendered:
-    """JPEG of the item's stored map (JET, weight ``alpha``) over its source image, at the source's size."""
+    """JPEG of the item's stored map (JET, weight ``alpha``) over its source image, at the source's size.
+
+    With ``frame``, only that region is drawn, at that size: source and map are cut and shrunk
+    first and blended after, so a thumbnail of a 12-megapixel source costs a thumbnail's memory.
+    """
     found = _find(database_url, item_id, method, class_, layer)
     storage = open_storage(
         found.run.output_uri, endpoint_url=endpoint_url, region=region, create_bucket=False
@@ -163,7 +184,15 @@ def render_overlay(
             f"cannot read the source image {found.item.source_uri} of item {item_id}: {exc}"
         ) from exc
     image = _source_image(data, found.item.source_uri)
-    jpeg = overlay_jpeg(image, levels.astype(np.float32) / 255.0, alpha=alpha, quality=quality)
+    map01 = levels.astype(np.float32) / 255.0
+    if frame is not None:
+        image, map01 = _framed(image, map01, *frame(image.width, image.height))
+    if max(image.size) > JPEG_MAX_SIDE:
+        raise RenderError(
+            f"the source of item {item_id} is {image.width}x{image.height} pixels; a JPEG overlay can be "
+            f"at most {JPEG_MAX_SIDE:,} pixels on a side: draw a part of it or a smaller copy"
+        )
+    jpeg = overlay_jpeg(image, map01, alpha=alpha, quality=quality)
     return Rendered(
         jpeg=jpeg,
         width=image.width,

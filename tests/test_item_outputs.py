@@ -7,8 +7,11 @@ columns, so a NaN that reached the commit would fail the shard).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import threading
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from schema.db import session_scope
 from schema.models import Heatmap, Item, PatchScore, Run, Shard
 from schema.payloads import RunSpec
 from schema.settings import get_settings
+from tests.plugins.services import wait_until
 from workers.models import load_model
 from workers.synth import make_dataset
 
@@ -89,6 +93,10 @@ def poisoned_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         dot=Image.new("RGB", (1, 1), (128, 128, 128)),
         strip=Image.fromarray(strip),
     )
+    large = Image.effect_noise((4000, 3000), 60).convert("RGB")  # 12 megapixels
+    large.save(manifest.parent / "large.jpg", quality=80)
+    with manifest.open("a") as fh:
+        fh.write(json.dumps({"uri": "large.jpg"}) + "\n")
     db = f"sqlite:///{root / 'runs.db'}"
     run_id = _run(
         RunSpec(
@@ -112,12 +120,12 @@ def test_a_non_finite_model_output_fails_its_item_not_the_shard(poisoned_run: di
         assert status == "failed" and "not finite: NaN or infinity in its class scores" in (error or ""), (
             error
         )
-    assert sum(status == "done" for status, _ in items.values()) == 6 + 2
+    assert sum(status == "done" for status, _ in items.values()) == 6 + 3
     with session_scope(poisoned_run["db"]) as session:
         run = session.get(Run, poisoned_run["run_id"])
-        assert run is not None and (run.status, run.n_done, run.n_failed) == ("finished", 8, 2)
+        assert run is not None and (run.status, run.n_done, run.n_failed) == ("finished", 9, 2)
         scores = session.execute(select(Heatmap.target_score).where(Heatmap.run_id == run.id)).scalars().all()
-    assert len(scores) == 8 * 2 and all(np.isfinite(scores))
+    assert len(scores) == 9 * 2 and all(np.isfinite(scores))
 
 
 def test_patch_boxes_lie_inside_tiny_and_strip_sources_without_repeats(poisoned_run: dict[str, Any]) -> None:
@@ -201,3 +209,101 @@ def test_a_checkpoint_replaced_after_planning_fails_the_shard(tmp_path: Path) ->
     assert heatmaps == []
     assert "CheckpointChangedError" in error and f"planned with sha256 {planned_sha}" in error
     assert file_sha256(checkpoint) in error
+
+
+def _map_of(db: str, run_id: str, name: str) -> tuple[int, str, int]:
+    with session_scope(db) as session:
+        for item_id, uri, method, target in session.execute(
+            select(Item.id, Item.source_uri, Heatmap.method, Heatmap.target_class)
+            .join(Heatmap, Heatmap.item_id == Item.id)
+            .where(Item.run_id == run_id, Heatmap.method == "gradcam")
+        ):
+            if uri.endswith(name):
+                return item_id, method, target
+    raise AssertionError(f"no map of {name}")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG"
+        return image.size
+
+
+def test_gallery_overlays_are_shrunk_before_they_are_blended(poisoned_run: dict[str, Any]) -> None:
+    from scheduler.web.images import Crop, ImageService
+
+    db = poisoned_run["db"]
+    item_id, method, target = _map_of(db, poisoned_run["run_id"], "large.jpg")
+    service = ImageService(db)
+    tracemalloc.start()
+    try:
+        thumb = service.overlay(item_id, method, target, None, Crop(max_side=256))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert _jpeg_size(thumb.data) == (256, 192)
+    # Blending at source size holds float32 copies of 12 megapixels (144 MB each).
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB of arrays for a 256 px overlay"
+
+
+def test_a_strip_wider_than_a_jpeg_is_drawn_shrunk_not_a_500(poisoned_run: dict[str, Any]) -> None:
+    from fastapi.testclient import TestClient
+
+    from scheduler.web import create_app
+
+    item_id, method, target = _map_of(poisoned_run["db"], poisoned_run["run_id"], "strip.png")
+    client = TestClient(create_app(poisoned_run["db"]), base_url="http://localhost")
+    whole = client.get(f"/items/{item_id}/overlay.jpg?method={method}&class={target}")
+    assert whole.status_code == 200, whole.text
+    assert _jpeg_size(whole.content) == (4096, 1)
+    thumb = client.get(f"/items/{item_id}/overlay.jpg?method={method}&class={target}&max_side=64")
+    assert thumb.status_code == 200 and _jpeg_size(thumb.content) == (64, 1)
+    part = client.get(f"/items/{item_id}/overlay.jpg?method={method}&class={target}&box=50000,0,50100,1")
+    assert part.status_code == 200 and _jpeg_size(part.content) == (100, 1)
+    source = client.get(f"/items/{item_id}/source.jpg")
+    assert source.status_code == 200 and _jpeg_size(source.content) == (4096, 1)
+
+
+def test_concurrent_renders_wait_their_turn(
+    poisoned_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scheduler.web.images as web_images
+
+    db = poisoned_run["db"]
+    item_id, method, target = _map_of(db, poisoned_run["run_id"], "large.jpg")
+    release, lock = threading.Event(), threading.Lock()
+    counts = {"asked": 0, "inside": 0, "most": 0}
+    real_render, real_ref = web_images.render_overlay, web_images.ImageService._map_ref
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            counts["inside"] += 1
+            counts["most"] = max(counts["most"], counts["inside"])
+        try:
+            release.wait(120)
+            return real_render(*args, **kwargs)
+        finally:
+            with lock:
+                counts["inside"] -= 1
+
+    def asked(self: Any, *args: Any) -> Any:
+        with lock:
+            counts["asked"] += 1
+        return real_ref(self, *args)
+
+    monkeypatch.setattr(web_images, "render_overlay", held)
+    monkeypatch.setattr(web_images.ImageService, "_map_ref", asked)
+    service = web_images.ImageService(db, max_renders=2)
+    threads = [
+        threading.Thread(
+            target=service.overlay, args=(item_id, method, target, None, web_images.Crop(max_side=64 + n))
+        )
+        for n in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: counts["asked"] == 6 and counts["inside"] == 2, 60, "six requests, two renders")
+    release.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert counts["most"] == 2 and counts["inside"] == 0

@@ -174,7 +174,8 @@ def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb") as fh:
             fd = -1  # the file object owns it now
-            data = fh.read(max_bytes + 1)
+            # Asking for the size, not the cap: read(n) reserves n bytes before reading.
+            data = fh.read(min(info.st_size, max_bytes) + 1)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -204,7 +205,8 @@ def _read_s3(uri: str, max_bytes: int, endpoint_url: str | None, region: str | N
             raise FileNotFoundError(f"no bucket {bucket!r} for {uri}") from exc
         raise
     with response["Body"] as body:
-        _check_size(int(response.get("ContentLength") or 0), max_bytes)
-        data = body.read(max_bytes + 1)
+        length = int(response.get("ContentLength") or 0)
+        _check_size(length, max_bytes)
+        data = body.read(min(length, max_bytes) + 1 if length else max_bytes + 1)
     _check_size(len(data), max_bytes, at_least=True)
     return data
