@@ -258,7 +258,9 @@ def _open(data: bytes, *, name: str | None, max_pixels: int, draft_to: tuple[int
     except ImageDecodeError:
         raise
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
-        raise ImageDecodeError(f"cannot decode {img.format} image ({_corrupt_reason(exc)}): {exc}") from exc
+        raise ImageDecodeError(
+            f"cannot decode {img.format} image ({_corrupt_reason(exc)}): {_decoder_says(exc)}"
+        ) from exc
     # Read after loading: Pillow's TIFF reader turns the pixels itself, reports the upright size
     # from the start and drops the tag, so only what is still tagged is left to apply here.
     orientation = _orientation(img)
@@ -281,7 +283,9 @@ def _identify(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(_unidentified_reason(data)) from exc
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
-        raise ImageDecodeError(f"cannot read the image header ({_corrupt_reason(exc)}): {exc}") from exc
+        raise ImageDecodeError(
+            f"cannot read the image header ({_corrupt_reason(exc)}): {_decoder_says(exc)}"
+        ) from exc
     pixels = img.width * img.height
     if pixels > max_pixels:
         raise ImageDecodeError(
@@ -311,6 +315,16 @@ def _orientation(img: Image.Image) -> int:
     except (OSError, SyntaxError, ValueError, struct.error, TypeError, IndexError):
         return 1  # unreadable EXIF: the pixels are still good, take them as stored
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+_BYTES_LITERAL = re.compile(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"")
+_QUOTED = re.compile(r"'[^']{9,}'|\"[^\"]{9,}\"")
+
+
+def _decoder_says(exc: BaseException) -> str:
+    """A decoder's message without the file's bytes it may quote (a chunk name, a tag's value)."""
+    text = _BYTES_LITERAL.sub("b'…'", str(exc))
+    return _QUOTED.sub("'…'", text)[:300]
 
 
 def _corrupt_reason(exc: BaseException) -> str:
@@ -438,7 +452,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many types for malformed files
-        raise ImageDecodeError(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError(f"cannot parse DICOM: {type(exc).__name__}: {_decoder_says(exc)}") from exc
     if "PixelData" not in ds:
         kinds = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         what = (
@@ -480,7 +494,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as exc:  # decoder plugins and malformed pixel data raise many types
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         where = f" (transfer syntax {syntax.name})" if syntax is not None else ""
-        raise ImageDecodeError(f"cannot decode DICOM pixel data{where}: {type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError(
+            f"cannot decode DICOM pixel data{where}: {type(exc).__name__}: {_decoder_says(exc)}"
+        ) from exc
     raise ImageDecodeError(
         f"DICOM photometric interpretation {photometric!r} with {arr.shape} pixels is not supported "
         "(MONOCHROME1, MONOCHROME2, RGB, YBR_* and PALETTE COLOR are)"
