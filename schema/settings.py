@@ -37,12 +37,25 @@ class Settings(BaseSettings):
     # unset = twice the shard time limit, so a live worker is never doubled.
     visibility_timeout_s: int | None = None
     unacked_restore_interval_s: int = 10
+    # Where people open the web UI; alert notifications link to runs under it when set.
+    public_url: str | None = None
+    # Webhook delivery of fired alerts: POSTs per notification, first back-off (doubling), timeout.
+    alert_attempts: int = 5
+    alert_backoff_s: float = 5.0
+    alert_timeout_s: float = 10.0
 
     @field_validator("decode_workers", "upload_workers", "encode_workers")
     @classmethod
     def _check_workers(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"must be at least 1 thread (or unset to follow the cores), got {value}")
+        return value
+
+    @field_validator("alert_attempts")
+    @classmethod
+    def _check_attempts(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"alert_attempts must be at least 1 (one POST, no retry), got {value}")
         return value
 
     @field_validator("amp")
