@@ -8,8 +8,10 @@ client errors quote the URL, so they are replaced by a description of what went 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +23,19 @@ from schema.alert_rules import WebhookTarget
 from schema.models import Alert, AlertState
 
 USER_AGENT = "camaudit-alerts"
+
+# urllib3 logs each request's path at DEBUG; while a webhook is being posted those records are
+# dropped, in this thread only, so S3 traffic keeps its debug logging.
+_posting = threading.local()
+
+
+class _QuietWhilePosting(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_posting, "active", False)
+
+
+for _name in ("urllib3", "urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanager"):
+    logging.getLogger(_name).addFilter(_QuietWhilePosting())
 
 
 class DeliveryError(Exception):
@@ -99,6 +114,7 @@ def webhook_url(target: WebhookTarget, environ: dict[str, str] | None = None) ->
 def post(url: str, notification: Notification, *, timeout_s: float) -> int:
     """POST the body once; returns the HTTP status, raises :class:`DeliveryError` otherwise."""
     http = urllib3.PoolManager(headers={"User-Agent": USER_AGENT})
+    _posting.active = True
     try:
         response = http.request(
             "POST",
@@ -112,6 +128,7 @@ def post(url: str, notification: Notification, *, timeout_s: float) -> int:
     except Exception as exc:  # every client error quotes the URL: describe it instead
         raise DeliveryError(_describe(exc, timeout_s)) from None
     finally:
+        _posting.active = False
         http.clear()
     if not 200 <= response.status < 300:
         raise DeliveryError(f"receiver answered HTTP {response.status}")
