@@ -15,6 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import MetaData, select
 
+from scheduler.analysis.report import ReportOptions, build_report
 from scheduler.audit_outcome import EXIT_ALERT, EXIT_OK
 from scheduler.web import create_app
 from schema.db import get_engine, session_scope
@@ -179,4 +180,9 @@ def test_a_receiver_that_is_down_is_retried_and_the_run_still_finishes(
     assert (row.rule, row.state, row.attempts, row.delivered_at) == ("status", "fired", 3, None)
     assert "connection refused" in (row.last_error or "")
     assert proc.stderr.count("retrying in") == 2 and "not delivered after 3 attempts" in proc.stderr
-    assert_no_secret(proc.stdout, proc.stderr, every_row(env["CAMAUDIT_DATABASE_URL"]))
+    report = build_report(
+        env["CAMAUDIT_DATABASE_URL"], info["run_id"], ReportOptions(regions=1, max_classes=1)
+    )
+    alerts_section = report.split('<section id="alerts">', 1)[1].split("</section>", 1)[0]
+    assert "run ended finished" in alerts_section and "not delivered after 3 attempt(s)" in alerts_section
+    assert_no_secret(proc.stdout, proc.stderr, every_row(env["CAMAUDIT_DATABASE_URL"]), report)
