@@ -218,12 +218,10 @@ def _compare(
 ) -> Judgement:
     fired = value > threshold if above else value < threshold
     side = "above" if above else "below"
-    verb = "is" if fired else "is not"
-    shown = f"{value:.4g}"
     return Judgement(
         rule,
         AlertState.FIRED if fired else AlertState.OK,
-        f"{what} = {shown}, {verb} {side} {threshold:g}",
+        f"{what} = {value:.4g}, {'' if fired else 'not '}{side} {threshold:g}",
         value=float(value),
         threshold=float(threshold),
         detail={"comparison": side, **(detail or {})},
