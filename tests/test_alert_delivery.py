@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from scheduler.audit_outcome import EXIT_ALERT, EXIT_OK
 from scheduler.web import create_app
 from schema.db import get_engine, session_scope
 from schema.models import Alert, ClassDrift, Run
+from tests.plugins.services import WorkerProcess, wait_until
 from tests.test_alerts import SECRET_URL_PATH, Receiver
 from tests.test_e2e_embedded import run_cli
 from workers.models import DEMO_CHECKPOINT, load_model
@@ -186,3 +187,50 @@ def test_a_receiver_that_is_down_is_retried_and_the_run_still_finishes(
     alerts_section = report.split('<section id="alerts">', 1)[1].split("</section>", 1)[0]
     assert "run ended finished" in alerts_section and "not delivered after 3 attempt(s)" in alerts_section
     assert_no_secret(proc.stdout, proc.stderr, every_row(env["CAMAUDIT_DATABASE_URL"]), report)
+
+
+def test_on_a_worker_a_refused_post_is_retried_on_the_control_queue(
+    manifest: Path,
+    postgres_url: str,
+    redis_url: str,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    receiver = Receiver(answers=(503,))
+    try:
+        checkpoint = tmp_path / "model.pt"
+        shutil.copy(DEMO_CHECKPOINT, checkpoint)
+        audits = write_audit(
+            tmp_path / "audits.yaml", manifest, checkpoint, tmp_path / "out", "{status: [finished]}"
+        )
+        shared = {"CAMAUDIT_DATABASE_URL": postgres_url, "CAMAUDIT_BROKER_URL": redis_url}
+        worker = start_worker(
+            {**shared, "CAMAUDIT_ALERT_WEBHOOK": receiver.url, "CAMAUDIT_ALERT_BACKOFF_S": "0.2"}
+        )
+        # The command that starts the audit does not need the webhook: the control worker sends it.
+        cli_env = {k: v for k, v in os.environ.items() if k != "CAMAUDIT_ALERT_WEBHOOK"}
+        proc = run_cli(
+            "audit", "run", "nightly", "--audits", str(audits), "--wait", "--json", env={**cli_env, **shared}
+        )
+        assert proc.returncode == EXIT_ALERT, proc.stderr
+        info = json.loads(proc.stdout)
+        assert info["status"] == "finished" and [a["rule"] for a in info["alerts"]] == ["status"]
+
+        def delivered() -> Alert | None:
+            with session_scope(postgres_url) as s:
+                return s.execute(
+                    select(Alert).where(Alert.run_id == info["run_id"], Alert.delivered_at.is_not(None))
+                ).scalar_one_or_none()
+
+        row = wait_until(delivered, timeout=60, what="the retried webhook POST to be recorded")
+        assert isinstance(row, Alert)
+        assert (row.attempts, row.last_error) == (
+            2,
+            "webhook 1 (${CAMAUDIT_ALERT_WEBHOOK}): receiver answered HTTP 503",
+        )
+        assert [path for path, _ in receiver.posts] == [SECRET_URL_PATH, SECRET_URL_PATH]
+        assert all(body["run_id"] == info["run_id"] for _, body in receiver.posts)
+        assert "camaudit.deliver_alerts" in worker.log()
+        assert_no_secret(proc.stdout, proc.stderr, worker.log(), every_row(postgres_url))
+    finally:
+        receiver.close()

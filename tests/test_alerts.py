@@ -196,10 +196,12 @@ def test_a_webhook_url_in_the_file_is_refused_without_being_echoed(tmp_path: Pat
 
 
 class Receiver:
-    """A webhook receiver on 127.0.0.1 that records each POST and answers ``status``."""
+    """A webhook receiver on 127.0.0.1 that records each POST and answers ``status``
+    (or the ``answers`` given, one per POST, first)."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, answers: tuple[int, ...] = ()) -> None:
         self.status = status
+        self.answers = list(answers)
         self.posts: list[tuple[str, dict[str, object]]] = []
         receiver = self
 
@@ -207,7 +209,7 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 receiver.posts.append((self.path, json.loads(self.rfile.read(length))))
-                self.send_response(receiver.status)
+                self.send_response(receiver.answers.pop(0) if receiver.answers else receiver.status)
                 self.end_headers()
 
             def log_message(self, *args: object) -> None:
