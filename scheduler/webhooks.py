@@ -75,7 +75,8 @@ def build_notification(facts: RunFacts, alerts: list[Alert], public_url: str | N
     lines += [f"(skipped {a.rule}: {a.message})" for a in skipped]
     lines += [f"{name}: {url}" for name, url in links.items()]
     body = {
-        "text": "\n".join(lines),
+        # Slack reads <...> as links and mentions: a class name must not be able to ping a channel.
+        "text": _slack_escape("\n".join(lines)),
         "audit": facts.audit_name,
         "run_id": facts.run_id,
         "baseline_run_id": facts.baseline_run_id,
@@ -95,6 +96,10 @@ def build_notification(facts: RunFacts, alerts: list[Alert], public_url: str | N
         "links": links,
     }
     return Notification(body)
+
+
+def _slack_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def webhook_url(target: WebhookTarget, environ: dict[str, str] | None = None) -> str:

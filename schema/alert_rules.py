@@ -23,25 +23,31 @@ class _Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DriftedClassesRule(_Rule):
+class _MethodRule(_Rule):
+    method: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _lower(cls, value: str | None) -> str | None:
+        return value.strip().lower() if value else None
+
+
+class DriftedClassesRule(_MethodRule):
     """Fires when more than ``above`` classes drifted against the baseline run."""
 
     above: int = Field(ge=0, description="number of drifted (method, layer, class) rows")
-    method: str | None = None
 
 
-class CorrelationRule(_Rule):
+class CorrelationRule(_MethodRule):
     """Fires when any class's mean correlation with the baseline is below ``below``."""
 
     below: float = Field(gt=-1.0, le=1.0, description="Pearson correlation, -1 to 1")
-    method: str | None = None
 
 
-class PointingGameRule(_Rule):
+class PointingGameRule(_MethodRule):
     """Fires when a method's pointing game (any layer) is below ``below``."""
 
     below: float = Field(gt=0.0, le=1.0, description="fraction of boxed items hit, 0 to 1")
-    method: str | None = None
 
 
 class FailedItemsRule(_Rule):

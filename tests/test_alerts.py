@@ -150,7 +150,7 @@ def test_a_valid_audit_carries_its_rules_into_the_run_spec(tmp_path: Path) -> No
         tmp_path,
         "    alerts:\n"
         "      drifted_classes: {above: 0}\n"
-        "      pointing_game: {below: 0.9, method: gradcam}\n"
+        "      pointing_game: {below: 0.9, method: GradCAM}\n"
         "      status: [partial, failed]\n"
         "    notify:\n"
         "      - webhook: ${CAMAUDIT_ALERT_WEBHOOK}\n",
@@ -173,7 +173,7 @@ def test_a_valid_audit_carries_its_rules_into_the_run_spec(tmp_path: Path) -> No
         ("    alerts:\n      failed_items: {above: 2}\n", "less than 1"),
         ("    alerts:\n      drifted_classes: {above: -1}\n", "greater than or equal to 0"),
         ("    alerts:\n      duration_s: {above: 0}\n", "greater than 0"),
-        ("    alerts:\n      mean_correlation: {above: 0.8}\n", "valid keys here: below, method"),
+        ("    alerts:\n      mean_correlation: {above: 0.8}\n", "valid keys here: method, below"),
         ("    notify:\n      - slack: ${X}\n", "valid keys here: webhook"),
     ],
 )
@@ -263,6 +263,20 @@ def test_notification_body_is_slack_text_plus_fields(receiver: Receiver) -> None
     text = str(body["text"])
     assert "nightly" in text and "square (gradcam/features, r=0.31)" in text and "/runs/r2" in text
     assert "s3cr3t" not in json.dumps(body)
+
+
+def test_class_names_cannot_mention_a_slack_channel() -> None:
+    run = facts(drift=[drift("gradcam", 3, "<!channel> & co", 0.1, True)])
+    rules = AlertRules.model_validate({"drifted_classes": {"above": 0}})
+    alerts = [
+        Alert(rule=j.rule, state=j.state, message=j.message, detail=j.detail) for j in evaluate(rules, run)
+    ]
+    body = build_notification(run, alerts, None).body
+    assert "&lt;!channel&gt; &amp; co (gradcam/features" in str(body["text"]) and "<!" not in str(
+        body["text"]
+    )
+    assert body["drifted_classes"][0]["class"] == "<!channel> & co"  # type: ignore[index]
+    assert body["links"] == {}
 
 
 def test_delivery_errors_never_quote_the_url(receiver: Receiver) -> None:
