@@ -283,9 +283,11 @@ def run_facts(database_url: str, run_id: str) -> RunFacts:
 
 
 def run_rules(config: dict[str, Any] | None) -> tuple[AlertRules | None, list[WebhookTarget]]:
-    """The rules and targets a run was started with (``runs.config``)."""
+    """The rules and targets a run was started with (``runs.config``); no rules set gives None."""
     config = config or {}
     rules = AlertRules.model_validate(config["alerts"]) if config.get("alerts") else None
+    if rules is not None and rules.empty:
+        rules = None
     targets = [WebhookTarget.model_validate(t) for t in config.get("notify") or []]
     return rules, targets
 

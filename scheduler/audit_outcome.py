@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from scheduler.alerts import alert_dict, run_alerts
+from scheduler.alerts import alert_dict, run_alerts, run_rules
 from schema.db import session_scope
 from schema.models import Alert, AlertState, Run, RunStatus
 
@@ -60,7 +60,7 @@ def audit_outcome(
     while True:
         with session_scope(database_url) as session:
             status, config = session.execute(select(Run.status, Run.config).where(Run.id == run_id)).one()
-        has_rules = bool((config or {}).get("alerts"))
+        has_rules = run_rules(config)[0] is not None
         alerts = run_alerts(database_url, run_id)
         if not has_rules or alerts or status not in RunStatus.TERMINAL or time.monotonic() >= deadline:
             return AuditOutcome(status, has_rules, alerts if alerts or not has_rules else None)

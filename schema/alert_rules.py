@@ -88,6 +88,10 @@ class AlertRules(BaseModel):
                     )
         return value
 
+    @property
+    def empty(self) -> bool:
+        return all(getattr(self, name) is None for name in type(self).model_fields)
+
     def methods_named(self) -> dict[str, str]:
         """Rule name -> CAM method it is restricted to, for checking against the audit's methods."""
         named = {

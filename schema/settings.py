@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -40,22 +40,15 @@ class Settings(BaseSettings):
     # Where people open the web UI; alert notifications link to runs under it when set.
     public_url: str | None = None
     # Webhook delivery of fired alerts: POSTs per notification, first back-off (doubling), timeout.
-    alert_attempts: int = 5
-    alert_backoff_s: float = 5.0
-    alert_timeout_s: float = 10.0
+    alert_attempts: int = Field(5, ge=1)
+    alert_backoff_s: float = Field(5.0, ge=0.0)
+    alert_timeout_s: float = Field(10.0, gt=0.0)
 
     @field_validator("decode_workers", "upload_workers", "encode_workers")
     @classmethod
     def _check_workers(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"must be at least 1 thread (or unset to follow the cores), got {value}")
-        return value
-
-    @field_validator("alert_attempts")
-    @classmethod
-    def _check_attempts(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"alert_attempts must be at least 1 (one POST, no retry), got {value}")
         return value
 
     @field_validator("amp")

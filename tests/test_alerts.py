@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from scheduler.alerts import ClassFact, QualityFact, RunFacts, evaluate
+from scheduler.alerts import ClassFact, QualityFact, RunFacts, evaluate, run_rules
 from scheduler.audit_outcome import EXIT_ALERT, EXIT_NOT_EVALUATED, EXIT_OK, EXIT_RUN_FAILED, AuditOutcome
 from scheduler.audits import AuditError, load_audits
 from scheduler.webhooks import DeliveryError, Notification, build_notification, post, webhook_url
@@ -107,6 +107,13 @@ def test_first_run_skips_drift_rules_and_says_why() -> None:
 def test_quality_rule_without_boxes_is_skipped_not_fired() -> None:
     judged = by_rule({"pointing_game": {"below": 0.9}}, facts(quality=[]))
     assert judged == {"pointing_game": ("skipped", None)}
+
+
+def test_an_empty_rule_set_is_no_rules() -> None:
+    assert run_rules({"alerts": {"status": None}, "notify": []}) == (None, [])
+    assert run_rules({"alerts": None})[0] is None
+    rules, targets = run_rules({"alerts": {"status": ["failed"]}, "notify": [{"webhook": "${HOOK}"}]})
+    assert rules is not None and rules.status == ["failed"] and targets[0].variable == "HOOK"
 
 
 def test_exit_codes() -> None:
