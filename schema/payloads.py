@@ -6,6 +6,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schema.alert_rules import AlertRules, WebhookTarget
+
 TARGET_PATTERN = re.compile(r"^(top1|all|label|topk:[1-9]\d*|classes:\d+(,\d+)*)$")
 
 
@@ -28,6 +30,9 @@ class RunSpec(BaseModel):
     name: str | None = None
     audit_name: str | None = None
     overlay: bool = False
+    # An audit's rules travel with its runs to the finalisation that evaluates them.
+    alerts: AlertRules | None = None
+    notify: list[WebhookTarget] = Field(default_factory=list)
 
     @field_validator("methods")
     @classmethod

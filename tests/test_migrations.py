@@ -17,7 +17,7 @@ from schema.db import downgrade, normalise_url, upgrade
 from schema.models import Base
 from tests.plugins.services import REPO_ROOT, wait_until
 
-TABLES = {"runs", "shards", "items", "heatmaps", "patch_scores"}
+TABLES = {"runs", "shards", "items", "heatmaps", "patch_scores", "alerts"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
