@@ -307,3 +307,11 @@ def test_concurrent_renders_wait_their_turn(
     for thread in threads:
         thread.join(timeout=120)
     assert counts["most"] == 2 and counts["inside"] == 0
+
+
+def test_render_of_a_source_wider_than_a_jpeg_says_so(poisoned_run: dict[str, Any]) -> None:
+    from scheduler.render import RenderError, render_overlay
+
+    item_id, method, target = _map_of(poisoned_run["db"], poisoned_run["run_id"], "strip.png")
+    with pytest.raises(RenderError, match=r"100000x1 pixels; a JPEG overlay can be at most 65,500"):
+        render_overlay(poisoned_run["db"], item_id, method, target)
