@@ -4,7 +4,7 @@
 set -euo pipefail
 
 REDIS_PORT=${REDIS_PORT:-6379}
-PG_PORT=${PG_PORT:-5432}
+PG_PORT=${PG_PORT:-55432}  # a port of its own, so no system cluster or its pg_hba.conf is involved
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
@@ -39,9 +39,9 @@ pg_up() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; }
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 if ! { command -v pg_isready >/dev/null && pg_up; }; then
   [ -n "$(pg_bin)" ] || apt_install postgresql
-  # Nothing answers on $PG_PORT: start a throwaway cluster for the tests instead of touching the
-  # system's clusters or their pg_hba.conf. It lives in $PG_DATA, listens on 127.0.0.1 only
-  # (its socket inside $PG_DATA), and trusts every connection to it: the tests connect as
+  # Nothing answers on $PG_PORT: start a throwaway cluster for the tests on that port, leaving
+  # the system's clusters (on 5432 or elsewhere) and their pg_hba.conf untouched. It lives in
+  # $PG_DATA, listens on 127.0.0.1 only (its socket inside $PG_DATA), and trusts every connection to it: the tests connect as
   # postgres without a password and create and drop databases and roles. Remove it with
   # `pg_ctl -D $PG_DATA stop && rm -rf $PG_DATA`.
   bin=$(pg_bin)
