@@ -17,7 +17,7 @@ from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
 from schema.db import session_scope
-from schema.models import Item, PatchScore, Run
+from schema.models import Item, PatchScore, Run, RunStatus
 
 __all__ = [
     "DELETING",
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # A run that gc has started to delete; its rows are going and must not be reported.
-DELETING = "deleting"
+DELETING = RunStatus.DELETING
 MAX_LIMIT = 100_000
 
 
