@@ -6,6 +6,7 @@ tests/test_faults.py kills real worker processes.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import timedelta
@@ -272,3 +273,36 @@ def test_bad_lease_settings_fail_with_what_would_be_right(
 def test_default_settings_recover_a_lost_worker_within_two_minutes() -> None:
     defaults = Settings()
     assert defaults.lease_s + defaults.lease_sweep_interval_s <= 120
+
+
+def test_status_names_the_worker_whose_lease_ran_out(run: SeededRun) -> None:
+    from typer.testing import CliRunner
+
+    from scheduler.cli import app
+
+    claim(run, run.shard_ids[0], "doomed@gpu-7:4242")
+    claim(run, run.shard_ids[1], "alive@gpu-8:77")
+    expire(run.database_url, run.shard_ids[0])
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", run.run_id, "--database-url", run.database_url, "--json"])
+    assert result.exit_code == 0, result.output
+    leases = json.loads(result.output)["leases"]
+    assert [(e["shard"], e["worker"]) for e in leases["expired"]] == [(0, "doomed@gpu-7:4242")]
+    assert [(e["shard"], e["worker"]) for e in leases["running"]] == [(1, "alive@gpu-8:77")]
+
+    sessions = sessionmaker(get_engine(run.database_url))
+    sweep_expired_leases(sessions, max_lost=3, enqueue=lambda *a: None)
+    shown = runner.invoke(app, ["status", run.run_id, "--database-url", run.database_url])
+    assert shown.exit_code == 0, shown.output
+    assert "lost workers" in shown.output and "doomed@gpu-7:4242" in shown.output
+
+
+def test_resume_command_refuses_a_run_being_deleted(run: SeededRun) -> None:
+    from typer.testing import CliRunner
+
+    from scheduler.cli import app
+
+    set_run_status(run.database_url, run.run_id, RunStatus.DELETING)
+    result = CliRunner().invoke(app, ["resume", run.run_id, "--database-url", run.database_url])
+    assert result.exit_code == 2
+    assert "being deleted" in result.output
