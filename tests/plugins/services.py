@@ -134,11 +134,13 @@ class WorkerProcess:
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(env_overrides: dict[str, str], name: str = "w1") -> WorkerProcess:
+    def start(env_overrides: dict[str, str], name: str = "w1", *, ready: bool = True) -> WorkerProcess:
+        """``ready=False`` returns at once: start several, then ``wait_ready`` each, booting in parallel."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_overrides}
         worker = WorkerProcess(env, tmp_path / f"worker-{name}.log", name)
         started.append(worker)
-        worker.wait_ready()
+        if ready:
+            worker.wait_ready()
         return worker
 
     yield start
