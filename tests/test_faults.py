@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from scheduler.plan import plan_run
-from schema.db import session_scope
+from schema.db import dispose_engines, session_scope
 from schema.models import Run, Shard
 from schema.payloads import RunSpec
 from schema.settings import Settings
@@ -313,3 +314,96 @@ def test_unreachable_s3_delays_but_loses_nothing(
     storage = open_storage(s3_storage_url, endpoint_url=s3_endpoint_url)
     assert_run_complete(postgres_url, run_id, storage)
     assert len(done) < 4, "the outage began after the run had finished"
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster of this test's own, which it may stop and start at will.
+
+    The shared server on 5432 must never be restarted. PostgreSQL refuses to run as root, so
+    when the tests run as root the cluster belongs to the ``postgres`` user.
+    """
+
+    def __init__(self) -> None:
+        initdbs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not initdbs:
+            pytest.fail("PostgreSQL's server binaries are not installed; run `make services`")
+        self.bin = initdbs[-1].parent
+        self.root = Path(tempfile.mkdtemp(prefix="camaudit-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            shutil.chown(self.root, "postgres", "postgres")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bin / tool), *args]
+        if self.as_root:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{tool} failed: {proc.stdout}{proc.stderr}"
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options, "-w", "start"
+        )
+
+    def stop(self) -> None:
+        """A fast shutdown, as a restart or a failover does it: open sessions are cut."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        dispose_engines()
+        cluster.remove()
+
+
+def test_postgres_restart_mid_run_loses_and_doubles_nothing(
+    tmp_path: Path,
+    private_postgres: PostgresCluster,
+    redis_url: str,
+    s3_endpoint_url: str,
+    s3_storage_url: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    database = private_postgres.url
+    env = base_env(database, redis_url, s3_storage_url, s3_endpoint_url) | LEASE_ENV
+    worker = start_worker(env, name="w1")
+    # Two shards: one running when the database goes away, one whose claim then fails and retries.
+    data = make_dataset(tmp_path / "data", 8, seed=5)
+    run_id, _ = plan_in_process(data, env, "gradcam,scorecam", 4)
+    wait_until(lambda: running_shard(database, run_id), 120, "a shard to start")
+    with session_scope(database) as s:
+        running = s.execute(select(Shard.id).where(Shard.run_id == run_id, Shard.status == "running")).all()
+    dispose_engines()  # this process's own connections must not outlive the server either
+    private_postgres.stop()
+    assert len(running) == 1, "no shard was running when the database went away"
+    # The server stays away until the running shard has lost its lease to the outage and the
+    # next shard's claim has failed and is being retried.
+    wait_until(lambda: "database was unreachable" in worker.log(), 60, "the running shard to give up")
+    wait_until(lambda: "attempt 1 failed (" in worker.log(), 60, "the next shard to retry its claim")
+    private_postgres.start()
+    wait_finished(database, run_id)
+    assert worker.proc.poll() is None, worker.log()[-2000:]
+    assert_run_complete(database, run_id, open_storage(s3_storage_url, endpoint_url=s3_endpoint_url))
+    interrupted = shard_row(database, running[0][0])
+    assert interrupted.attempts >= 2 and interrupted.lost_leases == 1

@@ -47,6 +47,13 @@ def aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def short_error(exc: BaseException) -> str:
+    """The driver's own first line, without the statement and parameters SQLAlchemy appends."""
+    cause = getattr(exc, "orig", None) or exc
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {first}"[:300]
+
+
 def _held_by(shard_id: int, attempt: int) -> list[object]:
     """The rows a holder of ``attempt`` may still touch: its running shard of a run not being deleted."""
     run_alive = exists().where(Run.id == Shard.run_id, Run.status != RunStatus.DELETING)
@@ -161,7 +168,7 @@ class Heartbeat:
                     log.warning(
                         "%s: cannot renew the lease (%s); retrying every %gs",
                         self.name,
-                        type(exc).__name__,
+                        short_error(exc),
                         self.interval_s,
                     )
                     self._failing = True

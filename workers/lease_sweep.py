@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from schema.db import new_engine
 from schema.models import Run, RunStatus, Shard, ShardStatus
-from workers.lease import db_now
+from workers.lease import db_now, short_error
 from workers.shard import note_lost_lease
 
 log = logging.getLogger("camaudit.lease")
@@ -168,7 +168,7 @@ class LeaseSweeper:
                 self.sweep()
             except Exception as exc:
                 if not self._failing:
-                    log.warning("lease sweep failed (%s: %s); trying again", type(exc).__name__, exc)
+                    log.warning("lease sweep failed (%s); trying again", short_error(exc))
                     self._failing = True
                 continue
             self._failing = False

@@ -39,7 +39,15 @@ from workers.images import (
     open_rgb,
     stack_pixels,
 )
-from workers.lease import Heartbeat, LeaseLost, aware, db_now, expire_lease, hand_back_for_retry
+from workers.lease import (
+    Heartbeat,
+    LeaseLost,
+    aware,
+    db_now,
+    expire_lease,
+    hand_back_for_retry,
+    short_error,
+)
 from workers.models import LoadedModel
 from workers.pools import pool_sizes
 from workers.runtime import engine_for, model_for, storage_for
@@ -551,7 +559,7 @@ def _best_effort(database_url: str, what: str, change: Callable[[Session], None]
         with session_scope(database_url) as session:
             change(session)
     except Exception as exc:
-        log.warning("could not %s (%s: %s); the lease runs out by itself", what, type(exc).__name__, exc)
+        log.warning("could not %s (%s); the lease runs out by itself", what, short_error(exc))
 
 
 def explain_shard(
