@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,30 +40,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data", 24, seed=9)
-
-
-RABBITMQ = os.environ.get("CAMAUDIT_TEST_RABBITMQ", "127.0.0.1:5672")
-
-
-def rabbitmqctl(*args: str) -> None:
-    binary = shutil.which("rabbitmqctl")
-    if binary is None:
-        pytest.fail("rabbitmqctl is not installed; run `make services`")
-    proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        pytest.fail(f"rabbitmqctl {' '.join(args)} failed ({proc.stderr.strip()}); run `make services`")
-
-
-@pytest.fixture
-def amqp_url() -> Iterator[str]:
-    """A virtual host of its own on the shared RabbitMQ: its queues are this test's alone."""
-    vhost = f"camaudit-t-{uuid.uuid4().hex[:10]}"
-    rabbitmqctl("add_vhost", vhost)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{RABBITMQ}/{vhost}"
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture(params=["redis", "amqp"])
