@@ -306,3 +306,22 @@ def test_resume_command_refuses_a_run_being_deleted(run: SeededRun) -> None:
     result = CliRunner().invoke(app, ["resume", run.run_id, "--database-url", run.database_url])
     assert result.exit_code == 2
     assert "being deleted" in result.output
+
+
+@pytest.mark.parametrize("command", [["worker"], ["run", "--source", "data"]])
+def test_a_bad_lease_setting_stops_a_command_before_any_work(command: list[str], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scheduler.cli import app
+
+    database = tmp_path / "never.db"
+    env = {
+        "CAMAUDIT_LEASE_S": "20",
+        "CAMAUDIT_HEARTBEAT_INTERVAL_S": "10",
+        "CAMAUDIT_DATABASE_URL": f"sqlite:///{database}",
+        "CAMAUDIT_BROKER_URL": "redis://127.0.0.1:1/0",
+    }
+    result = CliRunner().invoke(app, command, env=env)
+    assert result.exit_code == 2, result.output
+    assert "bad setting" in result.output and "CAMAUDIT_LEASE_S=30" in result.output
+    assert not database.exists()

@@ -118,6 +118,7 @@ class Heartbeat:
         lease_s: float,
         interval_s: float,
         name: str = "",
+        claimed_at: float | None = None,
     ) -> None:
         self._sessions = session_factory
         self.shard_id = shard_id
@@ -128,8 +129,9 @@ class Heartbeat:
         self.lost = threading.Event()
         self.reason = ""
         self._stop = threading.Event()
-        # Measured before the claim's transaction, so this side's deadline is never later than the database's.
-        self._renewed_at = time.monotonic()
+        # ``time.monotonic()`` taken before the claim's transaction: this side's idea of when the
+        # lease runs out is then never later than the database's.
+        self._renewed_at = time.monotonic() if claimed_at is None else claimed_at
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{shard_id}", daemon=True)
         self._failing = False
 

@@ -572,6 +572,7 @@ def explain_shard(
 ) -> ShardOutcome:
     """Claim, compute under a renewed lease, commit; ``retry_in_s``: when a failed attempt's retry runs."""
     settings = settings or get_settings()
+    claiming = time.monotonic()
     claimed = claim_shard(settings.database_url, run_id, shard_id, settings, worker=worker)
     if isinstance(claimed, ShardOutcome):
         log.info("run=%s shard_id=%d %s: %s", run_id, shard_id, claimed.status, claimed.reason)
@@ -587,6 +588,7 @@ def explain_shard(
         lease_s=settings.lease_s,
         interval_s=settings.heartbeat_interval_s,
         name=where,
+        claimed_at=claiming,
     )
     try:
         with heartbeat:
