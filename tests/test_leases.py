@@ -210,6 +210,10 @@ def test_a_shard_that_keeps_losing_its_worker_fails_and_ends_the_run(database_ur
     assert "lost its worker 3 times (last w2@host:2" in (failed.error or "")
     with session_scope(database_url) as session:
         assert session.get(Run, "poison").status == RunStatus.FAILED  # type: ignore[union-attr]
+    # the broker handing back an old delivery later does not run it again
+    late = claim_shard(database_url, "poison", shard_id, SETTINGS, worker="w9@host:9")
+    assert isinstance(late, ShardOutcome) and late.status == "skipped"
+    assert shard(database_url, shard_id).status == "failed"
 
 
 def test_a_retry_hands_the_shard_back_and_a_lost_retry_is_swept(run: SeededRun) -> None:

@@ -174,6 +174,9 @@ def claim_shard(
             raise LookupError(f"shard {shard_id} of run {run_id} does not exist in {database_url}")
         if shard.status == ShardStatus.DONE:
             return ShardOutcome(run_id, shard.index, "skipped", reason="already done")
+        if shard.status == ShardStatus.FAILED:
+            # A late or restored delivery must not revive it; `camaudit resume` makes it pending first.
+            return ShardOutcome(run_id, shard.index, "skipped", reason="failed already; resume runs it again")
         if run.status == RunStatus.DELETING:
             return ShardOutcome(run_id, shard.index, "skipped", reason="its run is being deleted")
         now = db_now(session)
