@@ -168,5 +168,8 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         return worker
 
     yield start
+    for worker in started:  # all shut down together, then each is waited for
+        if worker.proc.poll() is None:
+            worker.proc.terminate()
     for worker in started:
         worker.stop()
