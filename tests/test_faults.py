@@ -382,3 +382,5 @@ def test_postgres_restart_mid_run_loses_and_doubles_nothing(
     assert_run_complete(database, run_id, open_storage(s3_storage_url, endpoint_url=s3_endpoint_url))
     interrupted = shard_row(database, running[0][0])
     assert interrupted.attempts >= 2 and interrupted.lost_leases == 1
+    # The attempt cut off by the outage was dropped, not retried on top of the re-run.
+    assert "attempt=1 discarded, nothing of it kept" in worker.log()
