@@ -258,6 +258,7 @@ def test_redis_restart_mid_run(
     run_id = start_run(dataset, env, "gradcam,scorecam", 6)
     wait_until(lambda: running_shard(postgres_url, run_id), 120, "a shard to start")
     private_redis.stop()
+    assert running_shard(postgres_url, run_id), "no shard was running when Redis went away"
     private_redis.start()
     wait_finished(postgres_url, run_id)
     assert worker.proc.poll() is None, worker.log()[-2000:]
