@@ -28,6 +28,7 @@ from schema.models import Item, Run, RunStatus, Shard, ShardStatus, utcnow
 from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.cam import CamEngine
+from workers.cam.device_errors import is_out_of_memory
 from workers.fetch import read_bytes
 from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg
 from workers.images import (
@@ -296,7 +297,27 @@ def _explain_batch(
     if not batch:
         return
     pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
-    result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    try:
+        result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(batch) == 1:
+            raise
+        result = None  # split outside the handler: its traceback holds the batch's tensors
+    if result is None:
+        half = len(batch) // 2
+        log.warning(
+            "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
+            work.run_id,
+            work.shard_index,
+            len(batch),
+            half,
+            len(batch) - half,
+        )
+        del pixels, targets
+        release_cached_memory(device)
+        for part in (batch[:half], batch[half:]):
+            _explain_batch(work, loaded, engine, part, writer, encoder, rows, sources)
+        return
     rows.items.extend(prediction_rows(work, batch, result))
 
     layout = map_layout(batch, result)
@@ -316,6 +337,12 @@ def _explain_batch(
             rows.heatmaps.extend(heatmaps)
             rows.encoded.append((heatmaps, shas))
             rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the failed attempt's cached blocks back before a smaller retry."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:

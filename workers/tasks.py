@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from typing import Any
 
 from celery import Task
 
 from schema.settings import get_settings
+from workers.cam.device_errors import is_device_error
 from workers.celery_app import CONTROL_QUEUE, SHARD_QUEUE, app
 from workers.shard import explain_shard, fail_shard
 
 log = logging.getLogger("camaudit.worker")
 
 MAX_RETRIES = 3
+# The process exits with this status after a CUDA error (sysexits' EX_SOFTWARE).
+EXIT_DEVICE_ERROR = 70
 
 
 def retry_delay(retries: int) -> float:
@@ -27,6 +31,8 @@ def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]
     try:
         outcome = explain_shard(run_id, shard_id, settings)
     except Exception as exc:
+        if is_device_error(exc) and not self.request.is_eager:
+            end_poisoned_process(run_id, shard_id, exc)
         retries = int(self.request.retries or 0)
         if retries < MAX_RETRIES:
             log.warning(
@@ -44,6 +50,25 @@ def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]
     if outcome.run_status is not None:
         _after_run(run_id, eager=bool(self.request.is_eager))
     return outcome.as_dict()
+
+
+def end_poisoned_process(run_id: str, shard_id: int, exc: BaseException) -> None:
+    """After a CUDA error the process's context is unusable: every later shard would fail too.
+
+    The child exits at once without acknowledging the shard; with late acknowledgement and
+    ``task_reject_on_worker_lost`` the broker hands the shard to another process, and the
+    pool starts a fresh child in place of this one. (Embedded runs cannot replace their
+    process; there the error takes the ordinary retry path.)
+    """
+    log.critical(
+        "run=%s shard_id=%d: device error (%s: %s); ending this worker process so a fresh one replaces it",
+        run_id,
+        shard_id,
+        type(exc).__name__,
+        str(exc).splitlines()[0] if str(exc) else "",
+    )
+    logging.shutdown()
+    os._exit(EXIT_DEVICE_ERROR)
 
 
 def _after_run(run_id: str, *, eager: bool) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from workers.cam.capture import capture_layers
+from workers.cam.device_errors import is_device_failure
 from workers.cam.errors import CamConfigError
 from workers.cam.folding import FoldedModel
 from workers.cam.guard import evaluation_mode
@@ -169,8 +170,8 @@ class CamEngine:
                     with autocast(batch.images.device, dtype), mode:
                         output = self.model(self._memory.input(batch.images))
                 return output, captured
-            except RuntimeError:
-                if not self._memory.enabled:
+            except RuntimeError as exc:
+                if not self._memory.enabled or is_device_failure(exc):
                     raise
                 self._memory.disable()
 

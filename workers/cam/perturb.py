@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.cam.capture import replace_output
+from workers.cam.device_errors import is_device_failure
 from workers.cam.layout import Layout, channel_axis
 from workers.cam.memory_format import ChannelsLast
 from workers.cam.precision import autocast
@@ -47,7 +48,9 @@ class MaskedForward:
             if self.memory.enabled:
                 try:
                     return self.model(self.memory.input(inputs))
-                except RuntimeError:
+                except RuntimeError as exc:
+                    if is_device_failure(exc):
+                        raise
                     self.memory.disable()
             return self.model(inputs)
 
@@ -98,7 +101,9 @@ class AblationRunner:
             if self.broadcast:
                 try:
                     output = self.run(image)
-                except RuntimeError:
+                except RuntimeError as exc:
+                    if is_device_failure(exc):
+                        raise
                     output = None
                 if isinstance(output, torch.Tensor) and output.dim() > 0 and output.shape[0] == count:
                     return output
