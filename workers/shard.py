@@ -246,16 +246,19 @@ def _batch_targets(
     work: ShardWork,
     batch: list[tuple[WorkItem, DecodedPixels]],
     rows: ShardRows,
-    device: torch.device,
 ) -> tuple[Any, list[tuple[WorkItem, DecodedPixels]]]:
-    """The engine's targets for the items that have one; the others fail here with their reason."""
+    """The engine's targets for the items that have one; the others fail here with their reason.
+
+    Class targets stay on the host: the engine checks them there, without a read back from the
+    device between forward and backward, and copies them over itself.
+    """
     targets, target_errors = _targets_for(work, [item for item, _ in batch])
     keep = [i for i, err in enumerate(target_errors) if err is None]
     for (item, _), err in zip(batch, target_errors, strict=True):
         if err is not None:
             rows.items.append(failed_item_row(item, err))
     if isinstance(targets, torch.Tensor) and keep:
-        targets = targets[keep].to(device)
+        targets = targets[keep]
     return targets, [batch[i] for i in keep]
 
 
@@ -293,7 +296,7 @@ def _explain_batch(
 ) -> None:
     device = next(loaded.model.parameters()).device
     pre = loaded.preprocess
-    targets, batch = _batch_targets(work, batch, rows, device)
+    targets, batch = _batch_targets(work, batch, rows)
     if not batch:
         return
     pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)

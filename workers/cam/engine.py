@@ -130,7 +130,7 @@ class CamEngine:
             resolve_layer(model, name)
         self._heads: dict[str, nn.Linear] = {}
         self._memory = ChannelsLast(bool(channels_last))
-        self._broadcast: dict[str, bool] = {}
+        self._ablation_modes: dict[str, str] = {}
         self._folded = FoldedModel(model)
 
     def _uses(self, kind: Kind) -> list[Method]:
@@ -297,7 +297,7 @@ class CamEngine:
             return scorecam_weights(
                 folded, images, acts[name], request, resolved.classes, self.score_batch_size
             )
-        runner = AblationRunner(run, self.model.get_submodule(name), self._broadcast.get(name, True))
+        runner = AblationRunner(run, self.model.get_submodule(name), self._ablation_modes.get(name, "mixed"))
         weights = ablation_weights(
             runner,
             images,
@@ -308,7 +308,7 @@ class CamEngine:
             resolved.classes,
             self.score_batch_size,
         )
-        self._broadcast[name] = runner.broadcast
+        self._ablation_modes[name] = runner.mode
         return weights
 
     def _result(
