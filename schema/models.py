@@ -117,6 +117,13 @@ class Shard(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # how the committed results were computed (workers/provenance.py)
+    device_type: Mapped[str | None] = mapped_column(String(16))
+    autocast_dtype: Mapped[str | None] = mapped_column(String(16))
+    tf32_matmul: Mapped[bool | None] = mapped_column(Boolean)
+    tf32_cudnn: Mapped[bool | None] = mapped_column(Boolean)
+    torch_version: Mapped[str | None] = mapped_column(String(64))
+    cudnn_version: Mapped[str | None] = mapped_column(String(16))
 
 
 class Item(Base):

@@ -36,3 +36,22 @@ def test_upgrade_from_empty_matches_models_and_downgrade_to_empty(database_url: 
         assert set(inspect(engine).get_table_names()) - {"alembic_version"} == set()
     finally:
         engine.dispose()
+
+
+PROVENANCE = {"device_type", "autocast_dtype", "tf32_matmul", "tf32_cudnn", "torch_version", "cudnn_version"}
+
+
+def test_shard_provenance_columns_come_and_go_with_their_revision(database_url: str) -> None:
+    upgrade(database_url)
+    engine = create_engine(normalise_url(database_url))
+    try:
+        assert PROVENANCE <= {c["name"] for c in inspect(engine).get_columns("shards")}
+        downgrade(database_url, "0008_shard_provenance-1")
+        inspect_after = inspect(engine)
+        assert not PROVENANCE & {c["name"] for c in inspect_after.get_columns("shards")}
+        assert "n_done" in {c["name"] for c in inspect_after.get_columns("shards")}
+        upgrade(database_url)
+        assert PROVENANCE <= {c["name"] for c in inspect(engine).get_columns("shards")}
+        downgrade(database_url)
+    finally:
+        engine.dispose()

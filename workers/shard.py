@@ -41,7 +41,8 @@ from workers.images import (
 )
 from workers.models import LoadedModel
 from workers.pools import pool_sizes
-from workers.runtime import engine_for, model_for, storage_for
+from workers.provenance import shard_provenance
+from workers.runtime import amp_argument, engine_for, model_for, storage_for
 from workers.shard_rows import (
     MapLayout,
     MapStatistics,
@@ -353,7 +354,8 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     engine = engine_for(loaded, work.methods, work.layers, settings)
     storage = storage_for(work.output_uri, settings)
     sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage))
-    rows = ShardRows()
+    device = next(loaded.model.parameters()).device
+    rows = ShardRows(provenance=shard_provenance(device, amp_argument(settings.amp)))
     with (
         ConcurrentWriter(storage, max_workers=sizes.upload) as writer,
         ThreadPoolExecutor(max_workers=sizes.encode, thread_name_prefix="encode") as encoder,
@@ -432,6 +434,8 @@ def commit_shard(database_url: str, work: ShardWork, rows: ShardRows) -> ShardOu
             shard.error = None
             shard.finished_at = utcnow()
             shard.n_done, shard.n_failed = rows.n_done, rows.n_failed
+            for column, value in rows.provenance.items():
+                setattr(shard, column, value)
             run_status = _refresh_run(session, run)
     return ShardOutcome(work.run_id, work.shard_index, "done", rows.n_done, rows.n_failed, run_status)
 

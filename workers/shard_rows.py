@@ -35,6 +35,8 @@ class ShardRows:
     # heatmap rows and the encoder task that returns their PNGs' sha256, in the same order
     encoded: list[tuple[list[dict[str, Any]], Future[list[str]]]] = field(default_factory=list)
     patches: list[tuple[HeatmapKey, dict[str, Any]]] = field(default_factory=list)
+    # the shard row's provenance columns (workers/provenance.py)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_done(self) -> int:
