@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     amp: str = "auto"
     log_level: str = "INFO"
     # Threads per shard stage; unset = follow the cores (and S3 vs local folder for uploads).
+    fetch_workers: int | None = None
     decode_workers: int | None = None
     upload_workers: int | None = None
     encode_workers: int | None = None
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
     alert_backoff_s: float = Field(5.0, ge=0.0)
     alert_timeout_s: float = Field(10.0, gt=0.0)
 
-    @field_validator("decode_workers", "upload_workers", "encode_workers")
+    @field_validator("fetch_workers", "decode_workers", "upload_workers", "encode_workers")
     @classmethod
     def _check_workers(cls, value: int | None) -> int | None:
         if value is not None and value < 1:

@@ -45,13 +45,13 @@ def test_shard_provenance_columns_come_and_go_with_their_revision(database_url: 
     upgrade(database_url)
     engine = create_engine(normalise_url(database_url))
     try:
-        assert PROVENANCE <= {c["name"] for c in inspect(engine).get_columns("shards")}
+        assert {c["name"] for c in inspect(engine).get_columns("shards")} >= PROVENANCE
         downgrade(database_url, "0008_shard_provenance-1")
         inspect_after = inspect(engine)
         assert not PROVENANCE & {c["name"] for c in inspect_after.get_columns("shards")}
         assert "n_done" in {c["name"] for c in inspect_after.get_columns("shards")}
         upgrade(database_url)
-        assert PROVENANCE <= {c["name"] for c in inspect(engine).get_columns("shards")}
+        assert {c["name"] for c in inspect(engine).get_columns("shards")} >= PROVENANCE
         downgrade(database_url)
     finally:
         engine.dispose()

@@ -7,6 +7,7 @@ the shard pending for another delivery; a crash after it leaves nothing to redo.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -29,6 +30,7 @@ from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.cam import CamEngine
 from workers.cam.device_errors import is_out_of_memory
+from workers.device_defaults import defaults_for
 from workers.fetch import read_bytes
 from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg
 from workers.images import (
@@ -40,7 +42,7 @@ from workers.images import (
     stack_pixels,
 )
 from workers.models import LoadedModel
-from workers.pools import pool_sizes
+from workers.pools import PoolSizes, pool_sizes
 from workers.provenance import shard_provenance
 from workers.runtime import amp_argument, engine_for, model_for, storage_for
 from workers.shard_rows import (
@@ -79,11 +81,12 @@ class ShardWork:
     patch_size: int
     top_patches: int
     top_k_predictions: int
-    batch_size: int
+    batch_size: int | None  # None: by the worker's device
     output_uri: str
     class_names: list[str] | None
     items: list[WorkItem]
     overlay: bool = False
+    score_batch_size: int | None = None  # None: by the worker's device
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,8 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             patch_size=run.patch_size,
             top_patches=run.top_patches,
             top_k_predictions=int(run.config.get("top_k_predictions", 5)),
-            batch_size=int(run.config.get("batch_size", 16)),
+            batch_size=run.config.get("batch_size"),
+            score_batch_size=run.config.get("score_batch_size"),
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
             overlay=bool(run.config.get("overlay", False)),
@@ -152,41 +156,65 @@ Decoded = tuple[DecodedPixels, bytes | None]
 
 
 def _decoded_stream(
-    work: ShardWork, settings: Settings, size: tuple[int, int], threads: int
+    work: ShardWork, settings: Settings, size: tuple[int, int], sizes: PoolSizes
 ) -> Iterator[tuple[WorkItem, Decoded | str]]:
-    """Decode ahead of the model on a thread pool; yields (item, image or failure reason) in order.
+    """Fetch and decode ahead of the model; yields (item, image or failure reason) in order.
 
-    The source bytes come along only when overlays are wanted, to draw them at source size.
+    Reads run on a fetch pool of their own (with S3, tens of round trips in flight) and hand
+    their bytes to the decode pool, so a decode thread never waits on the network. The source
+    bytes come along only when overlays are wanted, to draw them at source size.
     """
 
-    def load(item: WorkItem) -> Decoded | str:
-        try:
-            data = read_bytes(
-                item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
-            )
-            return decode_pixels(data, size, max_pixels=settings.max_image_pixels, name=item.source_uri), (
-                data if work.overlay else None
-            )
-        except FileNotFoundError:
+    def failure(item: WorkItem, exc: Exception) -> str:
+        if isinstance(exc, FileNotFoundError):
             return f"file not found: {item.source_uri}"
-        except ImageDecodeError as exc:
+        if isinstance(exc, ImageDecodeError):
             return str(exc)
-        except Exception as exc:  # one unreadable item must never fail its shard
-            return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
+        # one unreadable item must never fail its shard
+        return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
 
-    window = max(2 * work.batch_size, threads)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+    def fetch(item: WorkItem) -> bytes:
+        return read_bytes(item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+
+    def decode(item: WorkItem, data: bytes, done: Future[Decoded | str]) -> None:
+        try:
+            pixels = decode_pixels(data, size, max_pixels=settings.max_image_pixels, name=item.source_uri)
+            done.set_result((pixels, data if work.overlay else None))
+        except Exception as exc:
+            done.set_result(failure(item, exc))
+
+    def start(item: WorkItem) -> Future[Decoded | str]:
+        done: Future[Decoded | str] = Future()
+
+        def fetched(read: Future[bytes]) -> None:
+            try:
+                data = read.result()
+            except Exception as exc:
+                done.set_result(failure(item, exc))
+                return
+            decoder.submit(decode, item, data, done)
+
+        fetcher.submit(fetch, item).add_done_callback(fetched)
+        return done
+
+    assert work.batch_size is not None
+    window = max(2 * work.batch_size, sizes.fetch + sizes.decode)
+    # the fetch pool shuts down first (its callbacks still hand work to the decoders)
+    with (
+        ThreadPoolExecutor(max_workers=sizes.decode, thread_name_prefix="decode") as decoder,
+        ThreadPoolExecutor(max_workers=sizes.fetch, thread_name_prefix="fetch") as fetcher,
+    ):
         pending: list[tuple[WorkItem, Future[Decoded | str]]] = []
         items = iter(work.items)
         for item in items:
-            pending.append((item, pool.submit(load, item)))
+            pending.append((item, start(item)))
             if len(pending) >= window:
                 break
         while pending:
             item, fut = pending.pop(0)
             nxt = next(items, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(load, nxt)))
+                pending.append((nxt, start(nxt)))
             yield item, fut.result()
 
 
@@ -351,10 +379,13 @@ def release_cached_memory(device: torch.device) -> None:
 
 def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     loaded = model_for(work.model_ref, work.checkpoint, settings)
-    engine = engine_for(loaded, work.methods, work.layers, settings)
-    storage = storage_for(work.output_uri, settings)
-    sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage))
     device = next(loaded.model.parameters()).device
+    if work.batch_size is None:
+        work = dataclasses.replace(work, batch_size=defaults_for(device.type).batch_size)
+    engine = engine_for(loaded, work.methods, work.layers, settings, work.score_batch_size)
+    storage = storage_for(work.output_uri, settings)
+    remote_sources = any(item.source_uri.startswith("s3://") for item in work.items[:1])
+    sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage), remote_sources=remote_sources)
     rows = ShardRows(provenance=shard_provenance(device, amp_argument(settings.amp)))
     with (
         ConcurrentWriter(storage, max_workers=sizes.upload) as writer,
@@ -362,7 +393,7 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     ):
         batch: list[tuple[WorkItem, DecodedPixels]] = []
         sources: dict[int, bytes] = {}
-        for item, opened in _decoded_stream(work, settings, loaded.preprocess.size, sizes.decode):
+        for item, opened in _decoded_stream(work, settings, loaded.preprocess.size, sizes):
             if isinstance(opened, str):
                 log.warning(
                     "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened
