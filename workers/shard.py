@@ -7,6 +7,7 @@ the shard pending for another delivery; a crash after it leaves nothing to redo.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -42,6 +43,7 @@ from workers.images import (
     stack_pixels,
 )
 from workers.models import LoadedModel
+from workers.packed_statistics import PackedBatch, pack, unpack
 from workers.pools import PoolSizes, pool_sizes
 from workers.provenance import shard_provenance
 from workers.runtime import amp_argument, engine_for, model_for, storage_for
@@ -51,10 +53,13 @@ from workers.shard_rows import (
     ShardRows,
     failed_item_row,
     heatmap_rows,
+    layout_of,
     map_layout,
     map_statistics,
     patch_rows,
     prediction_rows,
+    prediction_rows_of,
+    source_sizes,
 )
 from workers.storage import ConcurrentWriter, S3Storage
 
@@ -377,7 +382,162 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
+@dataclass
+class _Launched:
+    """A batch whose engine call has been issued and whose results are on their way to the host."""
+
+    batch: list[tuple[WorkItem, DecodedPixels]]
+    packed: PackedBatch
+    sources: dict[int, bytes]
+
+
+def _launch(
+    work: ShardWork,
+    loaded: LoadedModel,
+    engine: CamEngine,
+    batch: list[tuple[WorkItem, DecodedPixels]],
+    sources: dict[int, bytes],
+    failed: list[dict[str, Any]],
+) -> list[_Launched]:
+    """Stage the batch, run the engine and start the copies back; on the device nothing waits.
+
+    On CUDA the stacked pixels go through pinned memory, so the copy to the device is truly
+    asynchronous. Out of device memory splits the batch in halves, as in the serial path.
+    """
+    device = next(loaded.model.parameters()).device
+    pre = loaded.preprocess
+    rows = ShardRows()
+    targets, batch = _batch_targets(work, batch, rows)
+    failed.extend(rows.items)
+    if not batch:
+        return []
+    pixels = stack_pixels([img for _, img in batch])
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()
+    pixels = pixels.to(device, non_blocking=True)
+    try:
+        result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(batch) == 1:
+            raise
+        result = None  # split outside the handler: its traceback holds the batch's tensors
+    if result is None:
+        half = len(batch) // 2
+        log.warning(
+            "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
+            work.run_id,
+            work.shard_index,
+            len(batch),
+            half,
+            len(batch) - half,
+        )
+        del pixels, targets
+        release_cached_memory(device)
+        return [
+            launched
+            for part in (batch[:half], batch[half:])
+            for launched in _launch(work, loaded, engine, part, sources, failed)
+        ]
+    packed = pack(result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions)
+    return [_Launched(batch, packed, sources)]
+
+
+def _finish(
+    work: ShardWork,
+    loaded: LoadedModel,
+    launched: _Launched,
+    writer: ConcurrentWriter,
+    encoder: ThreadPoolExecutor,
+    rows: ShardRows,
+) -> None:
+    """Wait for a batch's host copies, then build its rows and hand its maps to the encoders."""
+    batch, packed = launched.batch, launched.packed
+    sizes = source_sizes(batch, packed.targets)
+    host = unpack(packed, work.patch_size, loaded.preprocess.size, sizes)
+    rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c))
+    layout = layout_of(batch, host.targets, host.scores)
+    map_sources = [launched.sources.get(item_id) for item_id in layout.item_ids]
+    for (method, layer), stats in host.statistics.items():
+        keys, shas = _submit_encoding(work, method, layer, layout, stats, map_sources, writer, encoder)
+        heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, keys)
+        rows.heatmaps.extend(heatmaps)
+        rows.encoded.append((heatmaps, shas))
+        rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
+
+
+class _RowBuilder:
+    """Builds rows on one thread, in submission order, while the main thread feeds the device.
+
+    At most ``depth`` batches wait for it, which bounds the results held on the host.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
+        self._pending: collections.deque[Future[None]] = collections.deque()
+        self._depth = depth
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _compute_overlapped(
+    work: ShardWork,
+    loaded: LoadedModel,
+    engine: CamEngine,
+    stream: Iterator[tuple[WorkItem, Decoded | str]],
+    writer: ConcurrentWriter,
+    encoder: ThreadPoolExecutor,
+    rows: ShardRows,
+) -> None:
+    """Batch N's rows are built on a thread while batch N+1 is decoded, staged and computed.
+
+    Every change to ``rows`` happens on the builder thread, in the serial path's order.
+    """
+    builder = _RowBuilder()
+
+    def launch(batch: list[tuple[WorkItem, DecodedPixels]], sources: dict[int, bytes]) -> None:
+        failed: list[dict[str, Any]] = []
+        launched = _launch(work, loaded, engine, batch, sources, failed)
+        builder.submit(rows.items.extend, failed)
+        for each in launched:
+            builder.submit(_finish, work, loaded, each, writer, encoder, rows)
+
+    try:
+        batch: list[tuple[WorkItem, DecodedPixels]] = []
+        sources: dict[int, bytes] = {}
+        for item, opened in stream:
+            if isinstance(opened, str):
+                log.warning(
+                    "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened
+                )
+                builder.submit(rows.items.append, failed_item_row(item, opened))
+                continue
+            decoded, source = opened
+            batch.append((item, decoded))
+            if source is not None:
+                sources[item.id] = source
+            if len(batch) == work.batch_size:
+                launch(batch, sources)
+                batch, sources = [], {}
+        if batch:
+            launch(batch, sources)
+        builder.drain()
+    finally:
+        builder.close()
+
+
+def compute_shard(work: ShardWork, settings: Settings, *, overlap: bool = True) -> ShardRows:
+    """Explain a shard's items. ``overlap=False`` runs one batch at a time, reading every
+    statistic back on its own: the plain reference the overlapped pipeline is tested against."""
     loaded = model_for(work.model_ref, work.checkpoint, settings)
     device = next(loaded.model.parameters()).device
     if work.batch_size is None:
@@ -391,29 +551,43 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
         ConcurrentWriter(storage, max_workers=sizes.upload) as writer,
         ThreadPoolExecutor(max_workers=sizes.encode, thread_name_prefix="encode") as encoder,
     ):
-        batch: list[tuple[WorkItem, DecodedPixels]] = []
-        sources: dict[int, bytes] = {}
-        for item, opened in _decoded_stream(work, settings, loaded.preprocess.size, sizes):
-            if isinstance(opened, str):
-                log.warning(
-                    "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened
-                )
-                rows.items.append(failed_item_row(item, opened))
-                continue
-            decoded, source = opened
-            batch.append((item, decoded))
-            if source is not None:
-                sources[item.id] = source
-            if len(batch) == work.batch_size:
-                _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
-                batch, sources = [], {}
-        if batch:
-            _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
+        stream = _decoded_stream(work, settings, loaded.preprocess.size, sizes)
+        if overlap:
+            _compute_overlapped(work, loaded, engine, stream, writer, encoder, rows)
+        else:
+            _compute_serial(work, loaded, engine, stream, writer, encoder, rows)
         for heatmap_rows, shas in rows.encoded:
             for row, sha in zip(heatmap_rows, shas.result(), strict=True):
                 row["sha256"] = sha
         writer.flush()
     return rows
+
+
+def _compute_serial(
+    work: ShardWork,
+    loaded: LoadedModel,
+    engine: CamEngine,
+    stream: Iterator[tuple[WorkItem, Decoded | str]],
+    writer: ConcurrentWriter,
+    encoder: ThreadPoolExecutor,
+    rows: ShardRows,
+) -> None:
+    batch: list[tuple[WorkItem, DecodedPixels]] = []
+    sources: dict[int, bytes] = {}
+    for item, opened in stream:
+        if isinstance(opened, str):
+            log.warning("run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened)
+            rows.items.append(failed_item_row(item, opened))
+            continue
+        decoded, source = opened
+        batch.append((item, decoded))
+        if source is not None:
+            sources[item.id] = source
+        if len(batch) == work.batch_size:
+            _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
+            batch, sources = [], {}
+    if batch:
+        _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
 
 
 def _finish_run_if_complete(session: Session, run: Run) -> str | None:
