@@ -13,6 +13,11 @@ a child process with the allocator setting made explicit (``--malloc``) and, unl
     python bench/engine.py                   # full CPU run (~10 minutes on 2 cores)
     python bench/engine.py --quick           # a smoke-sized run
     python bench/engine.py --device cuda     # GPU: bf16 autocast for ours, fp32 reference
+
+The reference is created before and released after each of its turns, so its hooks (which
+copy the layer's output on every forward) never run while ours or the forward baseline is
+timed; it runs with TF32 off, as true float32. The forward baseline runs under the same
+autocast as ours.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ from pytorch_grad_cam import (
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from bench.fidelity import tf32_off
 from workers.cam import METHODS, CamEngine
 from workers.cam.memory_format import ChannelsLast
+from workers.cam.precision import autocast, resolve_amp
 from workers.libc import libc_function
 
 # "cam" has no counterpart in the reference; on a GAP + linear head Grad-CAM gives the same map.
@@ -213,28 +220,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> Measured:
+@dataclass(frozen=True)
+class Scoped:
+    """A contender that exists only during its own turns: ``open()`` sets it up (untimed) and
+    yields the call to time; leaving the context tears it down before the next contender runs."""
+
+    open: Callable[[], contextlib.AbstractContextManager[Callable[[], Any]]]
+
+
+Contender = Callable[[], Any] | Scoped
+
+
+def _turn(contender: Contender) -> contextlib.AbstractContextManager[Callable[[], Any]]:
+    return contender.open() if isinstance(contender, Scoped) else contextlib.nullcontext(contender)
+
+
+def measure(fn: Contender, device: torch.device, repeats: int, warmup: int = 1) -> Measured:
     """Median wall time of ``repeats`` calls after ``warmup`` calls, and the peak memory."""
     return measure_interleaved({"only": fn}, device, repeats, warmup)["only"]
 
 
 def measure_interleaved(
-    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+    fns: dict[str, Contender], device: torch.device, repeats: int, warmup: int = 1
 ) -> dict[str, Measured]:
     """Time several callables in turns (A, B, C, A, B, C, ...): median time and peak memory each.
 
     Taking turns exposes every contender to the same background load, so the ratios stay
     meaningful on a shared machine even when absolute figures drift.
     """
-    for fn in fns.values():
+    for contender in fns.values():
         for _ in range(warmup):
-            fn()
+            with _turn(contender) as fn:
+                fn()
     times: dict[str, list[float]] = {key: [] for key in fns}
     peaks = dict.fromkeys(fns, 0)
     outputs: dict[str, Any] = {}
     for _ in range(repeats):
-        for key, fn in fns.items():
-            with PeakMemory(device) as peak:
+        for key, contender in fns.items():
+            with _turn(contender) as fn, PeakMemory(device) as peak:
                 _sync(device)
                 start = CLOCK[0]()
                 outputs[key] = fn()
@@ -275,9 +298,36 @@ def _reference_call(cls: type, model: torch.nn.Module, layer: torch.nn.Module, b
     return cam
 
 
+def reference_turns(
+    cls: type,
+    model: torch.nn.Module,
+    layer: torch.nn.Module,
+    images: torch.Tensor,
+    targets: list[Any],
+    batch_size: int | None = None,
+) -> Scoped:
+    """The reference on ``images``, hooked to ``layer`` only during its turn, in true float32."""
+
+    @contextlib.contextmanager
+    def turn() -> Iterator[Callable[[], Any]]:
+        cam = _reference_call(cls, model, layer, batch_size)
+        try:
+            with tf32_off(), _quiet():
+                yield lambda: cam(images, targets=targets)
+        finally:
+            cam.activations_and_grads.release()
+
+    return Scoped(turn)
+
+
+def _amp(args: argparse.Namespace) -> str | bool | None:
+    return {"auto": None, "off": False}.get(args.amp, args.amp)
+
+
 def _engine(model: torch.nn.Module, method: str, args: argparse.Namespace) -> CamEngine:
-    amp = {"auto": None, "off": False}.get(args.amp, args.amp)
-    return CamEngine(model, layers=[args.layer], methods=[method], amp=amp, channels_last=not args.contiguous)
+    return CamEngine(
+        model, layers=[args.layer], methods=[method], amp=_amp(args), channels_last=not args.contiguous
+    )
 
 
 @dataclass
@@ -324,10 +374,17 @@ def _inputs(batch: int, size: int, device: torch.device) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, device=device)
 
 
-def _forward(model: torch.nn.Module, images: torch.Tensor, channels_last: bool = False) -> Callable[[], None]:
-    def forward() -> None:
-        with torch.inference_mode():
-            model(ChannelsLast(channels_last).input(images))
+def _forward(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    channels_last: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Callable[[], Any]:
+    """The model's inference forward, under ``dtype`` autocast (ours' precision) when given."""
+
+    def forward() -> Any:
+        with torch.inference_mode(), autocast(images.device, dtype):
+            return model(ChannelsLast(channels_last).input(images))
 
     return forward
 
@@ -341,25 +398,21 @@ def bench_gradient_methods(name: str, args: argparse.Namespace, methods: list[st
     with torch.inference_mode():
         classes = model(images).argmax(dim=1)
     reference_targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    dtype = resolve_amp(_amp(args), device)
     forward_times: list[float] = []
     forward_peak = 0
     rows = []
     for method in methods:
         engine = _engine(model, method, args)
-        cam = _reference_call(REFERENCE[method], model, layer)
-        try:
-            with _quiet():
-                measured = measure_interleaved(
-                    {
-                        "forward": _forward(model, images),
-                        "ours": lambda engine=engine: engine(images, targets=classes),
-                        "reference": lambda cam=cam: cam(images, targets=reference_targets),
-                    },
-                    device,
-                    args.repeats,
-                )
-        finally:
-            cam.activations_and_grads.release()
+        measured = measure_interleaved(
+            {
+                "forward": _forward(model, images, dtype=dtype),
+                "ours": lambda engine=engine: engine(images, targets=classes),
+                "reference": reference_turns(REFERENCE[method], model, layer, images, reference_targets),
+            },
+            device,
+            args.repeats,
+        )
         forward_times.append(measured["forward"].seconds)
         forward_peak = max(forward_peak, measured["forward"].peak)
         ours, reference = measured["ours"], measured["reference"]
@@ -382,7 +435,10 @@ def bench_gradient_methods(name: str, args: argparse.Namespace, methods: list[st
         print(f"  measured {name} {method}", file=sys.stderr, flush=True)
     forward_rate = args.batch / statistics.median(forward_times)
     formats = measure_interleaved(
-        {"forward": _forward(model, images), "channels_last": _forward(model, images, channels_last=True)},
+        {
+            "forward": _forward(model, images, dtype=dtype),
+            "channels_last": _forward(model, images, channels_last=True, dtype=dtype),
+        },
         device,
         args.repeats,
     )
@@ -410,7 +466,10 @@ def bench_perturbation_methods(name: str, args: argparse.Namespace, methods: lis
     count = args.perturb_batch
     images = _inputs(count, args.perturb_size, device)
     layer = model.get_submodule(args.layer)
-    forward = measure(_forward(model, _inputs(args.batch, args.perturb_size, device)), device, args.repeats)
+    dtype = resolve_amp(_amp(args), device)
+    forward = measure(
+        _forward(model, _inputs(args.batch, args.perturb_size, device), dtype=dtype), device, args.repeats
+    )
     forward_rate = args.batch / forward.seconds
     with torch.inference_mode():
         classes = model(images).argmax(dim=1)
@@ -423,33 +482,28 @@ def bench_perturbation_methods(name: str, args: argparse.Namespace, methods: lis
         for batch_size in (int(b) for b in args.ref_batch_sizes.split(",")):
             with torch.inference_mode():  # the reference's forward shapes, warmed up like ours
                 model(_inputs(batch_size, args.perturb_size, device))
-            cam = _reference_call(REFERENCE[method], model, layer, batch_size)
-            try:
-                with _quiet():
-                    trial = measure(
-                        lambda cam=cam: cam(images, targets=reference_targets), device, 1, warmup=0
-                    )
-            finally:
-                cam.activations_and_grads.release()
+            trial = measure(
+                reference_turns(REFERENCE[method], model, layer, images, reference_targets, batch_size),
+                device,
+                1,
+                warmup=0,
+            )
             if best is None or trial.seconds < best[0]:
                 best = (trial.seconds, batch_size)
             print(f"  measured {name} {method} ref batch_size={batch_size}", file=sys.stderr, flush=True)
         assert best is not None
         # The winner and ours then take turns, so both see the same background load.
-        cam = _reference_call(REFERENCE[method], model, layer, best[1])
-        try:
-            with _quiet():
-                measured = measure_interleaved(
-                    {
-                        "ours": lambda engine=engine: engine(images, targets=classes),
-                        "reference": lambda cam=cam: cam(images, targets=reference_targets),
-                    },
-                    device,
-                    args.perturb_repeats,
-                    warmup=0,
-                )
-        finally:
-            cam.activations_and_grads.release()
+        measured = measure_interleaved(
+            {
+                "ours": lambda engine=engine: engine(images, targets=classes),
+                "reference": reference_turns(
+                    REFERENCE[method], model, layer, images, reference_targets, best[1]
+                ),
+            },
+            device,
+            args.perturb_repeats,
+            warmup=0,
+        )
         ours, reference = measured["ours"], measured["reference"]
         rows.append(
             Row(
@@ -477,7 +531,10 @@ def _header(args: argparse.Namespace) -> None:
     )
     print(f"torch {torch.__version__} | {name} | batch {args.batch} @ {args.size}px | layer {args.layer}")
     layout = "contiguous" if args.contiguous else "channels-last"
-    print(f"ours: amp={args.amp}, {layout} | reference: pytorch-grad-cam, float32 | malloc: {malloc}")
+    print(
+        f"ours and forward: amp={args.amp}, {layout} | reference: pytorch-grad-cam, float32, TF32 off, "
+        f"hooked only during its turns | malloc: {malloc}"
+    )
     clock = "CPU seconds of the process" if CLOCK[0] is time.process_time else "wall clock"
     print(f"timing: median of {args.repeats} turns, {clock}")
     memory = "CUDA max_memory_allocated" if device.type == "cuda" else "sampled malloc in-use bytes"

@@ -33,6 +33,7 @@ shared machine a slow round measures the neighbours. Figures and their reading: 
     python bench/pipeline.py --s3                             # heatmaps to S3 over 20 ms RTT
     python bench/pipeline.py --model torchvision:resnet50 --size 224 --n 256
     python bench/pipeline.py --quick --check                  # smoke-sized, exit 1 below a floor
+    python bench/pipeline.py --engine null                    # the host pipeline alone (null engine)
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from pytorch_grad_cam.utils.image import preprocess_image
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 
+from bench import null_pipeline
 from bench.engine import PERTURBATION, REFERENCE
 from scheduler.gc import gc_run
 from scheduler.plan import PlanError, check_methods, plan_run, resolve_layers
@@ -129,7 +131,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smoke-sized: 48 images, shards of 24")
     parser.add_argument("--check", action="store_true", help="exit 1 when a ratio misses its floor")
+    parser.add_argument(
+        "--engine",
+        choices=["cam", "null"],
+        default="cam",
+        help="null: a stand-in engine at no cost, to time the host pipeline alone (bench/null_pipeline.py)",
+    )
+    null_pipeline.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.engine == "null":
+        return args
     if args.quick:
         args.n, args.shard_size = min(args.n, 48), min(args.shard_size, 24)
     args.methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
@@ -452,6 +463,8 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.engine == "null":
+        return null_pipeline.main(args)
     load_before = os.getloadavg()[0]
     loaded = prepare_model(args)
     layers = resolve_layers(loaded, RunSpec(source="-", model=args.model, methods=args.methods))

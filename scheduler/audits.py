@@ -37,7 +37,9 @@ class Audit(BaseModel):
     output: str | None = None
     patch_size: int = 32
     top_patches: int = 5
-    shard_size: int = 256
+    batch_size: int | None = Field(None, ge=1)
+    shard_size: int | None = Field(None, ge=1)
+    score_batch_size: int | None = Field(None, ge=1)
     alerts: AlertRules | None = None
     notify: list[WebhookTarget] = Field(default_factory=list)
 
@@ -68,7 +70,9 @@ class Audit(BaseModel):
             targets=self.targets,
             patch_size=self.patch_size,
             top_patches=self.top_patches,
+            batch_size=self.batch_size,
             shard_size=self.shard_size,
+            score_batch_size=self.score_batch_size,
             name=self.name,
             audit_name=self.name,
             alerts=self.alerts,

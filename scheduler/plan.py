@@ -21,6 +21,7 @@ from schema.models import Item, Run, RunStatus, Shard, ShardStatus
 from schema.payloads import RunSpec
 from schema.settings import Settings
 from workers.cam import METHODS, CamEngine
+from workers.device_defaults import defaults_for
 from workers.fetch import allowed_roots
 from workers.models import LoadedModel, load_model_cached, resolve_layer
 
@@ -82,6 +83,9 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
     loaded, layers, items = validate(spec, settings)
     upgrade(settings.database_url)
     run_id = uuid.uuid4().hex[:16]
+    if spec.shard_size is None:
+        spec = spec.model_copy(update={"shard_size": defaults_for(settings.device).shard_size})
+    assert spec.shard_size is not None
     shard_count = (len(items) + spec.shard_size - 1) // spec.shard_size
     with session_scope(settings.database_url) as session:
         session.add(

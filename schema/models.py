@@ -127,6 +127,13 @@ class Shard(Base):
     lost_leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lost_worker: Mapped[str | None] = mapped_column(String(200))
     lost_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # how the committed results were computed (workers/provenance.py)
+    device_type: Mapped[str | None] = mapped_column(String(16))
+    autocast_dtype: Mapped[str | None] = mapped_column(String(16))
+    tf32_matmul: Mapped[bool | None] = mapped_column(Boolean)
+    tf32_cudnn: Mapped[bool | None] = mapped_column(Boolean)
+    torch_version: Mapped[str | None] = mapped_column(String(64))
+    cudnn_version: Mapped[str | None] = mapped_column(String(16))
 
 
 class Item(Base):

@@ -25,8 +25,10 @@ class RunSpec(BaseModel):
     patch_size: int = Field(32, ge=1)
     top_patches: int = Field(5, ge=1)
     top_k_predictions: int = Field(5, ge=1)
-    batch_size: int = Field(16, ge=1)
-    shard_size: int = Field(256, ge=1)
+    # None: by device (workers/device_defaults.py): the worker's for batches, the planner's for shards
+    batch_size: int | None = Field(None, ge=1)
+    shard_size: int | None = Field(None, ge=1)
+    score_batch_size: int | None = Field(None, ge=1, description="images per Score-/Ablation-CAM forward")
     name: str | None = None
     audit_name: str | None = None
     overlay: bool = False

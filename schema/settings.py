@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     amp: str = "auto"
     log_level: str = "INFO"
     # Threads per shard stage; unset = follow the cores (and S3 vs local folder for uploads).
+    fetch_workers: int | None = None
     decode_workers: int | None = None
     upload_workers: int | None = None
     encode_workers: int | None = None
@@ -57,7 +58,7 @@ class Settings(BaseSettings):
     # probably what kills its workers (memory, a hard time limit).
     max_lost_leases: int = 5
 
-    @field_validator("decode_workers", "upload_workers", "encode_workers")
+    @field_validator("fetch_workers", "decode_workers", "upload_workers", "encode_workers")
     @classmethod
     def _check_workers(cls, value: int | None) -> int | None:
         if value is not None and value < 1:

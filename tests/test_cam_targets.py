@@ -9,6 +9,7 @@ from torch import nn
 
 from tests.test_cam_support import TinyNet, assert_maps_match, seeded
 from workers.cam import CamConfigError, CamEngine
+from workers.cam.targets import class_indices, parse_targets
 
 METHODS = ["gradcam", "cam", "eigencam", "scorecam", "ablationcam"]
 
@@ -135,3 +136,16 @@ def test_bad_target_specs_say_what_would_be_right(
 def test_cam_with_callable_target_is_an_error(model: TinyNet, images: torch.Tensor) -> None:
     with pytest.raises(CamConfigError, match="needs class targets"):
         CamEngine(model, layers=["features"], methods=["cam"])(images, targets=lambda output: output[:, 0])
+
+
+def test_class_targets_are_checked_on_the_host_without_reading_the_device() -> None:
+    """Logits on the meta device have no values: any read back of the targets would raise."""
+    logits = torch.empty(2, 5, device="meta")
+    request = parse_targets(torch.tensor([[1, 4], [0, 2]]), 2)
+    assert request.bounds == (0, 4)
+    classes = class_indices(request, logits)
+    assert classes.device.type == "meta" and classes.shape == (2, 2)
+    with pytest.raises(CamConfigError, match="class target 5 is out of range"):
+        class_indices(parse_targets(torch.tensor([1, 5]), 2), logits)
+    with pytest.raises(CamConfigError, match="class target -1 is out of range"):
+        class_indices(parse_targets([-1, 3], 2), logits)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from torch import nn
 
 from scheduler.analysis.drift import (
@@ -25,7 +25,7 @@ from scheduler.analysis.drift import (
 )
 from scheduler.finalize import finalize_run, store_class_drift
 from schema.db import session_scope, upgrade
-from schema.models import ClassDrift, Heatmap, Item, Run, RunQuality
+from schema.models import ClassDrift, Heatmap, Item, Run, RunQuality, Shard
 from tests.test_e2e_embedded import run_cli
 from workers.models import load_model
 from workers.synth import make_dataset
@@ -362,3 +362,58 @@ def test_mass_shift_and_centre_of_mass() -> None:
     x, y = centre_of_mass(left)
     assert (x, y) == pytest.approx((0.25, 0.5))
     assert centre_of_mass(np.zeros((3, 3))) == (0.5, 0.5)
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_shards_keep_their_provenance_and_drift_warns_on_precision_or_device(runs: Runs) -> None:
+    with session_scope(runs.db) as s:
+        shards = s.execute(select(Shard).where(Shard.run_id == runs.demo)).scalars().all()
+        assert shards and {(sh.device_type, sh.autocast_dtype) for sh in shards} == {("cpu", "float32")}
+        assert {sh.torch_version for sh in shards} == {torch.__version__}
+        assert {(sh.tf32_matmul, sh.tf32_cudnn, sh.cudnn_version) for sh in shards} == {(None, None, None)}
+    assert diff_runs(runs.db, runs.demo, runs.scrambled).warnings == []
+
+    def set_precision(device: str | None, dtype: str | None, *, first_only: bool = False) -> None:
+        with session_scope(runs.db) as s:
+            ids = s.execute(
+                select(Shard.id).where(Shard.run_id == runs.scrambled).order_by(Shard.index)
+            ).scalars()
+            ids = list(ids)[:1] if first_only else list(ids)
+            s.execute(update(Shard).where(Shard.id.in_(ids)).values(device_type=device, autocast_dtype=dtype))
+
+    try:
+        set_precision("cuda", "bfloat16")
+        warnings = diff_runs(runs.db, runs.demo, runs.scrambled).warnings
+        assert len(warnings) == 1
+        assert "differ in device and precision" in warnings[0]
+        assert "cpu/float32" in warnings[0] and "cuda/bfloat16" in warnings[0]
+
+        set_precision("cpu", "float32")
+        with session_scope(runs.db) as s:  # one more shard, done in bf16
+            s.add(
+                Shard(
+                    run_id=runs.scrambled,
+                    index=999,
+                    status="done",
+                    device_type="cpu",
+                    autocast_dtype="bfloat16",
+                )
+            )
+        diff = diff_runs(runs.db, runs.demo, runs.scrambled)
+        assert any(
+            f"run {runs.scrambled} mixes shards computed as cpu/bfloat16 + cpu/float32" in w
+            for w in diff.warnings
+        )
+        assert any("differ in precision" in w for w in diff.warnings)
+        assert diff.as_dict()["warnings"] == diff.warnings
+        with session_scope(runs.db) as s:
+            s.execute(delete(Shard).where(Shard.run_id == runs.scrambled, Shard.index == 999))
+
+        set_precision(None, None)  # shards stored before provenance was kept: nothing to compare
+        assert diff_runs(runs.db, runs.demo, runs.scrambled).warnings == []
+    finally:
+        with session_scope(runs.db) as s:
+            s.execute(delete(Shard).where(Shard.run_id == runs.scrambled, Shard.index == 999))
+        set_precision("cpu", "float32")

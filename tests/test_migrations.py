@@ -125,3 +125,22 @@ def test_shard_leases_migrate_up_and_down_and_keep_the_shards(database_url: str)
             assert conn.execute(text("SELECT run_id, attempts FROM shards")).one() == ("r1", 1)
     finally:
         engine.dispose()
+
+
+PROVENANCE = {"device_type", "autocast_dtype", "tf32_matmul", "tf32_cudnn", "torch_version", "cudnn_version"}
+
+
+def test_shard_provenance_columns_come_and_go_with_their_revision(database_url: str) -> None:
+    upgrade(database_url)
+    engine = create_engine(normalise_url(database_url))
+    try:
+        assert {c["name"] for c in inspect(engine).get_columns("shards")} >= PROVENANCE
+        downgrade(database_url, "0008_shard_provenance-1")
+        inspect_after = inspect(engine)
+        assert not PROVENANCE & {c["name"] for c in inspect_after.get_columns("shards")}
+        assert "n_done" in {c["name"] for c in inspect_after.get_columns("shards")}
+        upgrade(database_url)
+        assert {c["name"] for c in inspect(engine).get_columns("shards")} >= PROVENANCE
+        downgrade(database_url)
+    finally:
+        engine.dispose()

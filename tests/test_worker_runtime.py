@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from schema.settings import Settings
@@ -71,16 +72,46 @@ def test_making_an_engine_freezes_what_is_alive_out_of_the_collector() -> None:
 def test_pool_sizes_follow_cores_and_storage_unless_set() -> None:
     auto = Settings()
     small = pool_sizes(auto, remote_storage=False, cpus=2)
-    assert (small.decode, small.encode, small.upload) == (2, 2, 2)
+    assert (small.fetch, small.decode, small.encode, small.upload) == (2, 2, 2, 2)
     big = pool_sizes(auto, remote_storage=False, cpus=32)
-    assert (big.decode, big.encode, big.upload) == (4, 2, 4)
-    assert pool_sizes(auto, remote_storage=True, cpus=2).upload == 16  # round trips, not cores
-    chosen = Settings(decode_workers=6, encode_workers=3, upload_workers=40)
-    sizes = pool_sizes(chosen, remote_storage=False, cpus=2)
-    assert (sizes.decode, sizes.encode, sizes.upload) == (6, 3, 40)
+    assert (big.fetch, big.decode, big.encode, big.upload) == (32, 32, 32, 32)
+    remote = pool_sizes(auto, remote_storage=True, remote_sources=True, cpus=2)
+    assert (remote.fetch, remote.decode, remote.upload) == (32, 2, 32)  # round trips, not cores
+    chosen = Settings(fetch_workers=9, decode_workers=6, encode_workers=3, upload_workers=40)
+    sizes = pool_sizes(chosen, remote_storage=True, remote_sources=True, cpus=2)
+    assert (sizes.fetch, sizes.decode, sizes.encode, sizes.upload) == (9, 6, 3, 40)
 
 
-@pytest.mark.parametrize("name", ["decode_workers", "encode_workers", "upload_workers"])
+def test_sizes_default_by_device_and_runs_and_audits_can_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scheduler.audits import Audit
+    from schema.payloads import RunSpec
+    from workers.device_defaults import CPU, CUDA, defaults_for
+
+    assert defaults_for("cpu") == CPU and defaults_for("cuda:1") == CUDA
+    assert CUDA.batch_size > CPU.batch_size and CUDA.shard_size > CPU.shard_size
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert defaults_for("auto") == CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert defaults_for("auto") == CPU
+    spec = RunSpec(source="x")
+    assert (spec.batch_size, spec.shard_size, spec.score_batch_size) == (None, None, None)
+    audit = Audit(name="a", schedule="0 * * * *", source="x", batch_size=32, score_batch_size=128)
+    assert (audit.run_spec().batch_size, audit.run_spec().score_batch_size) == (32, 128)
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        RunSpec(source="x", score_batch_size=0)
+
+
+def test_the_engine_takes_the_runs_score_batch_size_or_the_devices() -> None:
+    loaded = load_model_cached("demo", None, device="cpu")
+    settings = Settings(device="cpu", amp="off")
+    try:
+        assert engine_for(loaded, ["scorecam"], ["features"], settings).score_batch_size == 64
+        assert engine_for(loaded, ["scorecam"], ["features"], settings, 8).score_batch_size == 8
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize("name", ["fetch_workers", "decode_workers", "encode_workers", "upload_workers"])
 def test_thread_counts_below_one_are_refused(name: str) -> None:
     with pytest.raises(ValidationError, match="at least 1 thread"):
         Settings(**{name: 0})

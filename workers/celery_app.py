@@ -11,6 +11,8 @@ Redis (``redis://``) and RabbitMQ (``amqp://``) brokers both work.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from celery import Celery
@@ -26,8 +28,15 @@ from kombu import Exchange, Queue
 from schema.db import dispose_engines
 from schema.redact import install_log_redaction
 from schema.settings import Settings, get_settings
+from workers.fork_safety import PoisonedForkError, check_child_can_use_cuda, use_nvml_cuda_check
+
+use_nvml_cuda_check()
+
+log = logging.getLogger("camaudit.worker")
 
 SHARD_QUEUE = "gpu"
+# A forked child that cannot use CUDA exits with this status (sysexits' EX_OSERR).
+EXIT_POISONED_FORK = 71
 CONTROL_QUEUE = "control"
 
 app = Celery("camaudit", include=["workers.tasks", "scheduler.control_tasks"])
@@ -105,9 +114,19 @@ def _redact_logs(logger: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
-    """A forked pool child must open its own database connections, and serves the metrics."""
-    dispose_engines()
+    """A forked pool child must open its own database connections, and serves the metrics.
+
+    A child that cannot use CUDA exits here (Celery only logs a handler's exception and would
+    hand the child shards it can only fail).
+    """
     settings = get_settings()
+    try:
+        check_child_can_use_cuda(settings.device)
+    except PoisonedForkError as exc:
+        log.critical("worker process %d cannot start: %s", os.getpid(), exc)
+        logging.shutdown()
+        os._exit(EXIT_POISONED_FORK)
+    dispose_engines()
     if settings.metrics_port:
         from workers import metrics
 

@@ -166,8 +166,8 @@ def normalise_batch(
         raise ValueError(f"expected uint8 pixels [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
     scale, shift = _affine(mean, std)
     x = pixels.to(torch.float32)  # keeps the layout: channels-last stays channels-last
-    x.mul_(torch.from_numpy(scale).to(x.device).view(1, 3, 1, 1))
-    return x.sub_(torch.from_numpy(shift).to(x.device).view(1, 3, 1, 1))
+    x.mul_(torch.from_numpy(scale).to(x.device, non_blocking=True).view(1, 3, 1, 1))
+    return x.sub_(torch.from_numpy(shift).to(x.device, non_blocking=True).view(1, 3, 1, 1))
 
 
 def decode_image(

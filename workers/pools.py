@@ -1,9 +1,11 @@
-"""How many threads each stage of a shard gets: decoding, encoding, uploading.
+"""How many threads each stage of a shard gets: fetching, decoding, encoding, uploading.
 
 On a GPU worker these threads use cores the device does not need; on a CPU worker they share
-the model's cores, so more of them than cores only adds switching. Local writes and PNG work
-are CPU-bound and follow the core count; S3 uploads wait on round trips, so many stay in
-flight whatever the cores. A number in the settings always wins.
+the model's cores, so more of them than cores only adds switching. Decoding and PNG work are
+CPU-bound (libjpeg, zlib and Pillow release the GIL) and follow the core count. Reading sources
+and uploading results wait on round trips: with S3 many stay in flight whatever the cores (one
+20 ms read per image caps a single thread at 50 images/s), and they get pools of their own so
+that no decode thread sits waiting on the network. A number in the settings always wins.
 """
 
 from __future__ import annotations
@@ -13,18 +15,24 @@ from dataclasses import dataclass
 
 from schema.settings import Settings
 
+REMOTE_CONNECTIONS = 32
+
 
 @dataclass(frozen=True)
 class PoolSizes:
+    fetch: int
     decode: int
     encode: int
     upload: int
 
 
-def pool_sizes(settings: Settings, *, remote_storage: bool, cpus: int | None = None) -> PoolSizes:
+def pool_sizes(
+    settings: Settings, *, remote_storage: bool, remote_sources: bool = False, cpus: int | None = None
+) -> PoolSizes:
     cores = max(1, cpus if cpus is not None else (os.cpu_count() or 1))
     return PoolSizes(
-        decode=settings.decode_workers or min(4, cores),
-        encode=settings.encode_workers or min(2, cores),
-        upload=settings.upload_workers or (16 if remote_storage else min(4, cores)),
+        fetch=settings.fetch_workers or (REMOTE_CONNECTIONS if remote_sources else cores),
+        decode=settings.decode_workers or cores,
+        encode=settings.encode_workers or cores,
+        upload=settings.upload_workers or (REMOTE_CONNECTIONS if remote_storage else cores),
     )

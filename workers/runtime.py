@@ -15,6 +15,7 @@ import torch
 
 from schema.settings import Settings
 from workers.cam import CamEngine
+from workers.device_defaults import defaults_for
 from workers.libc import libc_function
 from workers.models import LoadedModel, load_model_cached
 from workers.storage import Storage, open_storage
@@ -59,12 +60,27 @@ def model_for(
     return loaded
 
 
-def engine_for(loaded: LoadedModel, methods: list[str], layers: list[str], settings: Settings) -> CamEngine:
-    key = (id(loaded.model), tuple(methods), tuple(layers), settings.amp)
+def engine_for(
+    loaded: LoadedModel,
+    methods: list[str],
+    layers: list[str],
+    settings: Settings,
+    score_batch_size: int | None = None,
+) -> CamEngine:
+    """The engine for a run's methods and layers; ``score_batch_size`` None: by device."""
+    device = next(loaded.model.parameters()).device
+    score_batch = score_batch_size or defaults_for(device.type).score_batch_size
+    key = (id(loaded.model), tuple(methods), tuple(layers), settings.amp, score_batch)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = CamEngine(loaded.model, layers=layers, methods=methods, amp=amp_argument(settings.amp))
+            engine = CamEngine(
+                loaded.model,
+                layers=layers,
+                methods=methods,
+                amp=amp_argument(settings.amp),
+                score_batch_size=score_batch,
+            )
             _engines[key] = engine
             keep_freed_memory()
             settle_heap()

@@ -7,6 +7,8 @@ the shard pending for another delivery; a crash after it leaves nothing to redo.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import logging
 import os
@@ -29,7 +31,9 @@ from schema.models import Item, Run, RunStatus, Shard, ShardStatus, utcnow
 from schema.redact import hide_password
 from schema.settings import Settings, get_settings
 from workers import metrics, results
-from workers.cam import CamEngine
+from workers.cam import CamEngine, CamResult
+from workers.cam.device_errors import is_out_of_memory
+from workers.device_defaults import defaults_for
 from workers.fetch import SourceRefused, read_source, run_roots
 from workers.heatmap_io import JPEG_MAX_SIDE, encode_npy, encode_png_gray, overlay_jpeg
 from workers.images import (
@@ -50,20 +54,25 @@ from workers.lease import (
     short_error,
 )
 from workers.models import LoadedModel
-from workers.pools import pool_sizes
-from workers.runtime import engine_for, model_for, storage_for
+from workers.packed_statistics import PackedBatch, pack, unpack
+from workers.pools import PoolSizes, pool_sizes
+from workers.provenance import shard_provenance
+from workers.runtime import amp_argument, engine_for, model_for, storage_for
 from workers.shard_rows import (
     MapLayout,
     MapStatistics,
     ShardRows,
     failed_item_row,
     heatmap_rows,
+    layout_of,
     map_layout,
     map_statistics,
     non_finite_reasons,
     patch_rows,
     prediction_rows,
+    prediction_rows_of,
     select_images,
+    source_sizes,
 )
 from workers.storage import ConcurrentWriter, S3Storage
 
@@ -91,7 +100,7 @@ class ShardWork:
     patch_size: int
     top_patches: int
     top_k_predictions: int
-    batch_size: int
+    batch_size: int | None  # None: by the worker's device
     output_uri: str
     class_names: list[str] | None
     items: list[WorkItem]
@@ -100,6 +109,7 @@ class ShardWork:
     source_roots: list[str] = field(default_factory=list)
     attempt: int = 0  # the fencing token: only this attempt's holder may commit
     worker: str = ""
+    score_batch_size: int | None = None  # None: by the worker's device
 
 
 @dataclass(frozen=True)
@@ -239,7 +249,8 @@ def claim_shard(
             patch_size=run.patch_size,
             top_patches=run.top_patches,
             top_k_predictions=int(run.config.get("top_k_predictions", 5)),
-            batch_size=int(run.config.get("batch_size", 16)),
+            batch_size=run.config.get("batch_size"),
+            score_batch_size=run.config.get("score_batch_size"),
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
             overlay=bool(run.config.get("overlay", False)),
@@ -254,45 +265,71 @@ Decoded = tuple[DecodedPixels, bytes | None]
 
 
 def _decoded_stream(
-    work: ShardWork, settings: Settings, size: tuple[int, int], threads: int
+    work: ShardWork, settings: Settings, size: tuple[int, int], sizes: PoolSizes
 ) -> Iterator[tuple[WorkItem, Decoded | str]]:
-    """Decode ahead of the model on a thread pool; yields (item, image or failure reason) in order.
+    """Fetch and decode ahead of the model; yields (item, image or failure reason) in order.
 
-    The source bytes come along only when overlays are wanted, to draw them at source size.
+    Reads run on a fetch pool of their own (with S3, tens of round trips in flight) and hand
+    their bytes to the decode pool, so a decode thread never waits on the network. The source
+    bytes come along only when overlays are wanted, to draw them at source size.
     """
 
-    def load(item: WorkItem) -> Decoded | str:
-        try:
-            data = read_source(
-                item.source_uri,
-                roots=work.source_roots,
-                max_bytes=settings.max_source_bytes,
-                endpoint_url=settings.s3_endpoint_url,
-                region=settings.s3_region,
-            )
-            return decode_pixels(data, size, max_pixels=settings.max_image_pixels, name=item.source_uri), (
-                data if work.overlay else None
-            )
-        except FileNotFoundError:
+    def failure(item: WorkItem, exc: Exception) -> str:
+        if isinstance(exc, FileNotFoundError):
             return f"file not found: {item.source_uri}"
-        except (SourceRefused, ImageDecodeError) as exc:
+        if isinstance(exc, SourceRefused | ImageDecodeError):
             return str(exc)
-        except Exception as exc:  # one unreadable item must never fail its shard
-            return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
+        # one unreadable item must never fail its shard
+        return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
 
-    window = max(2 * work.batch_size, threads)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+    def fetch(item: WorkItem) -> bytes:
+        return read_source(
+            item.source_uri,
+            roots=work.source_roots,
+            max_bytes=settings.max_source_bytes,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+
+    def decode(item: WorkItem, data: bytes, done: Future[Decoded | str]) -> None:
+        try:
+            pixels = decode_pixels(data, size, max_pixels=settings.max_image_pixels, name=item.source_uri)
+            done.set_result((pixels, data if work.overlay else None))
+        except Exception as exc:
+            done.set_result(failure(item, exc))
+
+    def start(item: WorkItem) -> Future[Decoded | str]:
+        done: Future[Decoded | str] = Future()
+
+        def fetched(read: Future[bytes]) -> None:
+            try:
+                data = read.result()
+            except Exception as exc:
+                done.set_result(failure(item, exc))
+                return
+            decoder.submit(decode, item, data, done)
+
+        fetcher.submit(fetch, item).add_done_callback(fetched)
+        return done
+
+    assert work.batch_size is not None
+    window = max(2 * work.batch_size, sizes.fetch + sizes.decode)
+    # the fetch pool shuts down first (its callbacks still hand work to the decoders)
+    with (
+        ThreadPoolExecutor(max_workers=sizes.decode, thread_name_prefix="decode") as decoder,
+        ThreadPoolExecutor(max_workers=sizes.fetch, thread_name_prefix="fetch") as fetcher,
+    ):
         pending: list[tuple[WorkItem, Future[Decoded | str]]] = []
         items = iter(work.items)
         for item in items:
-            pending.append((item, pool.submit(load, item)))
+            pending.append((item, start(item)))
             if len(pending) >= window:
                 break
         while pending:
             item, fut = pending.pop(0)
             nxt = next(items, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(load, nxt)))
+                pending.append((nxt, start(nxt)))
             yield item, fut.result()
 
 
@@ -364,16 +401,19 @@ def _batch_targets(
     work: ShardWork,
     batch: list[tuple[WorkItem, DecodedPixels]],
     rows: ShardRows,
-    device: torch.device,
 ) -> tuple[Any, list[tuple[WorkItem, DecodedPixels]]]:
-    """The engine's targets for the items that have one; the others fail here with their reason."""
+    """The engine's targets for the items that have one; the others fail here with their reason.
+
+    Class targets stay on the host: the engine checks them there, without a read back from the
+    device between forward and backward, and copies them over itself.
+    """
     targets, target_errors = _targets_for(work, [item for item, _ in batch])
     keep = [i for i, err in enumerate(target_errors) if err is None]
     for (item, _), err in zip(batch, target_errors, strict=True):
         if err is not None:
             rows.items.append(failed_item_row(item, err))
     if isinstance(targets, torch.Tensor) and keep:
-        targets = targets[keep].to(device)
+        targets = targets[keep]
     return targets, [batch[i] for i in keep]
 
 
@@ -399,6 +439,23 @@ def _submit_encoding(
     return keys, shas
 
 
+def _drop_non_finite(
+    work: ShardWork, batch: Batch, result: CamResult, failed: list[dict[str, Any]]
+) -> tuple[Batch, CamResult]:
+    """Images whose model output is NaN or infinite fail alone; the rest of the batch goes on."""
+    reasons = non_finite_reasons(result)
+    if not any(reasons):
+        return batch, result
+    for (item, _), reason in zip(batch, reasons, strict=True):
+        if reason is not None:
+            log.warning("run=%s item=%d failed: %s", work.run_id, item.id, reason)
+            failed.append(failed_item_row(item, reason))
+    keep = [b for b, reason in enumerate(reasons) if reason is None]
+    if not keep:
+        return [], result
+    return [batch[b] for b in keep], select_images(result, keep)
+
+
 def _explain_batch(
     work: ShardWork,
     loaded: LoadedModel,
@@ -411,22 +468,34 @@ def _explain_batch(
 ) -> None:
     device = next(loaded.model.parameters()).device
     pre = loaded.preprocess
-    targets, batch = _batch_targets(work, batch, rows, device)
+    targets, batch = _batch_targets(work, batch, rows)
     if not batch:
         return
     pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
-    result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
-    reasons = non_finite_reasons(result)
-    if any(reasons):
-        for (item, _), reason in zip(batch, reasons, strict=True):
-            if reason is not None:
-                log.warning("run=%s item=%d failed: %s", work.run_id, item.id, reason)
-                rows.items.append(failed_item_row(item, reason))
-        keep = [b for b, reason in enumerate(reasons) if reason is None]
-        if not keep:
-            return
-        batch = [batch[b] for b in keep]
-        result = select_images(result, keep)
+    try:
+        result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(batch) == 1:
+            raise
+        result = None  # split outside the handler: its traceback holds the batch's tensors
+    if result is None:
+        half = len(batch) // 2
+        log.warning(
+            "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
+            work.run_id,
+            work.shard_index,
+            len(batch),
+            half,
+            len(batch) - half,
+        )
+        del pixels, targets
+        release_cached_memory(device)
+        for part in (batch[:half], batch[half:]):
+            _explain_batch(work, loaded, engine, part, writer, encoder, rows, sources)
+        return
+    batch, result = _drop_non_finite(work, batch, result, rows.items)
+    if not batch:
+        return
     rows.items.extend(prediction_rows(work, batch, result))
 
     layout = map_layout(batch, result)
@@ -448,44 +517,232 @@ def _explain_batch(
             rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
 
 
-def compute_shard(work: ShardWork, settings: Settings, check: Callable[[], None] | None = None) -> ShardRows:
-    """``check`` runs before each batch and before the final flush; it raises to stop the shard
-    (its lease is lost), so a worker that no longer holds the shard stops spending the device on it.
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the failed attempt's cached blocks back before a smaller retry."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class _Launched:
+    """A batch whose engine call has been issued and whose results are on their way to the host."""
+
+    batch: list[tuple[WorkItem, DecodedPixels]]
+    packed: PackedBatch
+    sources: dict[int, bytes]
+
+
+def _launch(
+    work: ShardWork,
+    loaded: LoadedModel,
+    engine: CamEngine,
+    batch: list[tuple[WorkItem, DecodedPixels]],
+    sources: dict[int, bytes],
+    failed: list[dict[str, Any]],
+) -> list[_Launched]:
+    """Stage the batch, run the engine and start the copies back; on the device nothing waits.
+
+    On CUDA the stacked pixels go through pinned memory, so the copy to the device is truly
+    asynchronous. Out of device memory splits the batch in halves, as in the serial path.
     """
+    device = next(loaded.model.parameters()).device
+    pre = loaded.preprocess
+    rows = ShardRows()
+    targets, batch = _batch_targets(work, batch, rows)
+    failed.extend(rows.items)
+    if not batch:
+        return []
+    pixels = stack_pixels([img for _, img in batch])
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()
+    pixels = pixels.to(device, non_blocking=True)
+    try:
+        result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(batch) == 1:
+            raise
+        result = None  # split outside the handler: its traceback holds the batch's tensors
+    if result is None:
+        half = len(batch) // 2
+        log.warning(
+            "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
+            work.run_id,
+            work.shard_index,
+            len(batch),
+            half,
+            len(batch) - half,
+        )
+        del pixels, targets
+        release_cached_memory(device)
+        return [
+            launched
+            for part in (batch[:half], batch[half:])
+            for launched in _launch(work, loaded, engine, part, sources, failed)
+        ]
+    batch, result = _drop_non_finite(work, batch, result, failed)
+    if not batch:
+        return []
+    packed = pack(result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions)
+    return [_Launched(batch, packed, sources)]
+
+
+def _finish(
+    work: ShardWork,
+    loaded: LoadedModel,
+    launched: _Launched,
+    writer: ConcurrentWriter,
+    encoder: ThreadPoolExecutor,
+    rows: ShardRows,
+) -> None:
+    """Wait for a batch's host copies, then build its rows and hand its maps to the encoders."""
+    batch, packed = launched.batch, launched.packed
+    sizes = source_sizes(batch, packed.targets)
+    host = unpack(packed, work.patch_size, loaded.preprocess.size, sizes)
+    rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c))
+    layout = layout_of(batch, host.targets, host.scores)
+    map_sources = [launched.sources.get(item_id) for item_id in layout.item_ids]
+    for (method, layer), stats in host.statistics.items():
+        keys, shas = _submit_encoding(work, method, layer, layout, stats, map_sources, writer, encoder)
+        heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, keys)
+        rows.heatmaps.extend(heatmaps)
+        rows.encoded.append((heatmaps, shas))
+        rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
+
+
+class _RowBuilder:
+    """Builds rows on one thread, in submission order, while the main thread feeds the device.
+
+    At most ``depth`` batches wait for it, which bounds the results held on the host.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
+        self._pending: collections.deque[Future[None]] = collections.deque()
+        self._depth = depth
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+Batch = list[tuple[WorkItem, DecodedPixels]]
+
+
+def _batches(
+    work: ShardWork,
+    stream: Iterator[tuple[WorkItem, Decoded | str]],
+    failed: Callable[[dict[str, Any]], None],
+    check: Callable[[], None],
+) -> Iterator[tuple[Batch, dict[int, bytes]]]:
+    """Group decoded items into batches; items that cannot be explained go to ``failed``.
+
+    ``check`` runs before each batch is handed on: it raises when the shard's lease is lost.
+    """
+    batch: Batch = []
+    sources: dict[int, bytes] = {}
+    for item, opened in stream:
+        if isinstance(opened, str):
+            log.warning("run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened)
+            failed(failed_item_row(item, opened))
+            continue
+        decoded, source = opened
+        too_wide = _overlay_refusal(decoded) if work.overlay else None
+        if too_wide is not None:
+            failed(failed_item_row(item, too_wide))
+            continue
+        batch.append((item, decoded))
+        if source is not None:
+            sources[item.id] = source
+        if len(batch) == work.batch_size:
+            check()
+            yield batch, sources
+            batch, sources = [], {}
+    if batch:
+        check()
+        yield batch, sources
+
+
+def _compute_overlapped(
+    work: ShardWork,
+    loaded: LoadedModel,
+    engine: CamEngine,
+    batches: Callable[[Callable[[dict[str, Any]], None]], Iterator[tuple[Batch, dict[int, bytes]]]],
+    writer: ConcurrentWriter,
+    encoder: ThreadPoolExecutor,
+    rows: ShardRows,
+) -> None:
+    """Batch N's rows are built on a thread while batch N+1 is decoded, staged and computed.
+
+    Every change to ``rows`` happens on the builder thread, in the serial path's order.
+    """
+    builder = _RowBuilder()
+    try:
+        for batch, sources in batches(lambda row: builder.submit(rows.items.append, row)):
+            failed: list[dict[str, Any]] = []
+            launched = _launch(work, loaded, engine, batch, sources, failed)
+            builder.submit(rows.items.extend, failed)
+            for each in launched:
+                builder.submit(_finish, work, loaded, each, writer, encoder, rows)
+        builder.drain()
+    finally:
+        builder.close()
+
+
+def _compute_serial(
+    work: ShardWork,
+    loaded: LoadedModel,
+    engine: CamEngine,
+    batches: Callable[[Callable[[dict[str, Any]], None]], Iterator[tuple[Batch, dict[int, bytes]]]],
+    writer: ConcurrentWriter,
+    encoder: ThreadPoolExecutor,
+    rows: ShardRows,
+) -> None:
+    for batch, sources in batches(rows.items.append):
+        _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
+
+
+def compute_shard(
+    work: ShardWork,
+    settings: Settings,
+    check: Callable[[], None] | None = None,
+    *,
+    overlap: bool = True,
+) -> ShardRows:
+    """Explain a shard's items. ``check`` runs before each batch and before the final flush; it
+    raises to stop the shard (its lease is lost), so a worker that no longer holds the shard
+    stops spending the device on it. ``overlap=False`` runs one batch at a time, reading every
+    statistic back on its own: the plain reference the overlapped pipeline is tested against."""
     check = check or (lambda: None)
     loaded = model_for(work.model_ref, work.checkpoint, settings, expected_sha256=work.checkpoint_sha256)
-    engine = engine_for(loaded, work.methods, work.layers, settings)
+    device = next(loaded.model.parameters()).device
+    if work.batch_size is None:
+        work = dataclasses.replace(work, batch_size=defaults_for(device.type).batch_size)
+    engine = engine_for(loaded, work.methods, work.layers, settings, work.score_batch_size)
     storage = storage_for(work.output_uri, settings)
-    sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage))
-    rows = ShardRows()
+    remote_sources = any(item.source_uri.startswith("s3://") for item in work.items[:1])
+    sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage), remote_sources=remote_sources)
+    rows = ShardRows(provenance=shard_provenance(device, amp_argument(settings.amp)))
     with (
         ConcurrentWriter(storage, max_workers=sizes.upload) as writer,
         ThreadPoolExecutor(max_workers=sizes.encode, thread_name_prefix="encode") as encoder,
     ):
-        batch: list[tuple[WorkItem, DecodedPixels]] = []
-        sources: dict[int, bytes] = {}
-        for item, opened in _decoded_stream(work, settings, loaded.preprocess.size, sizes.decode):
-            if isinstance(opened, str):
-                log.warning(
-                    "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened
-                )
-                rows.items.append(failed_item_row(item, opened))
-                continue
-            decoded, source = opened
-            too_wide = _overlay_refusal(decoded) if work.overlay else None
-            if too_wide is not None:
-                rows.items.append(failed_item_row(item, too_wide))
-                continue
-            batch.append((item, decoded))
-            if source is not None:
-                sources[item.id] = source
-            if len(batch) == work.batch_size:
-                check()
-                _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
-                batch, sources = [], {}
-        if batch:
-            check()
-            _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
+        stream = _decoded_stream(work, settings, loaded.preprocess.size, sizes)
+
+        def batches(
+            failed: Callable[[dict[str, Any]], None],
+        ) -> Iterator[tuple[Batch, dict[int, bytes]]]:
+            return _batches(work, stream, failed, check)
+
+        compute = _compute_overlapped if overlap else _compute_serial
+        compute(work, loaded, engine, batches, writer, encoder, rows)
         for heatmap_rows, shas in rows.encoded:
             for row, sha in zip(heatmap_rows, shas.result(), strict=True):
                 row["sha256"] = sha
@@ -564,6 +821,8 @@ def commit_shard(database_url: str, work: ShardWork, rows: ShardRows) -> ShardOu
         shard.finished_at = utcnow()
         shard.lease_expires_at = None
         shard.n_done, shard.n_failed = rows.n_done, rows.n_failed
+        for column, value in rows.provenance.items():
+            setattr(shard, column, value)
         run_status = _refresh_run(session, run)
     return ShardOutcome(work.run_id, work.shard_index, "done", rows.n_done, rows.n_failed, run_status)
 

@@ -35,6 +35,8 @@ class ShardRows:
     # heatmap rows and the encoder task that returns their PNGs' sha256, in the same order
     encoded: list[tuple[list[dict[str, Any]], Future[list[str]]]] = field(default_factory=list)
     patches: list[tuple[HeatmapKey, dict[str, Any]]] = field(default_factory=list)
+    # the shard row's provenance columns (workers/provenance.py)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_done(self) -> int:
@@ -57,14 +59,26 @@ class MapLayout:
 
 def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -> MapLayout:
     chosen = result.targets.cpu()
-    n_targets = chosen.shape[1]
     scores = result.scores.float().cpu().tolist()
+    return layout_of(batch, chosen.reshape(-1).tolist(), [s for per_item in scores for s in per_item])
+
+
+def layout_of(
+    batch: list[tuple[WorkItem, DecodedPixels]], targets: list[int], scores: list[float]
+) -> MapLayout:
+    """The layout from host lists: ``targets`` and ``scores`` of map ``n = b * K + t``."""
+    n_targets = len(targets) // len(batch)
     return MapLayout(
         item_ids=[item.id for item, _ in batch for _t in range(n_targets)],
-        targets=chosen.reshape(-1).tolist(),
-        scores=[score for per_item in scores for score in per_item],
-        source_sizes=np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0),
+        targets=targets,
+        scores=scores,
+        source_sizes=source_sizes(batch, n_targets),
     )
+
+
+def source_sizes(batch: list[tuple[WorkItem, DecodedPixels]], n_targets: int) -> np.ndarray:
+    """int [N, 2]: (width, height) of the source of each map ``n = b * n_targets + t``."""
+    return np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0)
 
 
 @dataclass(frozen=True)
@@ -178,6 +192,16 @@ def prediction_rows(
     probs = torch.softmax(result.logits.float(), dim=1)
     k = min(work.top_k_predictions, probs.shape[1])
     top_p, top_c = (t.cpu() for t in torch.topk(probs, k, dim=1))
+    return prediction_rows_of(work, batch, top_p.tolist(), top_c.tolist())
+
+
+def prediction_rows_of(
+    work: ShardWork,
+    batch: list[tuple[WorkItem, DecodedPixels]],
+    top_p: list[list[float]],
+    top_c: list[list[int]],
+) -> list[dict[str, Any]]:
+    """The rows from host lists: each image's top-k probabilities and classes."""
     names = work.class_names
     rows = []
     for b, (item, img) in enumerate(batch):
@@ -187,9 +211,9 @@ def prediction_rows(
                 "name": names[int(c)] if names and int(c) < len(names) else None,
                 "prob": float(p),
             }
-            for p, c in zip(top_p[b].tolist(), top_c[b].tolist(), strict=True)
+            for p, c in zip(top_p[b], top_c[b], strict=True)
         ]
-        pred = int(top_c[b, 0])
+        pred = int(top_c[b][0])
         correct = None
         if item.label is not None and names:
             correct = names[pred] == item.label if pred < len(names) else False

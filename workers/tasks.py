@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Task
@@ -10,6 +11,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from schema.redact import redact
 from schema.settings import get_settings
+from workers.cam.device_errors import is_device_error
 from workers.celery_app import CONTROL_QUEUE, SHARD_QUEUE, app
 from workers.shard import explain_shard, fail_shard, worker_name
 
@@ -27,6 +29,10 @@ class ShardAttemptError(RuntimeError):
     The original exception is not passed on: its message may carry a database or broker URL with
     its password, and Celery would show it in Flower and store it with the task's result.
     """
+
+
+# The process exits with this status after a CUDA error (sysexits' EX_SOFTWARE).
+EXIT_DEVICE_ERROR = 70
 
 
 def retry_delay(retries: int) -> float:
@@ -47,6 +53,8 @@ def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]
     try:
         outcome = explain_shard(run_id, shard_id, settings, worker=worker, retry_in_s=retry_delay(retries))
     except Exception as exc:
+        if is_device_error(exc) and not self.request.is_eager:
+            end_poisoned_process(run_id, shard_id, exc)
         error = redact(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}".removeprefix("builtins."))
         limit = DATABASE_RETRIES if database_unreachable(exc) else MAX_RETRIES
         if retries < limit:
@@ -61,6 +69,25 @@ def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]
     if outcome.run_status is not None:
         _after_run(run_id, eager=bool(self.request.is_eager))
     return outcome.as_dict()
+
+
+def end_poisoned_process(run_id: str, shard_id: int, exc: BaseException) -> None:
+    """After a CUDA error the process's context is unusable: every later shard would fail too.
+
+    The child exits at once without acknowledging the shard; with late acknowledgement and
+    ``task_reject_on_worker_lost`` the broker hands the shard to another process, and the
+    pool starts a fresh child in place of this one. (Embedded runs cannot replace their
+    process; there the error takes the ordinary retry path.)
+    """
+    log.critical(
+        "run=%s shard_id=%d: device error (%s: %s); ending this worker process so a fresh one replaces it",
+        run_id,
+        shard_id,
+        type(exc).__name__,
+        str(exc).splitlines()[0] if str(exc) else "",
+    )
+    logging.shutdown()
+    os._exit(EXIT_DEVICE_ERROR)
 
 
 def _after_run(run_id: str, *, eager: bool) -> None:

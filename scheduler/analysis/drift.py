@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ from sqlalchemy.orm import Session, aliased
 
 from scheduler.query import DELETING, QueryError, get_run
 from schema.db import session_scope
-from schema.models import Heatmap, Item, ItemStatus, PatchScore, Run
+from schema.models import Heatmap, Item, ItemStatus, PatchScore, Run, Shard, ShardStatus
 from workers.heatmap_io import decode_npy
 from workers.storage import ObjectNotFoundError, Storage, open_storage
 
@@ -62,6 +63,9 @@ CHUNK = 256  # heatmap pairs read and reduced at once
 READERS = 16  # concurrent object reads
 # Correlations of identical float maps can land a rounding error below 1.0; that is no drift.
 _TOLERANCE = 1e-6
+
+
+log = logging.getLogger("camaudit.drift")
 
 
 class DriftError(ValueError):
@@ -129,6 +133,8 @@ class RunDiff:
     mean_iou: float | None
     classes: list[ClassShift] = field(default_factory=list)
     movers: list[HeatmapDrift] = field(default_factory=list)
+    # differences in how the two runs were computed (device, precision) that move maps too
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def drifted(self) -> list[ClassShift]:
@@ -152,6 +158,7 @@ class RunDiff:
             "drifted": [c.label for c in self.drifted],
             "classes": [c.as_dict() for c in self.classes],
             "movers": [m.as_dict() for m in self.movers],
+            "warnings": list(self.warnings),
         }
 
 
@@ -398,6 +405,45 @@ def _counts(session: Session, run_a: str, run_b: str) -> tuple[int, int, int, in
     return done(run_a), done(run_b), common, changed
 
 
+def _precisions(session: Session, run_id: str) -> set[tuple[str, str]]:
+    """(device type, autocast dtype) of a run's done shards, leaving out those stored without them."""
+    rows = session.execute(
+        select(Shard.device_type, Shard.autocast_dtype)
+        .where(Shard.run_id == run_id, Shard.status == ShardStatus.DONE, Shard.device_type.is_not(None))
+        .distinct()
+    ).all()
+    return {(str(device), str(dtype)) for device, dtype in rows}
+
+
+def _label(precisions: set[tuple[str, str]]) -> str:
+    return " + ".join(sorted(f"{device}/{dtype}" for device, dtype in precisions))
+
+
+def precision_warnings(session: Session, run_a: str, run_b: str) -> list[str]:
+    """Say when the runs (or the shards within one) ran on different devices or in different precision.
+
+    Maps then differ slightly whatever the model did, so a small drift may be the precision's.
+    """
+    a, b = _precisions(session, run_a), _precisions(session, run_b)
+    warnings = [
+        f"run {run_id} mixes shards computed as {_label(found)}; its maps are not all computed alike"
+        for run_id, found in ((run_a, a), (run_b, b))
+        if len(found) > 1
+    ]
+    if a and b and a != b:
+        devices = {d for d, _ in a} != {d for d, _ in b}
+        dtypes = {t for _, t in a} != {t for _, t in b}
+        what = (
+            " and ".join(w for w, differs in (("device", devices), ("precision", dtypes)) if differs)
+            or "setup"
+        )
+        warnings.append(
+            f"the runs differ in {what}: baseline {run_a} ran as {_label(a)}, run {run_b} as {_label(b)}; "
+            "part of the map differences comes from that, not from the model"
+        )
+    return warnings
+
+
 def _heatmap_count(session: Session, run_id: str) -> int:
     return int(session.execute(select(func.count()).where(Heatmap.run_id == run_id)).scalar_one())
 
@@ -544,6 +590,9 @@ def diff_runs(
             if chunk:
                 _reduce_chunk(comparison, lookups, pool, chunk)
         heatmaps_a, heatmaps_b = _heatmap_count(session, run_a), _heatmap_count(session, run_b)
+        warnings = precision_warnings(session, run_a, run_b)
+    for warning in warnings:
+        log.warning("drift %s -> %s: %s", run_a, run_b, warning)
     pairs = sum(g.n for g in comparison.groups.values())
     movers = [entry[-1] for entry in sorted(comparison.movers, reverse=True)]
     return RunDiff(
@@ -561,4 +610,5 @@ def diff_runs(
         mean_iou=sum(g.iou for g in comparison.groups.values()) / pairs if pairs else None,
         classes=comparison.classes(threshold),
         movers=movers,
+        warnings=warnings,
     )

@@ -347,6 +347,7 @@ def _drift_section(diff: RunDiff | None, baseline: str | None) -> str:
     )
     body = (
         figures
+        + "".join(_note("Warning: " + warning) for warning in diff.warnings)
         + _note(drift_rule(diff.threshold) + "; drifted classes are highlighted.")
         + "<h3>Per class</h3>"
         + classes

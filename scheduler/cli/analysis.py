@@ -38,6 +38,8 @@ def _drift_tables(diff: Any) -> None:
     ):
         facts.add_row(key, str(value))
     console.print(facts)
+    for warning in getattr(diff, "warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}", markup=True, highlight=False)
     from scheduler.analysis.drift import drift_rule
 
     classes = Table(title=f"per class ({drift_rule(diff.threshold)})")

@@ -174,8 +174,15 @@ def run(
     targets: Annotated[str, typer.Option(help="top1, topk:N, all, label or classes:3,7")] = "top1",
     patch_size: Annotated[int, typer.Option(help="patch side in model-input pixels")] = 32,
     top_patches: Annotated[int, typer.Option(help="patches kept per heatmap")] = 5,
-    batch_size: int = 16,
-    shard_size: int = 256,
+    batch_size: Annotated[
+        int | None, typer.Option(help="images per batch (default: 16 on CPU, 64 on GPU)")
+    ] = None,
+    shard_size: Annotated[
+        int | None, typer.Option(help="images per shard (default: 256 on CPU, 2048 on GPU)")
+    ] = None,
+    score_batch_size: Annotated[
+        int | None, typer.Option(help="images per Score-/Ablation-CAM forward (default: 64 CPU, 256 GPU)")
+    ] = None,
     name: str | None = None,
     overlay: Annotated[bool, typer.Option(help="also store a JET overlay JPEG at source size")] = False,
     wait: Annotated[bool, typer.Option(help="with a broker: wait and show progress")] = False,
@@ -209,6 +216,7 @@ def run(
             top_patches=top_patches,
             batch_size=batch_size,
             shard_size=shard_size,
+            score_batch_size=score_batch_size,
             name=name,
             overlay=overlay,
         )

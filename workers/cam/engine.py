@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from workers.cam.capture import capture_layers
+from workers.cam.device_errors import is_device_failure
 from workers.cam.errors import CamConfigError
 from workers.cam.folding import FoldedModel
 from workers.cam.guard import evaluation_mode
@@ -129,7 +130,7 @@ class CamEngine:
             resolve_layer(model, name)
         self._heads: dict[str, nn.Linear] = {}
         self._memory = ChannelsLast(bool(channels_last))
-        self._broadcast: dict[str, bool] = {}
+        self._ablation_modes: dict[str, str] = {}
         self._folded = FoldedModel(model)
 
     def _uses(self, kind: Kind) -> list[Method]:
@@ -169,8 +170,8 @@ class CamEngine:
                     with autocast(batch.images.device, dtype), mode:
                         output = self.model(self._memory.input(batch.images))
                 return output, captured
-            except RuntimeError:
-                if not self._memory.enabled:
+            except RuntimeError as exc:
+                if not self._memory.enabled or is_device_failure(exc):
                     raise
                 self._memory.disable()
 
@@ -296,7 +297,7 @@ class CamEngine:
             return scorecam_weights(
                 folded, images, acts[name], request, resolved.classes, self.score_batch_size
             )
-        runner = AblationRunner(run, self.model.get_submodule(name), self._broadcast.get(name, True))
+        runner = AblationRunner(run, self.model.get_submodule(name), self._ablation_modes.get(name, "mixed"))
         weights = ablation_weights(
             runner,
             images,
@@ -307,7 +308,7 @@ class CamEngine:
             resolved.classes,
             self.score_batch_size,
         )
-        self._broadcast[name] = runner.broadcast
+        self._ablation_modes[name] = runner.mode
         return weights
 
     def _result(

@@ -9,13 +9,15 @@ result is known in advance is skipped without changing any number:
 * Ablation-CAM: a channel already equal to the ablation value everywhere cannot change the
   score, and its activation contributes nothing to the map either; it is not re-run.
 * Ablation-CAM replaces the layer's output, so the part of the network before the layer need
-  not see N copies of the image: it runs on one copy and the layer emits the N ablated
-  versions (everything downstream broadcasts). Models that cannot take that fall back to
-  N copies, detected from an exception or a wrong output batch size.
+  not see N copies of the image: it runs on the distinct images of a chunk, or on one copy per
+  image, and the layer emits the N ablated versions (see :class:`AblationRunner`). Models that
+  cannot take that fall back to N copies, detected from an exception or a wrong output batch
+  size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.cam.capture import replace_output
+from workers.cam.device_errors import is_device_failure
 from workers.cam.layout import Layout, channel_axis
 from workers.cam.memory_format import ChannelsLast
 from workers.cam.precision import autocast
@@ -47,7 +50,9 @@ class MaskedForward:
             if self.memory.enabled:
                 try:
                     return self.model(self.memory.input(inputs))
-                except RuntimeError:
+                except RuntimeError as exc:
+                    if is_device_failure(exc):
+                        raise
                     self.memory.disable()
             return self.model(inputs)
 
@@ -84,26 +89,77 @@ def scorecam_weights(
     return torch.softmax(scores.view(batch, channels, -1).transpose(1, 2), dim=-1)
 
 
-class AblationRunner:
-    """Runs ablated forwards of one layer, sharing the pre-layer computation when it can."""
+ScoreFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
-    def __init__(self, run: MaskedForward, layer: nn.Module, broadcast: bool):
+
+class AblationRunner:
+    """Runs and scores ablated forwards of one layer, sharing the pre-layer computation when it can.
+
+    The layer's output is replaced by the ablated rows, so what runs before the layer need not
+    see one image per row. Three ways, tried in this order; the first that fails (an exception
+    or an output without one row per ablated row) is not tried again for this layer:
+
+    * ``mixed``: each distinct image of the chunk runs once and the layer emits the chunk's rows.
+      This only works where nothing after the layer reads what came before it (else its batch
+      of distinct images could not meet the layer's rows), and then the images are irrelevant.
+    * ``broadcast``: one forward per image of the chunk, the layer emitting that image's rows
+      (everything downstream broadcasts one image to its rows).
+    * ``copies``: every ablated row gets its own copy of its image, as in the reference.
+    """
+
+    MODES = ("mixed", "broadcast", "copies")
+
+    def __init__(self, run: MaskedForward, layer: nn.Module, mode: str = "mixed"):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown ablation mode {mode!r}; use one of {self.MODES}")
         self.run = run
         self.layer = layer
-        self.broadcast = broadcast
+        self.mode = mode
 
-    def __call__(self, image: torch.Tensor, ablated: torch.Tensor) -> Any:
-        count = ablated.shape[0]
+    def _try(self, inputs: torch.Tensor, ablated: torch.Tensor, rows: torch.Tensor, score: ScoreFn):
+        """Scores of ``ablated`` with ``inputs`` before the layer, or None where that does not work."""
         with replace_output(self.layer, lambda output: ablated.to(output.dtype)):
-            if self.broadcast:
-                try:
-                    output = self.run(image)
-                except RuntimeError:
-                    output = None
-                if isinstance(output, torch.Tensor) and output.dim() > 0 and output.shape[0] == count:
-                    return output
-                self.broadcast = False
-            return self.run(image.expand(count, *image.shape[1:]))
+            try:
+                output = self.run(inputs)
+            except RuntimeError as exc:
+                if is_device_failure(exc):
+                    raise
+                return None
+        if isinstance(output, torch.Tensor) and output.dim() > 0 and output.shape[0] == ablated.shape[0]:
+            return score(output, rows)
+        return None
+
+    def scores(
+        self, images: torch.Tensor, rows: torch.Tensor, ablated: torch.Tensor, score: ScoreFn
+    ) -> torch.Tensor:
+        """Scores ``[n, K]`` of the ablated rows; ``rows`` (host, ascending) says whose image each is."""
+        device = images.device
+        sources, counts = torch.unique_consecutive(rows, return_counts=True)
+        if self.mode == "mixed":
+            result = self._try(images[sources.to(device)], ablated, rows, score)
+            if result is not None:
+                return result
+            self.mode = "broadcast"
+        if self.mode == "broadcast":
+            parts = []
+            start = 0
+            for image, count in zip(sources.tolist(), counts.tolist(), strict=True):
+                part = self._try(
+                    images[image : image + 1],
+                    ablated[start : start + count],
+                    rows[start : start + count],
+                    score,
+                )
+                if part is None:
+                    self.mode = "copies"
+                    break
+                parts.append(part)
+                start += count
+            else:
+                return torch.cat(parts)
+        with replace_output(self.layer, lambda output: ablated.to(output.dtype)):
+            output = self.run(images[rows.to(device)])
+        return score(output, rows)
 
 
 def ablation_weights(
@@ -119,23 +175,31 @@ def ablation_weights(
     """Ablation-CAM channel weights ``[B, K, C]``: relative score drop when a channel is ablated.
 
     A channel is ablated to 0 when the image's layer minimum is 0 (post-ReLU features), else to
-    ``minimum - 1e7``.
+    ``minimum - 1e7``. The (image, channel) pairs that can change a score are found for the
+    whole batch at once (one read back from the device per layer) and run in chunks of
+    ``batch_size`` rows that span images.
     """
     axis = channel_axis(layout, captured)
-    raw = captured.detach()
-    channels = raw.shape[axis]
+    moved = captured.detach().movedim(axis, 1)
+    images_n, channels = moved.shape[:2]
+    low = moved.reshape(images_n, -1).amin(dim=1)
+    value = torch.where(low == 0, torch.zeros_like(low), low - ABLATION_OFFSET)
+    at_value = value.view(images_n, *([1] * (moved.dim() - 1)))
+    live = (moved != at_value).reshape(images_n, channels, -1).any(dim=2)
+    pairs = live.nonzero().cpu()
     base = base_scores.detach()
     ablated_scores = base[:, :, None].repeat(1, 1, channels)
-    for index in range(raw.shape[0]):
-        moved = raw[index : index + 1].movedim(axis, 1)
-        low = moved.amin()
-        value = torch.where(low == 0, torch.zeros_like(low), low - ABLATION_OFFSET)
-        live = (moved[0] != value).reshape(channels, -1).any(dim=1).nonzero().squeeze(1)
-        rows = torch.full((batch_size,), index, device=classes.device)
-        for chunk in live.split(batch_size):
-            count = chunk.numel()
-            batch = moved.expand(count, *moved.shape[1:]).clone()
-            batch[torch.arange(count, device=batch.device), chunk] = value
-            output = runner(images[index : index + 1], batch.movedim(1, axis))
-            ablated_scores[index, :, chunk] = score_rows(request, classes, output, rows[:count]).T
+
+    def score(output: Any, rows: torch.Tensor) -> torch.Tensor:
+        return score_rows(request, classes, output, rows.to(classes.device))
+
+    for chunk in pairs.split(batch_size):
+        rows = chunk[:, 0]
+        on_device = chunk.to(moved.device, non_blocking=True)
+        batch = moved[on_device[:, 0]].clone()
+        fill = value[on_device[:, 0]].to(batch.dtype).view(-1, *([1] * (batch.dim() - 2)))
+        batch[torch.arange(chunk.shape[0], device=batch.device), on_device[:, 1]] = fill
+        ablated_scores[on_device[:, 0], :, on_device[:, 1]] = runner.scores(
+            images, rows, batch.movedim(1, axis), score
+        )
     return (base[:, :, None] - ablated_scores) / base[:, :, None]

@@ -35,6 +35,9 @@ class TargetRequest:
     classes: torch.Tensor | None = None
     k: int = 1
     fn: ScoreFn | None = None
+    # (min, max) of ``classes``, read while they were on the CPU: checking them against the
+    # model's classes after the forward then needs no read back from the device
+    bounds: tuple[int, int] | None = None
 
     @property
     def is_callable(self) -> bool:
@@ -72,7 +75,8 @@ def parse_targets(spec: TargetSpec, batch: int) -> TargetRequest:
         raise CamConfigError("class targets have K=0 columns; give at least one class per image")
     # A tensor made under inference_mode cannot be saved by the autograd graph (gather saves it).
     classes = classes.clone() if classes.is_inference() else classes
-    return TargetRequest("explicit", classes=classes.long())
+    bounds = (int(classes.min()), int(classes.max())) if classes.device.type == "cpu" else None
+    return TargetRequest("explicit", classes=classes.long(), bounds=bounds)
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,8 @@ def class_indices(request: TargetRequest, output: Any) -> torch.Tensor:
     if request.kind == "all":
         return torch.arange(num_classes, device=logits.device).expand(logits.shape[0], num_classes)
     assert request.classes is not None
-    classes = request.classes.to(logits.device)
-    low, high = int(classes.min()), int(classes.max())
+    classes = request.classes.to(logits.device, non_blocking=True)
+    low, high = request.bounds or (int(classes.min()), int(classes.max()))
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise CamConfigError(

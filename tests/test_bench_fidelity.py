@@ -1,0 +1,96 @@
+"""The benchmarks' own correctness: what they time is only what they claim to time, and the
+fidelity figures they print are right on inputs whose answer is known."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from bench.engine import _forward, measure_interleaved, reference_turns
+from bench.fidelity import pearson, raw_scale, target_score_error, tf32_off, top1_flips, top_cell_agreement
+from workers.cam import CamEngine
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
+
+
+def test_reference_hooks_live_only_during_its_own_turns() -> None:
+    model = _small_model()
+    images = torch.randn(2, 3, 16, 16)
+    targets = [ClassifierOutputTarget(1), ClassifierOutputTarget(3)]
+    engine = CamEngine(model, layers=["2"], methods=["gradcam"], amp=False)
+    seen: dict[str, list[int]] = {"ours": [], "reference": []}
+    flags: list[tuple[bool, bool]] = []
+
+    def ours() -> object:
+        seen["ours"].append(_hooks(model))
+        return engine(images, targets=torch.tensor([1, 3]))
+
+    turn = reference_turns(GradCAM, model, model[2], images, targets)
+
+    measured = measure_interleaved({"ours": ours, "reference": turn}, torch.device("cpu"), repeats=2)
+    assert seen["ours"] == [0, 0, 0]  # one warm-up and two timed turns, never with a reference hook
+    assert _hooks(model) == 0
+    assert measured["reference"].output.shape == (2, 16, 16)
+
+    with turn.open() as call:
+        seen["reference"].append(_hooks(model))
+        flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        call()
+    assert seen["reference"][-1] > 0 and flags[-1] == (False, False)
+    assert _hooks(model) == 0
+    assert torch.backends.cudnn.allow_tf32  # restored to torch's default
+
+
+def test_forward_baseline_runs_in_the_engines_precision() -> None:
+    model = _small_model()
+    images = torch.randn(2, 3, 16, 16)
+    assert _forward(model, images, dtype=torch.bfloat16)().dtype == torch.bfloat16
+    assert _forward(model, images)().dtype == torch.float32
+
+
+def test_tf32_off_restores_the_previous_flags() -> None:
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32_off():
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_fidelity_figures_on_known_inputs() -> None:
+    reference_logits = torch.tensor([[1.0, 2.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    logits = torch.tensor([[1.0, 2.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 5.0]])
+    assert top1_flips(reference_logits, logits) == 1
+
+    error = target_score_error(torch.tensor([[2.0], [4.0]]), torch.tensor([[2.2], [4.0]]))
+    assert abs(error - 0.1) < 1e-6
+
+    ref_raw = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    low, high = raw_scale(ref_raw, torch.stack([ref_raw[0] * 0.5, ref_raw[1]]))
+    assert (low, high) == (0.5, 1.0)
+
+    ranked = torch.tensor([[[4.0, 3.0], [2.0, 1.0]]])
+    assert top_cell_agreement(ranked, ranked, 2) == 1.0
+    assert top_cell_agreement(ranked, torch.tensor([[[4.0, 1.0], [2.0, 3.0]]]), 2) == 0.5
+    assert top_cell_agreement(ranked, -ranked, 2) == 0.0
+
+    a = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    r = pearson(a, torch.tensor([[2.0, 4.0, 6.0], [5.0, 5.0, 5.0]]))
+    assert torch.allclose(r, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert pearson(a[:1], -a[:1]).item() < -0.999
