@@ -149,6 +149,10 @@ def test_torchvision_state_dict_infers_classes_and_reproduces_outputs(
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
         "resize": "stretch",
+        "interpolation": "bilinear",
+        "resize_to": [224, 224],
+        "crop_pct": 1.0,
+        "fill": [0, 0, 0],
     }
     x = _probe()
     with torch.no_grad():

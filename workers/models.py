@@ -40,13 +40,15 @@ from torch import nn
 
 from workers.demo.net import CAM_LAYER as DEMO_CAM_LAYER
 from workers.demo.net import DemoNet
+from workers.preprocess import RESIZE_MODES, Preprocess, PreprocessError
+
+__all__ = ["RESIZE_MODES", "LoadedModel", "ModelLoadError", "Preprocess", "load_model", "resolve_layer"]
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo_cnn.pt"
 DEMO_CHECKPOINT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = (224, 224)
-RESIZE_MODES = ("stretch",)
 SCHEMES = ("demo", "torchvision", "torchscript", "python")
 _TORCHVISION_DEFAULT_CLASSES = 1000
 # Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
@@ -56,34 +58,6 @@ _SHOWN = 5  # how many keys an error lists before summarising the rest
 
 class ModelLoadError(ValueError):
     """A model reference, checkpoint or layer name that cannot work; the message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images must be prepared for the model; stored with the run so results can be reproduced."""
-
-    size: tuple[int, int]  # (H, W) model input size
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = "stretch"  # resize the whole image to ``size``, no crop
-
-    def __post_init__(self) -> None:
-        if len(self.size) != 2 or any(int(v) != v or v < 1 for v in self.size):
-            raise ModelLoadError(f"input size must be two positive integers (H, W), got {self.size!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ModelLoadError(f"mean and std need 3 values (RGB), got mean={self.mean}, std={self.std}")
-        if any(v <= 0 for v in self.std):
-            raise ModelLoadError(f"std values must be positive, got {self.std}")
-        if self.resize not in RESIZE_MODES:
-            raise ModelLoadError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "size": list(self.size),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "resize": self.resize,
-        }
 
 
 @dataclass
@@ -406,7 +380,7 @@ def _preprocess_from(
         mean = tuple(float(v) for v in meta.get("mean", IMAGENET_MEAN))
         std = tuple(float(v) for v in meta.get("std", IMAGENET_STD))
         return Preprocess(size=size, mean=mean, std=std)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, PreprocessError) as error:
         raise ModelLoadError(f"checkpoint {path} has unusable preprocessing metadata: {error}") from error
 
 
