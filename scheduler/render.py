@@ -2,8 +2,9 @@
 
 Workers store maps at model-input size only (the PNG) and never an overlay, which would
 cost a JPEG per map per run; this renders one on demand from the stored PNG and the
-source image. The model saw the source stretched to its input size, so stretching the map
-back to the source's size puts every activation over the pixels that caused it.
+source image. The map goes back to the source through the run's recorded transform (stretch,
+centre crop or letterbox), so every activation lies over the pixels that caused it; what a
+crop cut off is shown dimmed, since the model never saw it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from schema.models import Heatmap, Item, Run
 from workers.fetch import read_bytes
 from workers.heatmap_io import decode_png_gray, overlay_jpeg
 from workers.images import ImageDecodeError, open_rgb
+from workers.preprocess import Preprocess
 from workers.storage import ObjectNotFoundError, open_storage
 
 __all__ = ["RenderError", "Rendered", "render_overlay"]
@@ -147,7 +149,17 @@ def render_overlay(
             f"cannot read the source image {found.item.source_uri} of item {item_id}: {exc}"
         ) from exc
     image = _source_image(data, found.item.source_uri)
-    jpeg = overlay_jpeg(image, levels.astype(np.float32) / 255.0, alpha=alpha, quality=quality)
+    transform = Preprocess.from_dict(found.run.preprocess, geometry_only=True).transform(
+        image.width, image.height
+    )
+    if levels.shape != (transform.input[1], transform.input[0]):
+        raise RenderError(
+            f"stored map {found.heatmap.object_key} is {levels.shape[1]}x{levels.shape[0]}, not the run's "
+            f"input size {transform.input[0]}x{transform.input[1]}"
+        )
+    jpeg = overlay_jpeg(
+        image, levels.astype(np.float32) / 255.0, alpha=alpha, quality=quality, transform=transform
+    )
     return Rendered(
         jpeg=jpeg,
         width=image.width,

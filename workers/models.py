@@ -69,6 +69,8 @@ class LoadedModel:
     class_names: list[str] | None
     default_layer: str | None  # None lets the CAM engine pick a layer
     num_classes: int | None
+    # Where pretrained weights came from (zoo, weights name, file, sha256), recorded on the run.
+    weights: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -78,11 +78,11 @@ class ImageTransform:
 
     def to_source(self, boxes: Any) -> np.ndarray:
         """Input-pixel boxes [..., 4] -> source pixels, as float64, unclipped."""
-        sx, sy = self.scale
+        ix, iy = self.source[0] / self.resized[0], self.source[1] / self.resized[1]
         b = np.asarray(boxes, dtype=np.float64)
         ox, oy = self.offset
         return np.stack(
-            [(b[..., 0] - ox) / sx, (b[..., 1] - oy) / sy, (b[..., 2] - ox) / sx, (b[..., 3] - oy) / sy],
+            [(b[..., 0] - ox) * ix, (b[..., 1] - oy) * iy, (b[..., 2] - ox) * ix, (b[..., 3] - oy) * iy],
             axis=-1,
         )
 
@@ -255,15 +255,19 @@ class Preprocess:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
-        """Read what :meth:`as_dict` wrote (runs recorded before crops existed were stretched bilinearly)."""
+    def from_dict(cls, data: Mapping[str, Any], *, geometry_only: bool = False) -> Preprocess:
+        """Read what :meth:`as_dict` wrote (runs recorded before crops existed were stretched bilinearly).
+
+        ``geometry_only``: a reader that only maps boxes and maps needs no statistics.
+        """
         try:
             size = tuple(int(v) for v in data["size"])
             resize_to = data.get("resize_to")
+            neutral = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)} if geometry_only else {}
             return cls(
                 size=size,  # type: ignore[arg-type]
-                mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
-                std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+                mean=tuple(float(v) for v in data.get("mean", neutral.get("mean")) or data["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in data.get("std", neutral.get("std")) or data["std"]),  # type: ignore[arg-type]
                 resize=str(data.get("resize", "stretch")),
                 interpolation=str(data.get("interpolation", "bilinear")),
                 resize_to=None if resize_to is None else tuple(int(v) for v in resize_to),  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ from workers.images import (
 )
 from workers.models import LoadedModel
 from workers.pools import pool_sizes
+from workers.preprocess import ImageTransform, Preprocess
 from workers.runtime import engine_for, model_for, storage_for
 from workers.shard_rows import (
     MapLayout,
@@ -81,6 +82,7 @@ class ShardWork:
     output_uri: str
     class_names: list[str] | None
     items: list[WorkItem]
+    preprocess: Preprocess  # the run's recorded transform: the same on every worker
     overlay: bool = False
 
 
@@ -141,6 +143,7 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             batch_size=int(run.config.get("batch_size", 16)),
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
+            preprocess=Preprocess.from_dict(run.preprocess),
             overlay=bool(run.config.get("overlay", False)),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
         )
@@ -150,7 +153,7 @@ Decoded = tuple[DecodedPixels, bytes | None]
 
 
 def _decoded_stream(
-    work: ShardWork, settings: Settings, size: tuple[int, int], threads: int
+    work: ShardWork, settings: Settings, threads: int
 ) -> Iterator[tuple[WorkItem, Decoded | str]]:
     """Decode ahead of the model on a thread pool; yields (item, image or failure reason) in order.
 
@@ -162,9 +165,9 @@ def _decoded_stream(
             data = read_bytes(
                 item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
             )
-            return decode_pixels(data, size, max_pixels=settings.max_image_pixels, name=item.source_uri), (
-                data if work.overlay else None
-            )
+            return decode_pixels(
+                data, work.preprocess, max_pixels=settings.max_image_pixels, name=item.source_uri
+            ), (data if work.overlay else None)
         except FileNotFoundError:
             return f"file not found: {item.source_uri}"
         except ImageDecodeError as exc:
@@ -219,6 +222,7 @@ def _encode_and_upload(
     maps_u8: np.ndarray,
     raws16: np.ndarray,
     sources: list[bytes | None],
+    transforms: list[ImageTransform],
 ) -> list[str]:
     """Runs on the encoder pool (zlib releases the GIL), so the device never waits on PNG encoding.
 
@@ -228,14 +232,18 @@ def _encode_and_upload(
     """
     digests = []
     upright: dict[int, Image.Image] = {}
-    for (png_key, npy_key), map_u8, raw16, source in zip(keys, maps_u8, raws16, sources, strict=True):
+    for (png_key, npy_key), map_u8, raw16, source, transform in zip(
+        keys, maps_u8, raws16, sources, transforms, strict=True
+    ):
         png = encode_png_gray(map_u8)
         writer.submit(png_key, png, "image/png")
         writer.submit(npy_key, encode_npy(raw16), "application/octet-stream")
         if source is not None:
             if id(source) not in upright:
                 upright[id(source)] = open_rgb(source)
-            overlay = overlay_jpeg(upright[id(source)], map_u8.astype(np.float32) / 255.0)
+            overlay = overlay_jpeg(
+                upright[id(source)], map_u8.astype(np.float32) / 255.0, transform=transform
+            )
             writer.submit(png_key.removesuffix(".png") + ".jpg", overlay, "image/jpeg")
         digests.append(hashlib.sha256(png).hexdigest())
     return digests
@@ -276,7 +284,9 @@ def _submit_encoding(
         )
         for item_id, target in zip(layout.item_ids, layout.targets, strict=True)
     ]
-    shas = encoder.submit(_encode_and_upload, writer, keys, stats.maps_u8, stats.raw16, sources)
+    shas = encoder.submit(
+        _encode_and_upload, writer, keys, stats.maps_u8, stats.raw16, sources, layout.transforms
+    )
     return keys, shas
 
 
@@ -291,7 +301,7 @@ def _explain_batch(
     sources: dict[int, bytes],
 ) -> None:
     device = next(loaded.model.parameters()).device
-    pre = loaded.preprocess
+    pre = work.preprocess
     targets, batch = _batch_targets(work, batch, rows, device)
     if not batch:
         return
@@ -309,7 +319,7 @@ def _explain_batch(
                 pre.size,
                 work.patch_size,
                 work.top_patches,
-                layout.source_sizes,
+                layout.transforms,
             )
             keys, shas = _submit_encoding(work, method, layer, layout, stats, map_sources, writer, encoder)
             heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, keys)
@@ -330,7 +340,7 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     ):
         batch: list[tuple[WorkItem, DecodedPixels]] = []
         sources: dict[int, bytes] = {}
-        for item, opened in _decoded_stream(work, settings, loaded.preprocess.size, sizes.decode):
+        for item, opened in _decoded_stream(work, settings, sizes.decode):
             if isinstance(opened, str):
                 log.warning(
                     "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened

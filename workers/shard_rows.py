@@ -20,6 +20,7 @@ from workers.cam import CamResult
 from workers.heatmap_io import to_uint8
 from workers.images import DecodedPixels
 from workers.patches import patch_boxes, top_patches
+from workers.preprocess import ImageTransform
 
 if TYPE_CHECKING:
     from workers.shard import ShardWork, WorkItem
@@ -52,7 +53,7 @@ class MapLayout:
     item_ids: list[int]
     targets: list[int]
     scores: list[float]
-    source_sizes: np.ndarray  # int [N, 2]: (width, height) of map n's source image
+    transforms: list[ImageTransform]  # how map n's source image went into the input
 
 
 def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -> MapLayout:
@@ -63,7 +64,7 @@ def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -
         item_ids=[item.id for item, _ in batch for _t in range(n_targets)],
         targets=chosen.reshape(-1).tolist(),
         scores=[score for per_item in scores for score in per_item],
-        source_sizes=np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0),
+        transforms=[img.transform for _, img in batch for _t in range(n_targets)],
     )
 
 
@@ -92,7 +93,7 @@ def map_statistics(
     input_size: tuple[int, int],
     patch_size: int,
     n_patches: int,
-    source_sizes: np.ndarray,
+    transforms: list[ImageTransform],
 ) -> MapStatistics:
     """``maps`` [B, K, H, W] in [0, 1] and ``raw`` [B, K, h, w] of one method and layer."""
     raw = raw.float()
@@ -107,7 +108,7 @@ def map_statistics(
     p_scores = top.scores.cpu().tolist()
     p_rows = top.rows.cpu().numpy()
     p_cols = top.cols.cpu().numpy()
-    boxes = patch_boxes(p_rows, p_cols, patch_size, input_size, source_sizes).tolist()
+    boxes = patch_boxes(p_rows, p_cols, patch_size, input_size, transforms).tolist()
     return MapStatistics(
         maps_u8=u8,
         raw16=raw16,
