@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sqlalchemy import func, select, update
 from torch import nn
 
-from scheduler.drift import (
+from scheduler.analysis.drift import (
     ClassShift,
     DriftError,
     RunDiff,
