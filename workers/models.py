@@ -79,8 +79,9 @@ class _Plan:
 
     scheme: str
     target: str  # torchvision name, or "module:factory"; empty for demo and torchscript
-    checkpoint: Path | None
+    checkpoint: Path | None  # the weights file: given, or where a zoo keeps it
     ref: str  # normalised
+    weights: Any = None  # a zoo's handle of the pretrained weights (torchvision enum member)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -192,7 +193,10 @@ def _plan(ref: str, checkpoint: str | Path | None) -> _Plan:
             return _Plan("torchscript", "", path, f"torchscript:{path}")
         scheme, rest = "torchvision", ref
     if scheme == "torchvision":
-        name = _torchvision_name(rest)
+        arch, at, weights_name = rest.partition("@")
+        name = _torchvision_name(arch)
+        if at:
+            return _torchvision_weights_plan(name, weights_name, checkpoint)
         path = _existing_file(checkpoint) if checkpoint is not None else None
         return _Plan("torchvision", name, path, f"torchvision:{name}")
     if scheme == "torchscript":
@@ -220,8 +224,24 @@ def _plan(ref: str, checkpoint: str | Path | None) -> _Plan:
 
 _REF_FORMS = (
     "valid references: 'demo', 'torchvision:NAME' or 'NAME' (e.g. resnet18), "
-    "'torchscript:PATH', 'python:package.module:factory'"
+    "'torchvision:NAME@WEIGHTS' (e.g. resnet50@IMAGENET1K_V2 or @DEFAULT), 'timm:NAME[.TAG]', "
+    "'hf:PATH_OR_NAME', 'torchscript:PATH', 'python:package.module:factory'"
 )
+
+
+def _torchvision_weights_plan(name: str, weights_name: str, checkpoint: str | Path | None) -> _Plan:
+    from workers.zoo import tv_weights
+
+    if checkpoint is not None:
+        raise ModelLoadError(
+            f"torchvision:{name}@{weights_name} loads torchvision's own weights from the torch hub cache; "
+            f"pass either @WEIGHTS or a checkpoint file, not both"
+        )
+    if not weights_name.strip():
+        raise ModelLoadError(f"'torchvision:{name}@' names no weights; e.g. torchvision:{name}@DEFAULT")
+    weights = tv_weights.resolve(name, weights_name)
+    path = tv_weights.require_file(name, weights)
+    return _Plan("torchvision", name, path, f"torchvision:{name}@{weights.name}", weights=weights)
 
 
 def _torchvision_names() -> list[str]:
@@ -450,6 +470,8 @@ def _load_demo(plan: _Plan, num_classes: int | None, input_size: tuple[int, int]
 def _load_torchvision(
     plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None
 ) -> LoadedModel:
+    if plan.weights is not None:
+        return _load_torchvision_weights(plan, num_classes, input_size)
     name, path = plan.target, plan.checkpoint
     state: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
@@ -469,6 +491,40 @@ def _load_torchvision(
         class_names=_class_names_from(meta, classes, path),
         default_layer=_torchvision_default_layer(name),
         num_classes=classes,
+    )
+
+
+def _load_torchvision_weights(
+    plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None
+) -> LoadedModel:
+    """Pretrained torchvision weights: their own preprocessing, categories and file."""
+    from workers.zoo import tv_weights
+
+    weights, path = plan.weights, plan.checkpoint
+    assert path is not None
+    categories = list(weights.meta["categories"])
+    if num_classes is not None and num_classes != len(categories):
+        raise ModelLoadError(
+            f"{plan.ref} classifies {len(categories)} categories, not num_classes={num_classes}"
+        )
+    preprocess = tv_weights.preprocess_of(weights)
+    if input_size is not None:
+        preprocess = preprocess.with_overrides(size=input_size)
+    return LoadedModel(
+        model=tv_weights.build(plan.target, weights),
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=preprocess,
+        class_names=categories,
+        default_layer=_torchvision_default_layer(plan.target),
+        num_classes=len(categories),
+        weights={
+            "zoo": "torchvision",
+            "weights": f"{type(weights).__name__}.{weights.name}",
+            "file": str(path),
+            "sha256": _cached_sha256(path),
+            "url": weights.url,
+        },
     )
 
 
