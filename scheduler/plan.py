@@ -74,7 +74,7 @@ def resolve_layers(loaded: LoadedModel, spec: RunSpec, size: tuple[int, int] | N
     for name in layers or []:
         resolve_layer(loaded.model, name)
     probe_methods = [m for m in spec.methods if m not in EXPENSIVE_METHODS] or ["gradcam"]
-    engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False)
+    engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False, reshape=loaded.reshape)
     device = next(loaded.model.parameters()).device
     height, width = size or loaded.preprocess.size
     result = engine(torch.zeros(1, 3, height, width, device=device), targets=None)

@@ -153,6 +153,7 @@ def test_torchvision_state_dict_infers_classes_and_reproduces_outputs(
         "resize_to": [224, 224],
         "crop_pct": 1.0,
         "fill": [0, 0, 0],
+        "crop_rounding": "round",
     }
     x = _probe()
     with torch.no_grad():

@@ -29,8 +29,8 @@ import importlib
 import os
 import threading
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ DEMO_CHECKPOINT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = (224, 224)
-SCHEMES = ("demo", "torchvision", "torchscript", "python")
+SCHEMES = ("demo", "torchvision", "timm", "hf", "torchscript", "python")
 _TORCHVISION_DEFAULT_CLASSES = 1000
 # Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -71,6 +71,8 @@ class LoadedModel:
     num_classes: int | None
     # Where pretrained weights came from (zoo, weights name, file, sha256), recorded on the run.
     weights: dict[str, Any] | None = None
+    # Turns a layer's output into [N, C, h, w] where the engine cannot tell (timm and HF transformers).
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,10 @@ def _plan(ref: str, checkpoint: str | Path | None) -> _Plan:
             return _torchvision_weights_plan(name, weights_name, checkpoint)
         path = _existing_file(checkpoint) if checkpoint is not None else None
         return _Plan("torchvision", name, path, f"torchvision:{name}")
+    if scheme == "timm":
+        return _timm_plan(rest, checkpoint)
+    if scheme == "hf":
+        return _hf_plan(rest, checkpoint)
     if scheme == "torchscript":
         if checkpoint is not None:
             raise ModelLoadError(
@@ -227,6 +233,26 @@ _REF_FORMS = (
     "'torchvision:NAME@WEIGHTS' (e.g. resnet50@IMAGENET1K_V2 or @DEFAULT), 'timm:NAME[.TAG]', "
     "'hf:PATH_OR_NAME', 'torchscript:PATH', 'python:package.module:factory'"
 )
+
+
+def _timm_plan(text: str, checkpoint: str | Path | None) -> _Plan:
+    from workers.zoo import timm_models
+
+    name = timm_models.resolve_name(text)
+    if checkpoint is not None:
+        return _Plan("timm", name, _existing_file(checkpoint), f"timm:{name}")
+    return _Plan("timm", name, timm_models.cached_weights(name), f"timm:{name}", weights="cache")
+
+
+def _hf_plan(text: str, checkpoint: str | Path | None) -> _Plan:
+    from workers.zoo import hf_models
+
+    if checkpoint is not None:
+        raise ModelLoadError(
+            f"hf:{text} loads the weights saved with the model (save_pretrained); pass no checkpoint"
+        )
+    folder = hf_models.resolve(text)
+    return _Plan("hf", str(folder), hf_models.weights_file(folder), f"hf:{text.strip()}")
 
 
 def _torchvision_weights_plan(name: str, weights_name: str, checkpoint: str | Path | None) -> _Plan:
@@ -258,7 +284,8 @@ def _torchvision_name(name: str) -> str:
     hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(names[:5])}"
     raise ModelLoadError(
         f"unknown torchvision classification model {name!r}; {hint}. "
-        f"Other references: 'demo', 'torchscript:PATH', 'python:package.module:factory'"
+        "Other references: 'demo', 'timm:NAME', 'hf:PATH', 'torchscript:PATH', "
+        "'python:package.module:factory'"
     )
 
 
@@ -582,6 +609,87 @@ def _torchvision_default_layer(name: str) -> str | None:
     return None  # transformers (vit, swin, maxvit): token maps need the engine's own handling
 
 
+def _load_timm(plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None) -> LoadedModel:
+    """timm models with their pretrained_cfg preprocessing, from timm's cache or a checkpoint."""
+    from workers.zoo import timm_models
+
+    path = plan.checkpoint
+    assert path is not None
+    meta: dict[str, Any] = {}
+    weights = None
+    if plan.weights == "cache":
+        model = timm_models.build(plan.target, weights_file=path, num_classes=num_classes)
+        weights = {"zoo": "timm", "weights": plan.target, "file": str(path), "sha256": _cached_sha256(path)}
+    else:
+        state, meta = _split_checkpoint(_read_checkpoint(path), path)
+        if num_classes is None:
+            num_classes = timm_models.head_size(plan.target, state)
+        model = timm_models.build(plan.target, weights_file=None, num_classes=num_classes)
+        _load_state(model, state, path, plan.ref)
+    classes = int(getattr(model, "num_classes", 0) or 0) or num_classes
+    preprocess = timm_models.preprocess_of(timm_models.data_config(model))
+    preprocess = _with_checkpoint_preprocess(preprocess, meta, input_size, path)
+    names = _class_names_from(meta, classes, path)
+    if names is None and classes:
+        names = timm_models.class_names(model, classes)
+    return LoadedModel(
+        model=model,
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=preprocess,
+        class_names=names,
+        default_layer=timm_models.default_layer(model),
+        num_classes=classes,
+        weights=weights,
+        reshape=timm_models.reshape_for(model),
+    )
+
+
+def _load_hf(plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None) -> LoadedModel:
+    """Hugging Face image classifiers: the image processor's preprocessing, id2label as class names."""
+    from workers.zoo import hf_models
+
+    folder = Path(plan.target)
+    loaded = hf_models.load(folder)
+    if num_classes is not None and num_classes != loaded.num_classes:
+        raise ModelLoadError(
+            f"{plan.ref} classifies {loaded.num_classes} classes, not num_classes={num_classes}"
+        )
+    preprocess = loaded.preprocess
+    if input_size is not None:
+        preprocess = preprocess.with_overrides(size=input_size)
+    path = plan.checkpoint
+    assert path is not None
+    return LoadedModel(
+        model=loaded.model,
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=preprocess,
+        class_names=loaded.class_names,
+        default_layer=loaded.default_layer,
+        num_classes=loaded.num_classes,
+        weights={"zoo": "hf", "folder": str(folder), "file": str(path), "sha256": _cached_sha256(path)},
+        reshape=loaded.reshape,
+    )
+
+
+def _with_checkpoint_preprocess(
+    preprocess: Preprocess, meta: Mapping[str, Any], input_size: tuple[int, int] | None, path: Path | None
+) -> Preprocess:
+    """A zoo's preprocessing with what a checkpoint says about its own (input size, mean, std)."""
+    try:
+        if "mean" in meta or "std" in meta:
+            preprocess = replace(
+                preprocess,
+                mean=tuple(float(v) for v in meta.get("mean", preprocess.mean)),
+                std=tuple(float(v) for v in meta.get("std", preprocess.std)),
+            )
+        size = input_size or (_check_size(meta["input_size"], "input_size") if "input_size" in meta else None)
+        return preprocess.with_overrides(size=size) if size is not None else preprocess
+    except (TypeError, ValueError, PreprocessError) as error:
+        raise ModelLoadError(f"checkpoint {path} has unusable preprocessing metadata: {error}") from error
+
+
 def _load_torchscript(
     plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None
 ) -> LoadedModel:
@@ -669,6 +777,8 @@ def _maybe_len(names: Any) -> int | None:
 _LOADERS = {
     "demo": _load_demo,
     "torchvision": _load_torchvision,
+    "timm": _load_timm,
+    "hf": _load_hf,
     "torchscript": _load_torchscript,
     "python": _load_python,
 }

@@ -42,6 +42,7 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+CROP_ROUNDINGS = ("round", "floor")
 DEFAULT_CROP_PCT = 0.875  # timm's and torchvision's 224 of 256, for a centre crop asked for by name
 
 
@@ -129,6 +130,8 @@ class Preprocess:
     interpolation: str = "bilinear"  # Pillow filter, one of INTERPOLATIONS
     resize_to: tuple[int, int] | None = None  # (H, W) fitted before the centre crop/pad; None = size
     fill: tuple[int, int, int] = (0, 0, 0)  # 8-bit RGB of padding
+    # Where an odd crop margin goes: "round" half to even (torchvision, timm) or "floor" (Hugging Face).
+    crop_rounding: str = "round"
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or any(int(v) != v or v < 1 for v in self.size):
@@ -147,6 +150,8 @@ class Preprocess:
             raise PreprocessError(f"resize_to must be two positive integers (H, W), got {self.resize_to!r}")
         if len(self.fill) != 3 or any(int(v) != v or not 0 <= v <= 255 for v in self.fill):
             raise PreprocessError(f"fill must be three integers 0..255 (RGB), got {self.fill!r}")
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise PreprocessError(_unknown("crop rounding", self.crop_rounding, CROP_ROUNDINGS))
         if self.resize_to is not None and tuple(self.resize_to) == tuple(self.size):
             object.__setattr__(self, "resize_to", None)  # one spelling per transform: equal means equal
 
@@ -186,7 +191,10 @@ class Preprocess:
         return ImageTransform(
             source=(width, height),
             resized=(new_w, new_h),
-            offset=(_centre_offset(new_w, in_w), _centre_offset(new_h, in_h)),
+            offset=(
+                _centre_offset(new_w, in_w, self.crop_rounding),
+                _centre_offset(new_h, in_h, self.crop_rounding),
+            ),
             input=(in_w, in_h),
         )
 
@@ -252,6 +260,7 @@ class Preprocess:
             "resize_to": list(self.fit),
             "crop_pct": self.crop_pct,
             "fill": list(self.fill),
+            "crop_rounding": self.crop_rounding,
         }
 
     @classmethod
@@ -263,15 +272,19 @@ class Preprocess:
         try:
             size = tuple(int(v) for v in data["size"])
             resize_to = data.get("resize_to")
-            neutral = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)} if geometry_only else {}
+            if geometry_only:
+                mean, std = data.get("mean", (0.0, 0.0, 0.0)), data.get("std", (1.0, 1.0, 1.0))
+            else:
+                mean, std = data["mean"], data["std"]
             return cls(
                 size=size,  # type: ignore[arg-type]
-                mean=tuple(float(v) for v in data.get("mean", neutral.get("mean")) or data["mean"]),  # type: ignore[arg-type]
-                std=tuple(float(v) for v in data.get("std", neutral.get("std")) or data["std"]),  # type: ignore[arg-type]
+                mean=tuple(float(v) for v in mean),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in std),  # type: ignore[arg-type]
                 resize=str(data.get("resize", "stretch")),
                 interpolation=str(data.get("interpolation", "bilinear")),
                 resize_to=None if resize_to is None else tuple(int(v) for v in resize_to),  # type: ignore[arg-type]
                 fill=tuple(int(v) for v in data.get("fill", (0, 0, 0))),  # type: ignore[arg-type]
+                crop_rounding=str(data.get("crop_rounding", "round")),
             )
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, PreprocessError):
@@ -311,10 +324,11 @@ def _scaled(size: tuple[int, int], crop_pct: float) -> tuple[int, int]:
     return math.floor(size[0] / crop_pct), math.floor(size[1] / crop_pct)
 
 
-def _centre_offset(resized: int, wanted: int) -> int:
+def _centre_offset(resized: int, wanted: int, rounding: str = "round") -> int:
     """Where the resized side starts in the input: torchvision's centre crop, or its padding."""
     if resized >= wanted:
-        return -round((resized - wanted) / 2.0)
+        margin = (resized - wanted) / 2.0
+        return -(math.floor(margin) if rounding == "floor" else round(margin))
     return (wanted - resized) // 2
 
 

@@ -49,7 +49,13 @@ def engine_for(loaded: LoadedModel, methods: list[str], layers: list[str], setti
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = CamEngine(loaded.model, layers=layers, methods=methods, amp=amp_argument(settings.amp))
+            engine = CamEngine(
+                loaded.model,
+                layers=layers,
+                methods=methods,
+                amp=amp_argument(settings.amp),
+                reshape=loaded.reshape,
+            )
             _engines[key] = engine
             keep_freed_memory()
             settle_heap()

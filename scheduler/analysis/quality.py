@@ -608,8 +608,13 @@ def _sanity(
 ) -> list[SanityCheck]:
     methods, layers = list(run.methods), list(run.layers)
     random_model, picked = randomised_copy(loaded.model, randomise, seed)
-    trained = _raw_maps(CamEngine(loaded.model, layers=layers, methods=methods, amp=False), sample, batch)
-    scrambled = _raw_maps(CamEngine(random_model, layers=layers, methods=methods, amp=False), sample, batch)
+    reshape = loaded.reshape
+    trained = _raw_maps(
+        CamEngine(loaded.model, layers=layers, methods=methods, amp=False, reshape=reshape), sample, batch
+    )
+    scrambled = _raw_maps(
+        CamEngine(random_model, layers=layers, methods=methods, amp=False, reshape=reshape), sample, batch
+    )
     checks = []
     for key in sorted(trained):
         values = [pearson(a, b) for a, b in zip(trained[key], scrambled[key], strict=True)]

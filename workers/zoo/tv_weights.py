@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import threading
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from torchvision.transforms import _presets
 
 from workers.models import ModelLoadError
 from workers.preprocess import Preprocess
+from workers.zoo.safe_load import tensors_only_loads
 
 
 def preprocess_of(weights: Any) -> Preprocess:
@@ -95,33 +95,15 @@ def require_file(name: str, weights: Any) -> Path:
     return path
 
 
-_FORCE_SAFE_LOAD = threading.Lock()
-
-
 def build(name: str, weights: Any) -> nn.Module:
-    """``get_model(name, weights=...)``, with every ``torch.load`` inside forced to ``weights_only``.
-
-    torch.hub reads cached weights with ``weights_only=False`` (arbitrary pickles); the
-    environment switch torch provides turns that into a tensors-only load for this call.
-    """
-    with _FORCE_SAFE_LOAD:
-        before = os.environ.get(_SAFE_LOAD_ENV)
-        os.environ[_SAFE_LOAD_ENV] = "1"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return torchvision.models.get_model(name, weights=weights)
-        except Exception as error:  # unpickling, shapes, a damaged file: all mean the file is unusable
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelLoadError(
-                f"cannot load weights {type(weights).__name__}.{weights.name} of torchvision:{name} "
-                f"from {weights_file(weights)}: {reason}"
-            ) from error
-        finally:
-            if before is None:
-                os.environ.pop(_SAFE_LOAD_ENV, None)
-            else:
-                os.environ[_SAFE_LOAD_ENV] = before
-
-
-_SAFE_LOAD_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    """``get_model(name, weights=...)``, with torch.hub's load of the file made tensors-only."""
+    try:
+        with tensors_only_loads(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torchvision.models.get_model(name, weights=weights)
+    except Exception as error:  # unpickling, shapes, a damaged file: all mean the file is unusable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"cannot load weights {type(weights).__name__}.{weights.name} of torchvision:{name} "
+            f"from {weights_file(weights)}: {reason}"
+        ) from error
