@@ -33,6 +33,8 @@ class Audit(BaseModel):
     layers: list[str] | None = None
     targets: str = "top1"
     output: str | None = None
+    preprocess: str | None = None  # stretch, center-crop[:PCT] or letterbox; None: the model's own
+    input_size: tuple[int, int] | None = None
     patch_size: int = 32
     top_patches: int = 5
     shard_size: int = 256
@@ -51,6 +53,8 @@ class Audit(BaseModel):
             methods=self.methods,
             layers=self.layers,
             targets=self.targets,
+            preprocess=self.preprocess,
+            input_size=self.input_size,
             patch_size=self.patch_size,
             top_patches=self.top_patches,
             shard_size=self.shard_size,

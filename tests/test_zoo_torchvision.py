@@ -13,11 +13,15 @@ import torchvision
 from PIL import Image
 from sqlalchemy import select
 
+from scheduler.plan import plan_run
 from schema.db import session_scope
 from schema.models import Run
+from schema.payloads import RunSpec
+from schema.settings import Settings
 from tests.test_e2e_embedded import run_cli
 from workers.images import decode_pixels, normalise_batch, stack_pixels
-from workers.models import ModelLoadError, file_sha256, load_model
+from workers.models import ModelLoadError, clear_model_cache, file_sha256, load_model
+from workers.shard import explain_shard
 from workers.synth import make_dataset
 from workers.zoo import tv_weights
 
@@ -174,3 +178,17 @@ def test_a_run_with_pretrained_weights_records_them_and_answers_by_category(tmp_
     assert regions and all(r["class_name"] == "golden retriever" for r in regions)
     wrong = run_cli("top", "--run", status["run_id"], "--class", "golden retreiver", "--database-url", db)
     assert wrong.returncode != 0 and "golden retriever" in wrong.stderr + wrong.stdout
+
+
+def test_a_worker_whose_cache_holds_other_weights_refuses_the_shard(torch_home: Path, tmp_path: Path) -> None:
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    plant(torch_home, "resnet18", weights, seed=0)
+    manifest = make_dataset(tmp_path / "data", 2, seed=4)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'runs.db'}", storage_url=str(tmp_path / "maps"))
+    planned = plan_run(
+        RunSpec(source=str(manifest), model="torchvision:resnet18@DEFAULT", methods=["cam"]), settings
+    )
+    clear_model_cache()
+    plant(torch_home, "resnet18", weights, seed=1)  # this "worker" has other weights under the same name
+    with pytest.raises(RuntimeError, match="not those the run was planned with"):
+        explain_shard(planned.run_id, planned.shard_ids[0], settings)

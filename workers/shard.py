@@ -83,6 +83,7 @@ class ShardWork:
     class_names: list[str] | None
     items: list[WorkItem]
     preprocess: Preprocess  # the run's recorded transform: the same on every worker
+    weights_sha256: str | None = None  # the weights file the run was planned with
     overlay: bool = False
 
 
@@ -144,6 +145,7 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
             preprocess=Preprocess.from_dict(run.preprocess),
+            weights_sha256=run.checkpoint_sha256,
             overlay=bool(run.config.get("overlay", False)),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
         )
@@ -330,6 +332,14 @@ def _explain_batch(
 
 def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     loaded = model_for(work.model_ref, work.checkpoint, settings)
+    if work.weights_sha256 and loaded.checkpoint_sha256 != work.weights_sha256:
+        # A zoo reference resolves to this machine's cache: other weights would explain another model.
+        found = (loaded.checkpoint_sha256 or "none")[:12]
+        raise RuntimeError(
+            f"the weights of {work.model_ref} on this worker (sha256 {found}) are not those the run "
+            f"was planned with (sha256 {work.weights_sha256[:12]}); "
+            "give every worker the same weights file"
+        )
     engine = engine_for(loaded, work.methods, work.layers, settings)
     storage = storage_for(work.output_uri, settings)
     sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage))
