@@ -182,6 +182,7 @@ def test_a_run_of_a_hugging_face_model_answers_by_its_labels(tmp_path: Path) -> 
     assert status["status"] == "finished" and status["done"] == 3
     with session_scope(db) as s:
         run = s.execute(select(Run).where(Run.id == status["run_id"])).scalar_one()
+        assert run.model_ref == f"hf:{folder.resolve()}"  # a folder is recorded by its absolute path
         assert run.class_names == ["cat", "dog", "bird"] and run.layers == ["vit.layers.1.layernorm_before"]
         assert run.preprocess["size"] == [64, 64] and run.config["weights"]["zoo"] == "hf"
     top = run_cli("top", "--run", status["run_id"], "--class", "dog", "--method", "gradcam", "--json",

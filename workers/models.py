@@ -252,7 +252,10 @@ def _hf_plan(text: str, checkpoint: str | Path | None) -> _Plan:
             f"hf:{text} loads the weights saved with the model (save_pretrained); pass no checkpoint"
         )
     folder = hf_models.resolve(text)
-    return _Plan("hf", str(folder), hf_models.weights_file(folder), f"hf:{text.strip()}")
+    # A folder is recorded by its absolute path, so every worker resolves the same one; a name stays a name.
+    local = Path(os.path.expanduser(text.strip())).is_dir()
+    ref = f"hf:{folder}" if local else f"hf:{text.strip()}"
+    return _Plan("hf", str(folder), hf_models.weights_file(folder), ref)
 
 
 def _torchvision_weights_plan(name: str, weights_name: str, checkpoint: str | Path | None) -> _Plan:
@@ -668,7 +671,13 @@ def _load_hf(plan: _Plan, num_classes: int | None, input_size: tuple[int, int] |
         class_names=loaded.class_names,
         default_layer=loaded.default_layer,
         num_classes=loaded.num_classes,
-        weights={"zoo": "hf", "folder": str(folder), "file": str(path), "sha256": _cached_sha256(path)},
+        weights={
+            "zoo": "hf",
+            "weights": plan.ref.removeprefix("hf:"),
+            "folder": str(folder),
+            "file": str(path),
+            "sha256": _cached_sha256(path),
+        },
         reshape=loaded.reshape,
     )
 
