@@ -8,9 +8,11 @@ from typing import Any
 
 import yaml
 from celery.schedules import crontab
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 from sqlalchemy import select
 
+from schema.alert_rules import AlertRules, WebhookTarget, closest
 from schema.db import session_scope, upgrade
 from schema.models import Run, RunStatus
 from schema.payloads import RunSpec
@@ -38,12 +40,25 @@ class Audit(BaseModel):
     patch_size: int = 32
     top_patches: int = 5
     shard_size: int = 256
+    alerts: AlertRules | None = None
+    notify: list[WebhookTarget] = Field(default_factory=list)
 
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str) -> str:
         cron_schedule(value)
         return value
+
+    @model_validator(mode="after")
+    def _rules_name_audited_methods(self) -> Audit:
+        methods = [m.strip().lower() for m in self.methods]
+        for rule, method in (self.alerts.methods_named() if self.alerts else {}).items():
+            if method.lower() not in methods:
+                raise ValueError(
+                    f"alerts.{rule}.method {method!r} is not one of this audit's methods "
+                    f"({', '.join(methods)}){closest(method, methods)}"
+                )
+        return self
 
     def run_spec(self) -> RunSpec:
         return RunSpec(
@@ -60,6 +75,8 @@ class Audit(BaseModel):
             shard_size=self.shard_size,
             name=self.name,
             audit_name=self.name,
+            alerts=self.alerts,
+            notify=self.notify,
         )
 
 
@@ -87,12 +104,49 @@ def load_audits(path: str | Path) -> dict[str, Audit]:
             audit = Audit.model_validate(entry)
             audit.run_spec()
         except ValidationError as exc:
-            details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise AuditError(f"{path}: audit #{n}: {details}") from exc
+            details = "; ".join(_explain(e) for e in exc.errors())
+            raise AuditError(f"{path}: audit #{n}: {details}") from None
         if audit.name in audits:
             raise AuditError(f"{path}: audit name {audit.name!r} appears twice")
         audits[audit.name] = audit
     return audits
+
+
+def _explain(error: ErrorDetails) -> str:
+    """One validation error as a sentence; an unknown key lists the closest valid ones.
+
+    The offending value is never quoted: it may be a secret pasted into the wrong key.
+    """
+    loc = [str(part) for part in error["loc"]]
+    where = ".".join(loc) or "audit"
+    if error["type"] == "extra_forbidden":
+        valid = _field_names(Audit, error["loc"][:-1])
+        hint = closest(loc[-1], valid)
+        return f"{where}: unknown key{hint}; valid keys here: {', '.join(valid)}"
+    return f"{where}: {error['msg']}"
+
+
+def _field_names(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys a nested model accepts at ``loc`` (list indices skipped)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        nested = _model_in(field.annotation) if field else None
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def pick_audit(audits: dict[str, Audit], name: str) -> Audit:

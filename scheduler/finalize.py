@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from scheduler.alerts import RunFacts, run_facts
 from scheduler.analysis.drift import RunDiff, diff_runs
 from scheduler.analysis.quality import LocalisationReport, localisation
+from scheduler.notify import RaisedAlerts, raise_alerts
 from scheduler.query import DELETING, get_run
 from schema.db import dialect_name, session_scope
 from schema.models import ClassDrift, RunQuality, RunStatus, utcnow
 
-__all__ = ["QUALITY_ITEMS", "finalize_run", "store_class_drift", "store_run_quality"]
+__all__ = ["QUALITY_ITEMS", "Finalised", "finalize_run", "store_class_drift", "store_run_quality"]
 
 log = logging.getLogger("camaudit.finalize")
 
@@ -104,6 +107,14 @@ def store_run_quality(database_url: str, run_id: str, report: LocalisationReport
     return len(rows)
 
 
+@dataclass(frozen=True)
+class Finalised:
+    """What finalisation measured, and the alerts it raised (None: the run has no rules)."""
+
+    facts: RunFacts
+    alerts: RaisedAlerts | None
+
+
 def finalize_run(
     database_url: str,
     run_id: str,
@@ -111,16 +122,17 @@ def finalize_run(
     endpoint_url: str | None = None,
     region: str | None = None,
     threshold: float = 0.5,
-) -> None:
-    """Drift against the run's baseline (when it has one) and localisation quality, stored in SQL.
+) -> Finalised | None:
+    """Drift against the run's baseline (when it has one) and localisation quality, stored in SQL,
+    then the run's alert rules judged against them.
 
     Meant for a run whose shards have all landed; a run still in progress is refused, since
-    its summaries would describe only part of it.
+    its summaries would describe only part of it. None for a run being deleted.
     """
     run = get_run(database_url, run_id)
     if run.status == DELETING:
         log.info("run=%s is being deleted; nothing to finalise", run_id)
-        return
+        return None
     if run.status not in RunStatus.TERMINAL:
         raise ValueError(
             f"run {run_id} is {run.status}; finalise it once every shard is done or failed "
@@ -133,7 +145,19 @@ def finalize_run(
     log.info(
         "run=%s localisation: %d method/layer rows over %d boxed items", run_id, stored, report.boxed_items
     )
-    baseline = run.baseline_run_id
+    _store_drift(database_url, run_id, run.baseline_run_id, endpoint_url, region, threshold)
+    facts = run_facts(database_url, run_id)
+    return Finalised(facts, raise_alerts(database_url, facts))
+
+
+def _store_drift(
+    database_url: str,
+    run_id: str,
+    baseline: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    threshold: float,
+) -> None:
     if baseline is None:
         return
     if get_run(database_url, baseline).status == DELETING:

@@ -235,3 +235,36 @@ class RunQuality(Base):
     pointing_game: Mapped[float] = mapped_column(Float)
     energy_in_box: Mapped[float] = mapped_column(Float)
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AlertState:
+    FIRED = "fired"
+    OK = "ok"
+    SKIPPED = "skipped"
+
+
+class Alert(Base):
+    """One alert rule of an audit, evaluated once when a run is finalised.
+
+    Rules that held (``ok``) and rules that could not be judged (``skipped``, e.g. drift on an
+    audit's first run) are kept too, so a run shows what was checked. The delivery columns of
+    a fired rule describe the run's notification: the webhook URL is never stored here, and
+    ``last_error`` says what went wrong without quoting it.
+    """
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("run_id", "rule"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    rule: Mapped[str] = mapped_column(String(40))
+    state: Mapped[str] = mapped_column(String(16))
+    value: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    message: Mapped[str] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    evaluated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    fired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -6,6 +6,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schema.alert_rules import AlertRules, WebhookTarget
+
 TARGET_PATTERN = re.compile(r"^(top1|all|label|topk:[1-9]\d*|classes:\d+(,\d+)*)$")
 
 
@@ -32,6 +34,9 @@ class RunSpec(BaseModel):
     # and an input size (H, W); None keeps what the weights, config or checkpoint define.
     preprocess: str | None = None
     input_size: tuple[int, int] | None = None
+    # An audit's rules travel with its runs to the finalisation that evaluates them.
+    alerts: AlertRules | None = None
+    notify: list[WebhookTarget] = Field(default_factory=list)
 
     @field_validator("methods")
     @classmethod

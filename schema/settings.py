@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     # unset = twice the shard time limit, so a live worker is never doubled.
     visibility_timeout_s: int | None = None
     unacked_restore_interval_s: int = 10
+    # Where people open the web UI; alert notifications link to runs under it when set.
+    public_url: str | None = None
+    # Webhook delivery of fired alerts: POSTs per notification, first back-off (doubling), timeout.
+    alert_attempts: int = Field(5, ge=1)
+    alert_backoff_s: float = Field(5.0, ge=0.0)
+    alert_timeout_s: float = Field(10.0, gt=0.0)
 
     @field_validator("decode_workers", "upload_workers", "encode_workers")
     @classmethod

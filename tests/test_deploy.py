@@ -110,3 +110,19 @@ def test_bad_audit_files_are_refused(tmp_path: Path, text: str, words: str) -> N
     path.write_text(text)
     with pytest.raises(AuditError, match=re.escape(words)):
         load_audits(path)
+
+
+def test_example_audit_alerts_and_prometheus_rules_use_what_camaudit_exports() -> None:
+    from prometheus_client import generate_latest
+
+    from scheduler.alerts import RunFacts
+    from workers import metrics
+
+    rules = load_audits(DEPLOY / "audits.example.yaml")["nightly-val"].alerts
+    assert rules is not None and rules.drifted_classes is not None and rules.status == ["partial", "failed"]
+    metrics.record_audit(RunFacts("r", "deploy-check", "finished", 1, 0, 1.0, None, "b", [], []), fired=0)
+    exported = set(re.findall(r"^# TYPE (\w+) gauge", generate_latest(metrics.REGISTRY).decode(), re.M))
+    groups = yaml.safe_load((DEPLOY / "prometheus" / "camaudit-alerts.yaml").read_text())["groups"]
+    exprs = [rule["expr"] for group in groups for rule in group["rules"]]
+    used = {name for expr in exprs for name in re.findall(r"camaudit_\w+", expr)}
+    assert len(exprs) >= 5 and used and used <= exported, used - exported

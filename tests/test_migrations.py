@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, inspect
 from schema.db import downgrade, normalise_url, upgrade
 from schema.models import Base
 
-TABLES = {"runs", "shards", "items", "heatmaps", "patch_scores"}
+TABLES = {"runs", "shards", "items", "heatmaps", "patch_scores", "alerts"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -20,12 +20,13 @@ from typing import Any
 from PIL import Image, ImageDraw
 from sqlalchemy import func, select
 
+from scheduler.alerts import run_alerts
 from scheduler.analysis.drift import RunDiff, diff_runs, drift_rule
 from scheduler.analysis.quality import QualityError, QualityReport, assess_quality
 from scheduler.query import DELETING, QueryError, Region, get_run, top_regions
 from scheduler.render import RenderError, render_overlay
 from schema.db import session_scope
-from schema.models import Heatmap, Run
+from schema.models import Alert, AlertState, Heatmap, Run
 
 __all__ = ["ReportError", "ReportOptions", "build_report", "crop_region", "write_report"]
 
@@ -271,6 +272,27 @@ def _summary_section(run: Run) -> str:
     return _section("summary", "Summary", _facts(facts))
 
 
+def _alerts_section(alerts: Sequence[Alert]) -> str:
+    if not alerts:
+        return _section("alerts", "Alerts", _note("this run was started without alert rules"))
+    fired = [a.state == AlertState.FIRED for a in alerts]
+    rows = []
+    for a in alerts:
+        if a.state != AlertState.FIRED:
+            delivery = ""
+        elif a.delivered_at is not None:
+            delivery = f"delivered {a.delivered_at:%Y-%m-%d %H:%M} UTC after {a.attempts} attempt(s)"
+        elif a.attempts:
+            delivery = f"not delivered after {a.attempts} attempt(s): {a.last_error}"
+        else:
+            delivery = "no webhook"
+        rows.append((a.rule, a.state, a.message, delivery))
+    summary = _note(f"{sum(fired)} of {len(alerts)} rules fired; fired rules are highlighted")
+    return _section(
+        "alerts", "Alerts", summary + _table(["rule", "state", "measured", "notification"], rows, marks=fired)
+    )
+
+
 def _drift_section(diff: RunDiff | None, baseline: str | None) -> str:
     if diff is None:
         return _section(
@@ -470,6 +492,7 @@ def build_report(
         f'<a href="#{a}">{t}</a>'
         for a, t in (
             ("summary", "Summary"),
+            ("alerts", "Alerts"),
             ("regions", "Top regions"),
             ("drift", "Drift"),
             ("quality", "Quality"),
@@ -478,6 +501,7 @@ def build_report(
     body = "".join(
         [
             _summary_section(run),
+            _alerts_section(run_alerts(database_url, run_id)),
             _regions_section(database_url, run, options, endpoint_url, region),
             _drift_section(diff, baseline),
             _quality_section(quality, model_error),

@@ -20,6 +20,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import make_url
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scheduler.alerts import run_alerts
 from scheduler.query import DELETING, QueryError, get_run, resolve_class
 from scheduler.render import RenderError
 from scheduler.web import data
@@ -173,6 +174,7 @@ def create_app(
             "title": f"camaudit · run {run.id}",
             "run": run,
             "shards": data.run_shards(database_url, run.id),
+            "alerts": run_alerts(database_url, run.id),
             "form": {
                 "class": class_ or "",
                 "method": method or "",

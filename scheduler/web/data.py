@@ -18,6 +18,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Subquery
 
+from scheduler.alerts import fired_counts
 from scheduler.query import (
     DELETING,
     QueryError,
@@ -92,6 +93,7 @@ class RunsPage:
     total: int
     page: int
     size: int
+    alerts: dict[str, int] = field(default_factory=dict)  # run id -> fired alert rules
 
     @property
     def pages(self) -> int:
@@ -117,7 +119,8 @@ def runs_page(database_url: str, *, page: int = 1, size: int = 25) -> RunsPage:
             ).scalars()
         )
         session.expunge_all()
-    return RunsPage(runs=runs, total=total, page=page, size=size)
+    alerts = fired_counts(database_url, [run.id for run in runs])
+    return RunsPage(runs=runs, total=total, page=page, size=size, alerts=alerts)
 
 
 def recent_run_ids(database_url: str, limit: int = 50) -> list[tuple[str, str]]:
