@@ -426,12 +426,25 @@ def _listing(items: list[str]) -> str:
 def _preprocess_from(
     meta: Mapping[str, Any], input_size: tuple[int, int] | None, path: Path | None
 ) -> Preprocess:
-    """Defaults (ImageNet statistics, 224x224) overridden by checkpoint metadata, then by the caller."""
+    """Defaults (ImageNet statistics, 224x224, stretch) overridden by checkpoint metadata, then by the caller.
+
+    Metadata may name ``input_size``, ``mean``, ``std``, ``resize`` (stretch, center-crop,
+    letterbox), ``crop_pct`` and ``interpolation``: how the checkpoint's model was trained.
+    """
     try:
         size = input_size or _check_size(meta.get("input_size", DEFAULT_INPUT_SIZE), "input_size")
         mean = tuple(float(v) for v in meta.get("mean", IMAGENET_MEAN))
         std = tuple(float(v) for v in meta.get("std", IMAGENET_STD))
-        return Preprocess(size=size, mean=mean, std=std)  # type: ignore[arg-type]
+        preprocess = Preprocess(size=size, mean=mean, std=std)  # type: ignore[arg-type]
+        if "interpolation" in meta:
+            preprocess = replace(preprocess, interpolation=str(meta["interpolation"]))
+        if "resize" in meta or "crop_pct" in meta:
+            crop_pct = meta.get("crop_pct")
+            preprocess = preprocess.with_overrides(
+                resize=str(meta.get("resize", preprocess.resize)),
+                crop_pct=None if crop_pct is None else float(crop_pct),
+            )
+        return preprocess
     except (TypeError, ValueError, PreprocessError) as error:
         raise ModelLoadError(f"checkpoint {path} has unusable preprocessing metadata: {error}") from error
 
