@@ -12,7 +12,14 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torchvision import models as tvm
 
-from workers.images import decode_image, decode_pixels, normalise_batch, stack_pixels
+from workers.images import (
+    decode_image,
+    decode_pixels,
+    normalise_batch,
+    normalise_by_table,
+    normalise_table,
+    stack_pixels,
+)
 from workers.preprocess import RESIZE_MODES, Preprocess, PreprocessError, parse_mode
 from workers.zoo import timm_models, tv_weights
 
@@ -183,3 +190,18 @@ def test_bad_preprocessing_names_say_what_is_valid() -> None:
     assert parse_mode("centre-crop:0.9") == ("center-crop", 0.9)
     with pytest.raises(PreprocessError, match="did you mean bicubic"):
         Preprocess((8, 8), (0, 0, 0), (1, 1, 1), interpolation="bicubik")
+
+
+def test_the_device_table_holds_exactly_the_values_the_cpu_arithmetic_gives() -> None:
+    """Accelerators gather from the table; it must equal torchvision's arithmetic level by level."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    cpu = normalise_batch(levels, mean, std)
+    reference = tvm.ResNet18_Weights.IMAGENET1K_V1.transforms().__class__(crop_size=16, resize_size=16)
+    assert torch.equal(cpu[0], reference(levels[0]))
+    table = torch.from_numpy(normalise_table(mean, std))
+    assert torch.equal(table, cpu[0].reshape(3, 256))
+    batch = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last
+    gathered = normalise_by_table(batch, mean, std)
+    assert torch.equal(gathered, normalise_batch(batch, mean, std))
+    assert gathered.is_contiguous(memory_format=torch.channels_last)

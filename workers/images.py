@@ -171,13 +171,26 @@ def normalise_batch(
 ) -> torch.Tensor:
     """uint8 [B, 3, H, W] (any device) -> float32 ``(x / 255 - mean) / std``, where it lies.
 
-    One gather from a 3 x 256 table computed on the CPU with torchvision's arithmetic, so
-    every device gives the values ``weights.transforms()`` gives (a CUDA division by a scalar
-    multiplies by its reciprocal instead, one unit in the last place away for some levels).
-    Channels-last memory stays channels-last.
+    The values are those of torchvision's ``ToTensor``/``Normalize`` (and timm's) on every
+    device. On the CPU it is their arithmetic itself: divide, subtract, divide, in float32. On
+    an accelerator, where a division by a scalar may be computed as a multiplication by its
+    reciprocal (CUDA does), it is a gather from a 3 x 256 table computed on the CPU that way:
+    no arithmetic, so no rounding of its own. Channels-last memory stays channels-last.
     """
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
         raise ValueError(f"expected uint8 pixels [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+    if pixels.device.type == "cpu":
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        x = pixels.to(torch.float32)  # keeps the layout: channels-last stays channels-last
+        return x.div_(255.0).sub_(mean_t).div_(std_t)
+    return normalise_by_table(pixels, mean, std)
+
+
+def normalise_by_table(
+    pixels: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> torch.Tensor:
+    """:func:`normalise_batch` as one gather from :func:`normalise_table`, on the pixels' device."""
     table = torch.from_numpy(normalise_table(tuple(mean), tuple(std))).to(pixels.device).view(-1)
     nhwc = pixels.permute(0, 2, 3, 1)
     offsets = torch.arange(0, 3 * 256, 256, device=pixels.device)
