@@ -369,7 +369,7 @@ def bench_query(url: str, args: argparse.Namespace) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:55432/test")
     parser.add_argument("--rows", type=int, default=10_000_000, help="patch-score rows for the query")
     parser.add_argument("--classes", type=int, default=1000, help="classes the rows spread over")
     parser.add_argument("--shards", type=int, default=20, help="shards written per write pass")

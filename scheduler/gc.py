@@ -20,6 +20,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 from scheduler.query import DELETING
 from schema.db import session_scope
 from schema.models import Heatmap, Item, PatchScore, Run, RunStatus, Shard
+from schema.redact import hide_password
 from workers.storage import open_storage
 
 __all__ = ["DEFAULT_BATCH", "GcError", "GcReport", "gc_run"]
@@ -62,7 +63,9 @@ def _start(database_url: str, run_id: str, force: bool) -> tuple[str, bool]:
             close = difflib.get_close_matches(run_id, ids, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             shown = f" (recent runs: {', '.join(ids[:5])})" if ids else " (no runs are recorded there)"
-            raise GcError(f"no run {run_id!r} in {database_url}{hint}{shown}; it may be deleted already")
+            raise GcError(
+                f"no run {run_id!r} in {hide_password(database_url)}{hint}{shown}; it may be deleted already"
+            )
         resumed = run.status == DELETING
         if not resumed and run.status not in RunStatus.TERMINAL and not force:
             raise GcError(

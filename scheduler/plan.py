@@ -21,6 +21,7 @@ from schema.models import Item, Run, RunStatus, Shard, ShardStatus
 from schema.payloads import RunSpec
 from schema.settings import Settings
 from workers.cam import METHODS, CamEngine
+from workers.fetch import allowed_roots
 from workers.models import LoadedModel, load_model_cached, resolve_layer
 from workers.preprocess import Preprocess, PreprocessError, parse_mode
 
@@ -122,7 +123,12 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
                 patch_size=spec.patch_size,
                 top_patches=spec.top_patches,
                 class_names=loaded.class_names,
-                config={**spec.model_dump(), **({"weights": loaded.weights} if loaded.weights else {})},
+                # Where items may be read from: decided once, by whoever planned the run.
+                config={
+                    **spec.model_dump(),
+                    "source_roots": allowed_roots(spec.source, settings.source_roots),
+                    **({"weights": loaded.weights} if loaded.weights else {}),
+                },
                 versions=package_versions(),
                 n_items=len(items),
                 n_shards=shard_count,

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from schema.db import session_scope
 from schema.models import Item, PatchScore, Run
+from schema.redact import hide_password
 
 __all__ = [
     "DELETING",
@@ -109,15 +110,14 @@ def get_run(database_url: str, run_id: str) -> Run:
     with session_scope(database_url) as session:
         run = session.get(Run, run_id)
         if run is None:
+            where = hide_password(database_url)
             newest = select(Run.id).order_by(Run.created_at.desc()).limit(1000)
             recent = list(session.execute(newest).scalars())
             if not recent:
-                raise QueryError(f"no run {run_id!r} in {database_url}; no runs are recorded there")
+                raise QueryError(f"no run {run_id!r} in {where}; no runs are recorded there")
             close = difflib.get_close_matches(run_id, recent, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise QueryError(
-                f"no run {run_id!r} in {database_url}{hint} (recent runs: {', '.join(recent[:5])})"
-            )
+            raise QueryError(f"no run {run_id!r} in {where}{hint} (recent runs: {', '.join(recent[:5])})")
         session.expunge(run)
         return run
 

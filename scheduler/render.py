@@ -10,6 +10,7 @@ crop cut off is shown dimmed, since the model never saw it.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,13 +21,18 @@ from sqlalchemy import select
 from scheduler.query import DELETING, resolve_class
 from schema.db import session_scope
 from schema.models import Heatmap, Item, Run
-from workers.fetch import read_bytes
-from workers.heatmap_io import decode_png_gray, overlay_jpeg
+from schema.redact import hide_password
+from schema.settings import get_settings
+from workers.fetch import read_source, run_roots
+from workers.heatmap_io import JPEG_MAX_SIDE, decode_png_gray, overlay_jpeg
 from workers.images import ImageDecodeError, open_rgb
 from workers.preprocess import Preprocess
 from workers.storage import ObjectNotFoundError, open_storage
 
-__all__ = ["RenderError", "Rendered", "render_overlay"]
+__all__ = ["Frame", "RenderError", "Rendered", "render_overlay"]
+
+# (source width, height) -> (the source region to draw (left, top, right, bottom), output size)
+Frame = Callable[[int, int], tuple[tuple[int, int, int, int], tuple[int, int]]]
 
 
 class RenderError(ValueError):
@@ -95,7 +101,9 @@ def _find(database_url: str, item_id: int, method: str, class_: str | int, layer
     with session_scope(database_url) as session:
         item = session.get(Item, item_id)
         if item is None:
-            raise RenderError(f"no item {item_id} in {database_url}; `camaudit top` lists item ids")
+            raise RenderError(
+                f"no item {item_id} in {hide_password(database_url)}; `camaudit top` lists item ids"
+            )
         run = session.get(Run, item.run_id)
         if run is None or run.status == DELETING:
             raise RenderError(f"item {item_id} belongs to run {item.run_id}, which is being deleted")
@@ -104,6 +112,18 @@ def _find(database_url: str, item_id: int, method: str, class_: str | int, layer
         heatmap = _pick(heatmaps, run, item_id, method, target, layer)
         session.expunge_all()
         return _Target(run, item, heatmap)
+
+
+def read_item_source(run: Run, uri: str, *, endpoint_url: str | None, region: str | None) -> bytes:
+    """An item's source read as its workers read it: within the run's source roots and the byte cap."""
+    settings = get_settings()
+    return read_source(
+        uri,
+        roots=run_roots(run.config, run.source_uri, settings.source_roots),
+        max_bytes=settings.max_source_bytes,
+        endpoint_url=endpoint_url,
+        region=region,
+    )
 
 
 def _source_image(data: bytes, uri: str) -> Image.Image:
@@ -125,8 +145,14 @@ def render_overlay(
     quality: int = 90,
     endpoint_url: str | None = None,
     region: str | None = None,
+    frame: Frame | None = None,
 ) -> Rendered:
-    """JPEG of the item's stored map (JET, weight ``alpha``) over its source image, at the source's size."""
+    """JPEG of the item's stored map (JET, weight ``alpha``) over its source image, at the source's size.
+
+    With ``frame``, only that region is drawn, at that size: the source is cut and shrunk first
+    and the map sampled there through the run's transform, so a thumbnail of a 12-megapixel
+    source costs a thumbnail's memory.
+    """
     found = _find(database_url, item_id, method, class_, layer)
     storage = open_storage(
         found.run.output_uri, endpoint_url=endpoint_url, region=region, create_bucket=False
@@ -143,8 +169,8 @@ def render_overlay(
             f"stored map {storage.locate(found.heatmap.object_key)} is not a heatmap: {exc}"
         ) from exc
     try:
-        data = read_bytes(found.item.source_uri, endpoint_url=endpoint_url, region=region)
-    except (OSError, ClientError) as exc:
+        data = read_item_source(found.run, found.item.source_uri, endpoint_url=endpoint_url, region=region)
+    except (OSError, ClientError, ValueError) as exc:
         raise RenderError(
             f"cannot read the source image {found.item.source_uri} of item {item_id}: {exc}"
         ) from exc
@@ -157,9 +183,17 @@ def render_overlay(
             f"stored map {found.heatmap.object_key} is {levels.shape[1]}x{levels.shape[0]}, not the run's "
             f"input size {transform.input[0]}x{transform.input[1]}"
         )
-    jpeg = overlay_jpeg(
-        image, levels.astype(np.float32) / 255.0, alpha=alpha, quality=quality, transform=transform
-    )
+    region = None
+    if frame is not None:
+        region, size = frame(image.width, image.height)
+        image = image.resize(size, Image.Resampling.BILINEAR, box=region, reducing_gap=2.0)
+    if max(image.size) > JPEG_MAX_SIDE:
+        raise RenderError(
+            f"the source of item {item_id} is {image.width}x{image.height} pixels; a JPEG overlay can be "
+            f"at most {JPEG_MAX_SIDE:,} pixels on a side: draw a part of it or a smaller copy"
+        )
+    map01 = levels.astype(np.float32) / 255.0
+    jpeg = overlay_jpeg(image, map01, alpha=alpha, quality=quality, transform=transform, region=region)
     return Rendered(
         jpeg=jpeg,
         width=image.width,

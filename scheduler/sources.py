@@ -299,6 +299,9 @@ def _item(fields: dict[str, object], base: str) -> SourceItem:
             raise SourceError(f"unknown field {key!r}; did you mean {close!r}?")
     uri = next((row[field] for field in URI_FIELDS if _present(row.get(field))), None)
     if uri is None:
+        empty = next((field for field in URI_FIELDS if field in row), None)
+        if empty is not None:
+            raise SourceError(f"{empty!r} is empty; give a path or an s3:// object")
         hint = _did_you_mean(list(row), URI_FIELDS) or f"; its fields are {sorted(row)}"
         raise SourceError(f"the row needs a 'uri' (a path or s3:// object){hint}")
     if not isinstance(uri, str):
@@ -412,5 +415,5 @@ def _misspelt(field: str) -> str | None:
 
 
 def _did_you_mean(fields: list[str], wanted: tuple[str, ...]) -> str:
-    matches = [f for f in fields if difflib.get_close_matches(f, wanted, n=1, cutoff=0.6)]
+    matches = [f for f in fields if f not in wanted and difflib.get_close_matches(f, wanted, n=1, cutoff=0.6)]
     return f" (did you mean {wanted[0]!r} for {', '.join(map(repr, matches))}?)" if matches else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,12 +82,37 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+@contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    """One migration at a time per SQLite file: two `camaudit run` on a fresh file both create tables.
+
+    A lock file beside the database (``<file>.migrate-lock``), held with ``flock`` for the
+    migration; PostgreSQL serialises with an advisory lock inside the migration's transaction
+    instead (``schema/migrations/env.py``).
+    """
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        yield
+        return
+    lock_path = Path(parsed.database + ".migrate-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    """Safe to run from several processes at once: they take turns, and the later ones find it done."""
+    with _migration_lock(url):
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
-    command.downgrade(alembic_config(url), revision)
+    with _migration_lock(url):
+        command.downgrade(alembic_config(url), revision)
 
 
 def dialect_name(session: Session) -> str:

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     upload_workers: int | None = None
     encode_workers: int | None = None
     max_image_pixels: int = 144_000_000
+    # Bytes read per source image at most (checked with stat / S3 ContentLength before reading).
+    max_source_bytes: int = 256 * 1024 * 1024
+    # Folders (separated by ':') manifests may name images in, besides their own and the source folder.
+    source_roots: str | None = None
     metrics_port: int | None = None
     shard_time_limit_s: int = 3600
     # A message unacknowledged this long is handed to another worker (a crashed one never acks);
@@ -49,6 +53,13 @@ class Settings(BaseSettings):
     def _check_workers(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"must be at least 1 thread (or unset to follow the cores), got {value}")
+        return value
+
+    @field_validator("max_source_bytes", "max_image_pixels")
+    @classmethod
+    def _check_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be a positive number, got {value}")
         return value
 
     @field_validator("amp")

@@ -147,7 +147,7 @@ def test_weights_changed_between_two_audit_runs_fire_one_webhook(
     assert all(f"{name} (gradcam/" in str(body["text"]) for name in drifted)
     assert body["links"]["run"] == f"https://camaudit.example.org/runs/{info['run_id']}"  # type: ignore[index]
 
-    web = TestClient(create_app(db))
+    web = TestClient(create_app(db), base_url="http://localhost")
     runs_page = web.get("/").text
     run_page = web.get(f"/runs/{info['run_id']}").text
     assert 'data-alerts="1"' in runs_page and "drifted_classes" in run_page

@@ -38,6 +38,68 @@ def test_compose_has_the_whole_installation() -> None:
             assert dep in services, f"{name} depends on unknown {dep}"
 
 
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?:(?P<op>:[?-])(?P<arg>[^}]*))?\}")
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?message} (a KeyError for a missing required one)."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+
+    return _VARIABLE.sub(one, value)
+
+
+def _strings(node: object) -> list[str]:
+    if isinstance(node, dict):
+        return [s for key, value in node.items() for s in _strings(key) + _strings(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in _strings(value)]
+    return [node] if isinstance(node, str) else []
+
+
+def test_compose_needs_credentials_from_the_environment_and_publishes_on_localhost() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    credentials = {
+        "POSTGRES_PASSWORD": "pg-pass-1",
+        "MINIO_ROOT_USER": "minio-user",
+        "MINIO_ROOT_PASSWORD": "minio-pass-1",
+        "FLOWER_BASIC_AUTH": "admin:flower-pass-1",
+    }
+    for missing in credentials:
+        env = {name: value for name, value in credentials.items() if name != missing}
+        with pytest.raises(KeyError, match=missing):
+            for value in _strings(compose):
+                _interpolate(value, env)
+    services = compose["services"]
+    shown = [_interpolate(value, credentials) for value in _strings(compose)]
+    env_of = {name: svc.get("environment", {}) for name, svc in services.items()}
+    assert _interpolate(env_of["postgres"]["POSTGRES_PASSWORD"], credentials) == "pg-pass-1"
+    assert _interpolate(env_of["minio"]["MINIO_ROOT_PASSWORD"], credentials) == "minio-pass-1"
+    assert any("postgresql://camaudit:pg-pass-1@postgres" in value for value in shown)
+    assert _interpolate(env_of["flower"]["FLOWER_BASIC_AUTH"], credentials) == "admin:flower-pass-1"
+    for secret_like in ("camaudit-secret", "POSTGRES_PASSWORD: camaudit\n", "camaudit:camaudit@"):
+        assert secret_like not in text
+    published = [
+        (name, _interpolate(str(port), credentials))
+        for name, svc in services.items()
+        for port in svc.get("ports", [])
+    ]
+    assert {name for name, _ in published} == {"minio", "flower"}
+    for name, port in published:
+        assert port.startswith("127.0.0.1:"), (name, port)
+    wider = _interpolate(
+        str(services["flower"]["ports"][0]), {**credentials, "CAMAUDIT_PUBLISH_ADDRESS": "0.0.0.0"}
+    )
+    assert wider == "0.0.0.0:5555:5555"
+
+
 def test_kubernetes_manifests_are_well_formed() -> None:
     docs = k8s_docs()
     assert docs
@@ -110,6 +172,79 @@ def test_bad_audit_files_are_refused(tmp_path: Path, text: str, words: str) -> N
     path.write_text(text)
     with pytest.raises(AuditError, match=re.escape(words)):
         load_audits(path)
+
+
+def test_services_script_starts_a_throwaway_postgres_and_leaves_the_system_config_alone() -> None:
+    """`make test` on a machine with nothing on the port: a private cluster, no system pg_hba.conf edit."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from tests.plugins.s3 import free_port
+
+    system_hba = sorted(Path("/etc/postgresql").glob("*/*/pg_hba.conf"))
+    before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in system_hba}
+    # Not below pytest's own folder: the postgres user cannot enter root's 0700 folders.
+    home = Path(tempfile.mkdtemp(prefix="camaudit-test-pg-"))
+    port, data = free_port(), home / "pg"
+    env = {**os.environ, "PG_PORT": str(port), "CAMAUDIT_TEST_PGDATA": str(data)}
+    bin_dir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+    if os.getuid() == 0:
+        shutil.chown(home, "postgres")
+    try:
+        done = subprocess.run(
+            ["bash", str(DEPLOY / "local" / "services.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"postgresql on 127.0.0.1:{port}" in done.stdout
+        query = subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-tAc",
+                "show listen_addresses; show hba_file",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert query.stdout.split() == ["127.0.0.1", str(data / "pg_hba.conf")], query
+        databases = subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-tAc",
+                "select datname from pg_database",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        assert "test" in databases
+    finally:
+        subprocess.run(
+            [*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data), "stop", "-w"],
+            capture_output=True,
+            timeout=120,
+        )
+        shutil.rmtree(home, ignore_errors=True)
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in system_hba} == before
 
 
 def test_example_audit_alerts_and_prometheus_rules_use_what_camaudit_exports() -> None:

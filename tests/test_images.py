@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from workers.images import (
     MAX_PIXELS,
@@ -329,8 +329,8 @@ PNG_NOISE = _encode(NOISE, "PNG")
         ("caf\u00e9 \u2014 not a picture".encode(), "holds text"),
         (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "PDF document"),
         (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "HEIF"),
-        (_encode(Image.new("RGB", (8, 8)), "PPM"), "unsupported image format PPM"),
-        (_encode(Image.new("RGB", (8, 8)), "TGA"), "unsupported image format TGA"),
+        (_encode(Image.new("RGB", (8, 8)), "PPM"), "unsupported image format: the file is a Netpbm image"),
+        (_encode(Image.new("RGB", (8, 8)), "TGA"), "unrecognised image format"),
         (bytes(range(7, 256)) * 2, "unrecognised image format"),
     ],
     ids=[
@@ -351,6 +351,50 @@ PNG_NOISE = _encode(NOISE, "PNG")
 def test_bad_files_fail_with_their_reason(data: bytes, reason: str) -> None:
     with pytest.raises(ImageDecodeError, match=reason):
         decode_image(data, (8, 8), *IDENTITY)
+
+
+SECRET = "db.internal:5432:prod:admin:S3cretPassw0rd"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        SECRET.encode(),
+        ("# pgpass\n" + SECRET + "\n").encode(),
+        b"\x89PNG\r\n\x1a\n" + SECRET.encode(),
+        b"GIF89a" + SECRET.encode(),
+        bytes([0xF7, 0x01, 0x02]) + SECRET.encode() + bytes(range(0, 256)),
+        b"PK\x03\x04" + SECRET.encode(),
+    ],
+    ids=["text", "pgpass", "png-signature", "gif-signature", "binary", "zip"],
+)
+def test_a_failure_names_the_kind_of_content_never_its_bytes(data: bytes) -> None:
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_image(data, (8, 8), *IDENTITY)
+    reason = str(caught.value)
+    for fragment in (SECRET[:6], "S3cret", "5432", SECRET.encode()[:4].hex(), "db.inte"):
+        assert fragment not in reason, reason
+    assert data[:8].hex(" ") not in reason
+
+
+def test_unidentified_files_are_never_offered_to_other_pillow_plugins() -> None:
+    """A reader outside the accepted formats must not even be asked whether it knows the bytes."""
+    asked: list[bytes] = []
+
+    def accept(prefix: bytes) -> bool:
+        asked.append(prefix)
+        return False
+
+    Image.register_open("CAMAUDITTRAP", ImageFile.ImageFile, accept)
+    try:
+        with pytest.raises(ImageDecodeError, match="unrecognised image format"):
+            decode_image(bytes(range(7, 256)) * 2, (8, 8), *IDENTITY)
+        with pytest.raises(ImageDecodeError, match="Netpbm"):
+            decode_image(_encode(Image.new("RGB", (8, 8)), "PPM"), (8, 8), *IDENTITY)
+    finally:
+        Image.OPEN.pop("CAMAUDITTRAP", None)
+        Image.ID.remove("CAMAUDITTRAP")
+    assert asked == []
 
 
 def test_pixel_limit_is_configurable_and_checked_before_decoding() -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from schema.db import downgrade, normalise_url, upgrade
 from schema.models import Base
+from tests.plugins.services import REPO_ROOT, wait_until
 
 TABLES = {"runs", "shards", "items", "heatmaps", "patch_scores", "alerts"}
 
@@ -34,5 +39,55 @@ def test_upgrade_from_empty_matches_models_and_downgrade_to_empty(database_url: 
         assert diff == []
         downgrade(database_url)
         assert set(inspect(engine).get_table_names()) - {"alembic_version"} == set()
+    finally:
+        engine.dispose()
+
+
+RACE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from schema.db import upgrade
+    url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.002)
+    upgrade(url)
+    """
+)
+
+
+def test_concurrent_upgrades_of_a_fresh_database_take_turns(database_url: str, tmp_path: Path) -> None:
+    """Two `camaudit run` at once on a new database both migrate it: neither may fail."""
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, database_url, str(tmp_path / f"ready{n}"), str(go)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    try:
+        wait_until(
+            lambda: all((tmp_path / f"ready{n}").exists() for n in range(4)), 120, "the migrating processes"
+        )
+        go.touch()
+        outcomes = [(proc.wait(timeout=120), proc.stderr.read() if proc.stderr else "") for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [code for code, _ in outcomes] == [0] * 4, "\n".join(err[-2000:] for _, err in outcomes)
+    engine = create_engine(normalise_url(database_url))
+    try:
+        assert set(inspect(engine).get_table_names()) >= TABLES
+        with engine.connect() as conn:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        assert len(versions) == 1
     finally:
         engine.dispose()

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.patches import patch_boxes, patch_grid, top_patches
+from workers.patches import distinct_ranks, patch_boxes, patch_grid, top_patches
 from workers.preprocess import RESIZE_MODES, ImageTransform, Preprocess
 
 
@@ -105,3 +106,23 @@ def test_patch_boxes_match_the_plain_python_box_for_every_patch() -> None:
             for n in range(4)
         ]
         assert [[tuple(box) for box in per_map] for per_map in boxes.tolist()] == expected
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+@pytest.mark.parametrize("source_size", [(1, 1), (100_000, 1), (1, 100_000), (3, 2)])
+def test_boxes_stay_inside_sources_smaller_than_the_grid(source_size: tuple[int, int], mode: str) -> None:
+    patch, input_size = 32, (224, 224)
+    rows, cols = np.meshgrid(np.arange(7), np.arange(7), indexing="ij")
+    geometry = (
+        Preprocess(input_size, (0.0,) * 3, (1.0,) * 3).with_overrides(resize=mode).transform(*source_size)
+    )
+    boxes = patch_boxes(rows.reshape(1, -1), cols.reshape(1, -1), patch, input_size, [geometry])
+    src_w, src_h = source_size
+    for x0, y0, x1, y1 in boxes[0].tolist():
+        assert 0 <= x0 < x1 <= src_w and 0 <= y0 < y1 <= src_h, (x0, y0, x1, y1)
+    kept = distinct_ranks(boxes)[0]
+    distinct = {tuple(boxes[0, rank]) for rank in kept}
+    assert len(distinct) == len(kept) == len({tuple(box) for box in boxes[0].tolist()})
+    assert kept[0] == 0 and kept == sorted(kept)
+    if source_size == (1, 1):
+        assert kept == [0] and tuple(boxes[0, 0]) == (0, 0, 1, 1)

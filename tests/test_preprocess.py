@@ -13,6 +13,7 @@ from timm.data import create_transform, resolve_data_config
 from torchvision import models as tvm
 
 from workers.images import (
+    ImageDecodeError,
     decode_image,
     decode_pixels,
     normalise_batch,
@@ -205,3 +206,16 @@ def test_the_device_table_holds_exactly_the_values_the_cpu_arithmetic_gives() ->
     gathered = normalise_by_table(batch, mean, std)
     assert torch.equal(gathered, normalise_batch(batch, mean, std))
     assert gathered.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_centre_crop_of_an_extreme_strip_fails_its_item_instead_of_resizing_to_billions() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (20_000, 2)).save(buffer, format="PNG")
+    pre = Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3).with_overrides(resize="center-crop")
+    with pytest.raises(ImageDecodeError, match=r"resized to 2560000x256 .* needs stretch or letterbox"):
+        decode_pixels(buffer.getvalue(), pre)
+    assert decode_pixels(buffer.getvalue(), pre.with_overrides(resize="letterbox")).pixels.shape == (
+        224,
+        224,
+        3,
+    )

@@ -7,6 +7,7 @@ tests can share them.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ def seed_run(
                 methods=list(methods),
                 layers=list(layers),
                 target_spec="top1",
-                source_uri="data",
+                source_uri=os.path.dirname(source_uri) or "data",
                 output_uri=output_uri,
                 preprocess={"size": [32, 32]},
                 patch_size=8,

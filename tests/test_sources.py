@@ -162,6 +162,27 @@ def test_jsonl_bad_rows_are_all_reported_with_file_and_line(tmp_path: Path) -> N
     assert f"{manifest}:1:" not in message
 
 
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"uri": "", "label": "cat"}\n', "uri"),
+        ('{"uri": "   "}\n', "uri"),
+        ('{"path": null}\n', "path"),
+        ("uri,label\n,cat\n", "uri"),
+    ],
+)
+def test_an_empty_uri_is_called_empty_and_never_suggests_the_field_itself(
+    tmp_path: Path, text: str, field: str
+) -> None:
+    manifest = tmp_path / ("m.csv" if text.startswith("uri,") else "m.jsonl")
+    manifest.write_text(text)
+    with pytest.raises(SourceError) as caught:
+        read_manifest(manifest)
+    message = str(caught.value)
+    assert f"{manifest}:" in message and f"{field!r} is empty; give a path or an s3:// object" in message
+    assert "did you mean" not in message
+
+
 def test_csv_errors_name_file_and_line(tmp_path: Path) -> None:
     manifest = tmp_path / "m.csv"
     manifest.write_text("uri,x0,y0,x1,y1\na.png,0,0,5,5\nb.png,0,zero,5,5\nc.png,0,,5,5\nd.png,1,2,3,4,5\n")

@@ -6,7 +6,6 @@ pages are checked against what the workers wrote rather than against the SQL the
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -34,6 +33,7 @@ from workers.synth import CLASS_NAMES, make_dataset
 
 N_IMAGES = 20
 TOKEN = "s3cret-token-for-tests"
+LOCAL = "http://localhost"  # a server without a token answers only requests for this machine
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
 
 @pytest.fixture(scope="module")
 def client(site: Site) -> TestClient:
-    return TestClient(create_app(site.db, page_size=7, runs_page_size=25))
+    return TestClient(create_app(site.db, page_size=7, runs_page_size=25), base_url=LOCAL)
 
 
 def cards(html: str) -> list[tuple[int, float]]:
@@ -142,7 +142,7 @@ def test_runs_list_shows_each_run_with_status_and_progress(client: TestClient, s
 
 
 def test_runs_list_pages(site: Site) -> None:
-    small = TestClient(create_app(site.db, runs_page_size=1))
+    small = TestClient(create_app(site.db, runs_page_size=1), base_url=LOCAL)
     first, second = small.get("/"), small.get("/?page=2")
     assert site.second in first.text and site.first not in first.text
     assert site.first in second.text and site.second not in second.text
@@ -188,7 +188,7 @@ def test_filters_by_label_and_correctness(client: TestClient, site: Site) -> Non
 
 def test_filtered_pages_read_a_bounded_window_and_still_miss_nothing(site: Site) -> None:
     """With a window barely above the page size, pages come back part-full but the walk is complete."""
-    narrow = TestClient(create_app(site.db, page_size=3, scan_window=4))
+    narrow = TestClient(create_app(site.db, page_size=3, scan_window=4), base_url=LOCAL)
     target = CLASS_NAMES.index("cross")
     for params, where in (("label=cross", {"label": "cross"}), ("correct=incorrect", {"correct": False})):
         want = expected_regions(site.db, site.first, target, "cam", **where)
@@ -374,17 +374,38 @@ def test_only_reads_are_allowed(client: TestClient, site: Site) -> None:
     assert client.head("/").status_code == 200
 
 
-def test_drift_page(client: TestClient, site: Site) -> None:
+def test_drift_page(client: TestClient, site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scheduler.analysis import drift
+    from scheduler.finalize import store_class_drift
+
+    compared: list[tuple[str, str]] = []
+    real_diff = drift.diff_runs
+
+    def counted(database_url: str, run_a: str, run_b: str, **options: Any) -> Any:
+        compared.append((run_a, run_b))
+        return real_diff(database_url, run_a, run_b, **options)
+
+    monkeypatch.setattr(drift, "diff_runs", counted)
     assert client.get("/drift").status_code == 200
     lonely = client.get(f"/drift?b={site.second}")
     assert "has no baseline run" in error_text(lonely.text)
-    page = client.get(f"/drift?a={site.first}&b={site.second}")
-    if importlib.util.find_spec("scheduler.analysis.drift") is None:
-        assert page.status_code == 501 and "scheduler.analysis.drift is missing" in error_text(page.text)
-        return
+    # A page view serves what is stored and never reads the maps of both runs by itself.
+    nothing = client.get(f"/drift?a={site.first}&b={site.second}")
+    assert nothing.status_code == 200 and compared == []
+    assert "No drift of run B against run A is stored" in nothing.text and 'id="recompute"' in nothing.text
+    assert 'class="grid drift-table"' not in nothing.text
+    link = re.search(r'id="recompute" href="([^"]+)"', nothing.text)
+    assert link is not None
+    page = client.get(link.group(1).replace("&amp;", "&"))
     assert page.status_code == 200, page.text
-    assert 'class="grid drift-table"' in page.text
+    assert 'class="grid drift-table"' in page.text and compared == [(site.first, site.second)]
+    store_class_drift(site.db, real_diff(site.db, site.first, site.second))
+    stored = client.get(f"/drift?a={site.first}&b={site.second}")
+    assert stored.status_code == 200 and len(compared) == 1
+    assert "Per class (stored)" in stored.text and 'class="grid drift-table"' in stored.text
     unknown = client.get(f"/drift?a={site.first}&b=nosuchrun")
+    assert unknown.status_code == 400 and "nosuchrun" in error_text(unknown.text)
+    unknown = client.get(f"/drift?a={site.first}&b=nosuchrun&recompute=1")
     assert unknown.status_code == 400 and "nosuchrun" in error_text(unknown.text)
 
 
@@ -413,6 +434,64 @@ def test_token_is_required_and_accepted_as_bearer_query_or_cookie(site: Site) ->
     stranger = TestClient(create_app(site.db, token=TOKEN))
     stranger.cookies.set(COOKIE, "forged")
     assert stranger.get("/").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("localhost", True),
+        ("localhost:8000", True),
+        ("127.0.0.1:8000", True),
+        ("[::1]:8000", True),
+        ("attacker.example", False),
+        ("attacker.example:8000", False),
+        ("localhost.attacker.example", False),
+        ("127.0.0.1.nip.io", False),
+        ("", False),
+    ],
+)
+def test_without_a_token_only_localhost_names_are_served(site: Site, host: str, allowed: bool) -> None:
+    """A page that rebinds its own name to 127.0.0.1 sends its own name as Host: refused."""
+    open_app = TestClient(create_app(site.db))
+    answer = open_app.get("/", headers={"host": host})
+    if allowed:
+        assert answer.status_code == 200 and site.first in answer.text
+    else:
+        assert answer.status_code == 400 and "answers only requests for localhost" in answer.text
+        assert site.first not in answer.text
+    item = item_ids(site.db, site.first)["done"][0]
+    image = open_app.get(f"/items/{item}/source.jpg", headers={"host": host})
+    assert image.status_code == (200 if allowed else 400)
+    guarded = TestClient(create_app(site.db, token=TOKEN))
+    named = guarded.get(
+        "/", headers={"host": host or "camaudit.example.org", "Authorization": f"Bearer {TOKEN}"}
+    )
+    assert named.status_code == 200  # with a token, the token decides
+
+
+def test_oversized_numbers_are_a_400_with_a_reason(site: Site, client: TestClient) -> None:
+    item = item_ids(site.db, site.first)["done"][0]
+    huge = "100000000000000000000"
+    with session_scope(site.db) as s:
+        method, target = s.execute(
+            select(Heatmap.method, Heatmap.target_class).where(Heatmap.item_id == item)
+        ).first()
+    for url, reason in [
+        (f"/items/{item}/overlay.jpg?method={method}&class={target}&box=0,0,inf,1", "box must be"),
+        (f"/items/{item}/source.jpg?box=0,0,inf,1", "box must be"),
+        (f"/items/{item}/source.jpg?box=0,0,1e30,1", "box must be"),
+        ("/?page=1e20", "page"),
+        (f"/?page={huge}", "page"),
+        (f"/runs/{site.first}?page={huge}", "page"),
+        (f"/runs/{site.first}?after=0.5_{huge}", "bad page cursor"),
+        (f"/items/{huge}", "item_id"),
+        (f"/items/{huge}/source.jpg", "item_id"),
+        (f"/items/{huge}/overlay.jpg?method={method}&class=1", "item_id"),
+        (f"/items/{item}/overlay.jpg?method={method}&class={huge}", "not a class index"),
+    ]:
+        answer = client.get(url)
+        assert answer.status_code == 400, (url, answer.status_code)
+        assert reason in answer.text, (url, answer.text[:300])
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"])

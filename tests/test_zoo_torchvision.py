@@ -21,6 +21,7 @@ from schema.settings import Settings
 from tests.test_e2e_embedded import run_cli
 from workers.images import decode_pixels, normalise_batch, stack_pixels
 from workers.models import ModelLoadError, clear_model_cache, file_sha256, load_model
+from workers.runtime import CheckpointChangedError
 from workers.shard import explain_shard
 from workers.synth import make_dataset
 from workers.zoo import tv_weights
@@ -190,5 +191,5 @@ def test_a_worker_whose_cache_holds_other_weights_refuses_the_shard(torch_home: 
     )
     clear_model_cache()
     plant(torch_home, "resnet18", weights, seed=1)  # this "worker" has other weights under the same name
-    with pytest.raises(RuntimeError, match="not those the run was planned with"):
+    with pytest.raises(CheckpointChangedError, match="planned with sha256"):
         explain_shard(planned.run_id, planned.shard_ids[0], settings)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
 from schema.db import dispose_engines
+from schema.redact import install_log_redaction
 from schema.settings import Settings, get_settings
 
 SHARD_QUEUE = "gpu"
@@ -56,6 +57,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def configure(settings: Settings | None = None) -> Celery:
     app.conf.update(celery_config(settings or get_settings()))
     return app
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_logs(logger: Any = None, **_: Any) -> None:
+    """Whatever a worker logs (its own lines, retries, Celery's errors) has passwords hidden."""
+    install_log_redaction(logger)
+    install_log_redaction()
 
 
 @worker_process_init.connect

@@ -1,12 +1,22 @@
 """Read an item's bytes from wherever its URI points: a local path, a ``file://`` URI or an ``s3://`` object.
 
+A manifest is untrusted: a row may name any path. Items are therefore read with
+:func:`read_source`, which reads a local file only when its real path (symlinks resolved) lies
+under one of the run's source roots (the source folder or the manifest's folder, plus
+``CAMAUDIT_SOURCE_ROOTS``), only when it is a regular file (never a FIFO, a device or a
+folder), and never more than a byte cap (``CAMAUDIT_MAX_SOURCE_BYTES``), checked before reading.
+A run whose source is on S3 reads only S3 objects.
+
 S3 URIs are split by hand, never by ``urllib.parse``: object keys may hold ``#``, ``?`` and ``%``,
 which a URL parser would take for a fragment, a query or an escape and so read another object.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -18,6 +28,18 @@ from botocore.exceptions import ClientError
 _clients: dict[tuple[str | None, str | None], Any] = {}
 _lock = threading.Lock()
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+DEFAULT_MAX_SOURCE_BYTES = 256 * 1024 * 1024
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class SourceRefused(ValueError):
+    """An item's URI may not be read (outside the roots, not a regular file, too large): the item fails."""
 
 
 def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
@@ -74,3 +96,117 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None, region: str | None 
         raise
     with response["Body"] as body:
         return body.read()
+
+
+def split_roots(value: str | Iterable[str] | None) -> list[str]:
+    """``CAMAUDIT_SOURCE_ROOTS``: folders separated by ``os.pathsep`` (``:``), or a list of them."""
+    if value is None:
+        return []
+    parts = value.split(os.pathsep) if isinstance(value, str) else list(value)
+    return [part.strip() for part in parts if part and part.strip()]
+
+
+def allowed_roots(source: str, extra: str | Iterable[str] | None = None) -> list[str]:
+    """The real folders a run's local items may lie in: the source folder, or the manifest's folder.
+
+    ``extra`` (``CAMAUDIT_SOURCE_ROOTS``) adds folders for manifests that name images elsewhere.
+    A source on S3 (a prefix or an ``s3://`` manifest) names only objects: no folder at all.
+    """
+    if source.startswith("s3://"):
+        return []
+    path = local_path(source)
+    roots = [path if path.is_dir() else path.parent]
+    roots += [Path(root).expanduser() for root in split_roots(extra)]
+    return list(dict.fromkeys(os.path.realpath(root) for root in roots))
+
+
+def run_roots(config: Mapping[str, Any], source_uri: str, extra: str | Iterable[str] | None) -> list[str]:
+    """The roots recorded on a run at planning; runs planned before roots existed derive them again."""
+    recorded = config.get("source_roots")
+    if isinstance(recorded, list) and all(isinstance(root, str) for root in recorded):
+        return recorded
+    return allowed_roots(source_uri, extra)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def read_source(
+    uri: str,
+    *,
+    roots: Sequence[str],
+    max_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+) -> bytes:
+    """An item's bytes, read only within ``roots`` and ``max_bytes``; otherwise :class:`SourceRefused`."""
+    if uri.startswith("s3://"):
+        return _read_s3(uri, max_bytes, endpoint_url, region)
+    if not roots:
+        raise SourceRefused(
+            "a local path in a run whose source is on S3: an s3:// source or manifest "
+            "names only s3:// objects"
+        )
+    real = os.path.realpath(local_path(uri))
+    if not any(_inside(real, os.path.realpath(root)) for root in roots):
+        raise SourceRefused(
+            f"the path lies outside the folders this run may read ({', '.join(roots)}); a manifest names "
+            "files below its own folder or the source folder, or below a folder in CAMAUDIT_SOURCE_ROOTS"
+        )
+    return read_regular_file(real, max_bytes)
+
+
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """A regular file's bytes, refused before reading when it is something else or over ``max_bytes``.
+
+    Opened without blocking (a FIFO with no writer would hang a plain ``open``) and without
+    following a final symlink, then checked with ``fstat`` on the open descriptor.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+            raise SourceRefused(f"not an image file: the path is {kind}; only regular files are read")
+        _check_size(info.st_size, max_bytes)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1  # the file object owns it now
+            # Asking for the size, not the cap: read(n) reserves n bytes before reading.
+            data = fh.read(min(info.st_size, max_bytes) + 1)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    _check_size(len(data), max_bytes, at_least=True)  # the file grew after fstat
+    return data
+
+
+def _check_size(size: int, max_bytes: int, *, at_least: bool = False) -> None:
+    if size > max_bytes:
+        amount = f"more than {max_bytes:,}" if at_least else f"{size:,}"
+        raise SourceRefused(
+            f"the file has {amount} bytes, over the limit of {max_bytes:,} bytes (CAMAUDIT_MAX_SOURCE_BYTES)"
+        )
+
+
+def _read_s3(uri: str, max_bytes: int, endpoint_url: str | None, region: str | None) -> bytes:
+    bucket, key = split_s3_uri(uri)
+    if not key:
+        raise ValueError(f"S3 URI {uri!r} names a bucket but no object key")
+    try:
+        response = s3_client(endpoint_url, region).get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING_CODES:
+            raise FileNotFoundError(f"no object {uri}") from exc
+        if code == "NoSuchBucket":
+            raise FileNotFoundError(f"no bucket {bucket!r} for {uri}") from exc
+        raise
+    with response["Body"] as body:
+        length = int(response.get("ContentLength") or 0)
+        _check_size(length, max_bytes)
+        data = body.read(min(length, max_bytes) + 1 if length else max_bytes + 1)
+    _check_size(len(data), max_bytes, at_least=True)
+    return data

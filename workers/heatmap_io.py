@@ -108,6 +108,7 @@ def encode_png_gray(u8: np.ndarray, compress_level: int = 1) -> bytes:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_MAX_SIDE = 65_500  # the largest width or height libjpeg (and so Pillow) writes
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -116,7 +117,7 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 
 def decode_png_gray(data: bytes) -> np.ndarray:
     """Decode a PNG written by :func:`encode_png_gray` back to an [H, W] uint8 array."""
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
         if image.mode != "L":
             raise ValueError(f"expected an 8-bit grayscale PNG (mode 'L'), got mode {image.mode!r}")
         return np.array(image, dtype=np.uint8)
@@ -167,32 +168,40 @@ def _resize_bilinear(map01: np.ndarray, height: int, width: int) -> np.ndarray:
 OUTSIDE_DIM = 0.35
 
 
-def map_to_source(map01: np.ndarray, transform: ImageTransform) -> tuple[np.ndarray, np.ndarray]:
-    """An input-size map resampled onto the source's pixels through the run's transform.
+def map_to_source(
+    map01: np.ndarray,
+    transform: ImageTransform,
+    region: tuple[int, int, int, int] | None = None,
+    size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An input-size map resampled onto source pixels through the run's transform.
 
-    Returns (values float32 [h, w], seen bool [h, w]): bilinear with half-pixel centres (the
-    maps' own convention), and which source pixels' centres fell inside the input at all
-    (everything unless a crop cut them off). Separable, so a 12-megapixel source costs two
-    small gathers, not a full grid.
+    ``region`` (source pixels, default the whole source) drawn at ``size`` = (w, h) (default
+    one value per source pixel). Returns (values float32 [h, w], seen bool [h, w]): bilinear
+    with half-pixel centres (the maps' own convention), and which output pixels' centres fell
+    inside the input at all (everything unless a crop cut them off). Separable, so a
+    12-megapixel source costs two small gathers, not a full grid.
     """
     source = np.nan_to_num(np.asarray(map01, dtype=np.float32), nan=0.0)
     in_w, in_h = transform.input
     if source.shape != (in_h, in_w):
         raise ValueError(f"map of shape {source.shape} is not at the input size {(in_h, in_w)}")
+    left, top, right, bottom = region or (0, 0, *transform.source)
+    out_w, out_h = size or (right - left, bottom - top)
     (sx, sy), (ox, oy) = transform.scale, transform.offset
-    width, height = transform.source
-    cols, seen_x = _axis_weights(width, sx, ox, in_w)
-    rows, seen_y = _axis_weights(height, sy, oy, in_h)
-    (c0, c1, cf), (r0, r1, rf) = cols, rows
+    xs = left + (np.arange(out_w, dtype=np.float64) + 0.5) * (right - left) / out_w
+    ys = top + (np.arange(out_h, dtype=np.float64) + 0.5) * (bottom - top) / out_h
+    (c0, c1, cf), seen_x = _axis_weights(xs * sx + ox, in_w)
+    (r0, r1, rf), seen_y = _axis_weights(ys * sy + oy, in_h)
     across = source[:, c0] * (1.0 - cf) + source[:, c1] * cf  # [H, w]
     values = across[r0, :] * (1.0 - rf)[:, None] + across[r1, :] * rf[:, None]  # [h, w]
     return values.astype(np.float32), seen_y[:, None] & seen_x[None, :]
 
 
 def _axis_weights(
-    n_source: int, scale: float, offset: int, n_input: int
+    centres: np.ndarray, n_input: int
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    centres = (np.arange(n_source, dtype=np.float64) + 0.5) * scale + offset  # in input pixels
+    """Bilinear taps along one axis for sample points given in input pixels."""
     seen = (centres >= 0.0) & (centres < n_input)
     position = np.clip(centres - 0.5, 0.0, n_input - 1.0)
     low = np.floor(position).astype(np.int64)
@@ -201,14 +210,19 @@ def _axis_weights(
 
 
 def overlay_rgb(
-    image: Image.Image, map01: np.ndarray, alpha: float = 0.5, transform: ImageTransform | None = None
+    image: Image.Image,
+    map01: np.ndarray,
+    alpha: float = 0.5,
+    transform: ImageTransform | None = None,
+    region: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Blend a JET-coloured map over an image: ``alpha * jet + (1 - alpha) * image``.
 
     The map is resized to the image (not the other way round) so the overlay keeps the
     source's pixels and size. With the run's ``transform`` the map goes back through the
     crop or padding the model saw; source pixels outside a crop get no colour and are dimmed
-    (the model never saw them). Returns an [H, W, 3] uint8 RGB array.
+    (the model never saw them). ``image`` may be the source ``region`` (source pixels) drawn at
+    any size. Returns an [H, W, 3] uint8 RGB array.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha is the heatmap's weight and must be within [0, 1], got {alpha}")
@@ -218,12 +232,12 @@ def overlay_rgb(
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     height, width = rgb.shape[:2]
     seen = None
-    if transform is None or _plain_stretch(transform, source.shape):
+    if transform is None or (region is None and _plain_stretch(transform, source.shape)):
         resized = _resize_bilinear(np.nan_to_num(source.astype(np.float32), nan=0.0), height, width)
     else:
-        if transform.source != (width, height):
+        if region is None and transform.source != (width, height):
             raise ValueError(f"transform of a {transform.source} source, image is {(width, height)}")
-        resized, seen = map_to_source(source, transform)
+        resized, seen = map_to_source(source, transform, region, (width, height))
     levels = np.round(np.clip(resized, 0.0, 1.0) * 255.0).astype(np.uint8)
     colours = JET_LUT[levels].astype(np.float32)
     blended = alpha * colours + (1.0 - alpha) * rgb
@@ -242,11 +256,12 @@ def overlay_jpeg(
     alpha: float = 0.5,
     quality: int = 90,
     transform: ImageTransform | None = None,
+    region: tuple[int, int, int, int] | None = None,
 ) -> bytes:
     """JPEG of :func:`overlay_rgb`, the same size as ``image``, for people to look at."""
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be within 1..100, got {quality}")
-    blended = Image.fromarray(overlay_rgb(image, map01, alpha, transform))
+    blended = Image.fromarray(overlay_rgb(image, map01, alpha, transform, region))
     buffer = io.BytesIO()
     blended.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()

@@ -71,6 +71,18 @@ _FOREIGN_SIGNATURES = (
     (b"PK\x03\x04", "a ZIP archive"),
     (b"\x1f\x8b", "a gzip archive"),
 )
+# Image formats that are recognised by their magic number but not accepted. Unknown files are
+# never handed to every Pillow plugin just to name them: each plugin is code that parses the bytes.
+_OTHER_IMAGE_SIGNATURES = (
+    (b"8BPS", "a Photoshop document"),
+    (b"\x00\x00\x01\x00", "an ICO icon"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG 2000 image"),
+    (b"\xffO\xffQ", "a JPEG 2000 codestream"),
+    (b"\x76\x2f\x31\x01", "an OpenEXR image"),
+    (b"#?RADIANCE", "a Radiance HDR image"),
+    (b"\xff\x0a", "a JPEG XL image"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "a JPEG XL image"),
+)
 # Magic numbers of accepted formats: a file that starts like one but cannot be opened is damaged.
 _OWN_SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -147,9 +159,16 @@ def decode_pixels(
     pre = as_preprocess(size)
     opened = _open(data, name=name, max_pixels=max_pixels, draft_for=lambda w, h: pre.transform(w, h).resized)
     geometry = pre.transform(opened.width, opened.height)
+    new_w, new_h = geometry.resized
+    if new_w * new_h > max_pixels:
+        # A centre crop of a long strip resizes its short side up: 100,000 x 1 would become 25.6e9 pixels.
+        raise ImageDecodeError(
+            f"a {opened.width}x{opened.height} image would be resized to {new_w}x{new_h} = {new_w * new_h:,} "
+            f"pixels for its {pre.resize} to {pre.size[1]}x{pre.size[0]}, over the limit of {max_pixels:,} "
+            "(max_pixels); an aspect ratio this extreme needs stretch or letterbox"
+        )
     swaps = opened.orientation in (5, 6, 7, 8)
     # Resize in stored orientation and turn the small result: never transpose the full image.
-    new_w, new_h = geometry.resized
     stored_size = (new_h, new_w) if swaps else (new_w, new_h)
     resized = opened.image.resize(stored_size, pre.resample)
     if opened.orientation in _UPRIGHT:
@@ -302,7 +321,9 @@ def _open(
     except ImageDecodeError:
         raise
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
-        raise ImageDecodeError(f"cannot decode {img.format} image ({_corrupt_reason(exc)}): {exc}") from exc
+        raise ImageDecodeError(
+            f"cannot decode {img.format} image ({_corrupt_reason(exc)}): {_decoder_says(exc)}"
+        ) from exc
     # Read after loading: Pillow's TIFF reader turns the pixels itself, reports the upright size
     # from the start and drops the tag, so only what is still tagged is left to apply here.
     orientation = _orientation(img)
@@ -325,7 +346,9 @@ def _identify(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(_unidentified_reason(data)) from exc
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
-        raise ImageDecodeError(f"cannot read the image header ({_corrupt_reason(exc)}): {exc}") from exc
+        raise ImageDecodeError(
+            f"cannot read the image header ({_corrupt_reason(exc)}): {_decoder_says(exc)}"
+        ) from exc
     pixels = img.width * img.height
     if pixels > max_pixels:
         raise ImageDecodeError(
@@ -357,6 +380,16 @@ def _orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+_BYTES_LITERAL = re.compile(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"")
+_QUOTED = re.compile(r"'[^']{9,}'|\"[^\"]{9,}\"")
+
+
+def _decoder_says(exc: BaseException) -> str:
+    """A decoder's message without the file's bytes it may quote (a chunk name, a tag's value)."""
+    text = _BYTES_LITERAL.sub("b'…'", str(exc))
+    return _QUOTED.sub("'…'", text)[:300]
+
+
 def _corrupt_reason(exc: BaseException) -> str:
     text = str(exc).lower()
     if "truncated" in text or "end of file" in text or isinstance(exc, EOFError):
@@ -378,18 +411,17 @@ def _unidentified_reason(data: bytes) -> str:
     if head[4:8] == b"ftyp":
         brand = head[8:12].decode("ascii", "replace")
         return f"unsupported format: ISO media file of brand {brand!r} (HEIF/AVIF?); supported: {SUPPORTED}"
-    text = _as_text(head)
-    if text is not None:
-        preview = " ".join(text.split())[:40]
-        return f"not an image: the file holds text ({preview!r}...); supported: {SUPPORTED}"
+    for signature, what in _OTHER_IMAGE_SIGNATURES:
+        if head.startswith(signature):
+            return f"unsupported image format: the file is {what} (supported: {SUPPORTED})"
+    if _as_text(head) is not None:
+        # The kind of content only: the bytes of a file that is not an image may be a secret.
+        return f"not an image: the file holds text (supported: {SUPPORTED})"
     if head.startswith(b"BM"):  # two bytes only: checked after text, which may start with them
         return f"cannot read the BMP header: {damaged} ({len(data)} bytes)"
-    try:
-        with Image.open(io.BytesIO(data)) as other:
-            return f"unsupported image format {other.format} (supported: {SUPPORTED})"
-    except Exception:  # any reader failing here means the format is simply unknown
-        pass
-    return f"unrecognised image format (file starts with {data[:8].hex(' ')}); supported: {SUPPORTED}"
+    if len(head) >= 2 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
+        return f"unsupported image format: the file is a Netpbm image (supported: {SUPPORTED})"
+    return f"unrecognised image format ({len(data)} bytes); supported: {SUPPORTED}"
 
 
 def _as_text(head: bytes) -> str | None:
@@ -483,7 +515,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many types for malformed files
-        raise ImageDecodeError(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError(f"cannot parse DICOM: {type(exc).__name__}: {_decoder_says(exc)}") from exc
     if "PixelData" not in ds:
         kinds = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         what = (
@@ -525,7 +557,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as exc:  # decoder plugins and malformed pixel data raise many types
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         where = f" (transfer syntax {syntax.name})" if syntax is not None else ""
-        raise ImageDecodeError(f"cannot decode DICOM pixel data{where}: {type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError(
+            f"cannot decode DICOM pixel data{where}: {type(exc).__name__}: {_decoder_says(exc)}"
+        ) from exc
     raise ImageDecodeError(
         f"DICOM photometric interpretation {photometric!r} with {arr.shape} pixels is not supported "
         "(MONOCHROME1, MONOCHROME2, RGB, YBR_* and PALETTE COLOR are)"

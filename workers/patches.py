@@ -72,6 +72,8 @@ def patch_boxes(
     ``transforms[n]``. Returns int64 [N, L, 4] as (x0, y0, x1, y1), x1/y1 exclusive, rounded half
     to even. Edge patches are clipped to the input, boxes to the source (a patch over letterbox
     padding keeps the source pixels next to it), and every box is at least one source pixel wide.
+    When the source has fewer pixels than the grid has patches (a 1 x 1 source, or a 100,000 x 1
+    strip), several patches share one box (see :func:`distinct_ranks`).
     """
     height, width = input_size
     n = len(transforms)
@@ -91,3 +93,22 @@ def patch_boxes(
     right = np.maximum(np.minimum(np.round((x1 - ox) * inv_x), src_w), left + 1)
     bottom = np.maximum(np.minimum(np.round((y1 - oy) * inv_y), src_h), top + 1)
     return np.stack([left, top, right, bottom], axis=-1).astype(np.int64)
+
+
+def distinct_ranks(boxes: np.ndarray) -> list[list[int]]:
+    """Per map, the ranks whose source box no better rank already has.
+
+    Patches of a grid finer than the source map onto the same source pixels; storing each of
+    them would list one region several times, so only its best-scoring patch is kept.
+    """
+    kept: list[list[int]] = []
+    for per_map in np.asarray(boxes).tolist():
+        seen: set[tuple[int, ...]] = set()
+        ranks = []
+        for rank, box in enumerate(per_map):
+            key = tuple(box)
+            if key not in seen:
+                seen.add(key)
+                ranks.append(rank)
+        kept.append(ranks)
+    return kept

@@ -40,8 +40,23 @@ def amp_argument(setting: str) -> str | bool | None:
     return {"auto": None, "bf16": "bf16", "fp16": "fp16", "off": False}[setting]
 
 
-def model_for(ref: str, checkpoint: str | None, settings: Settings) -> LoadedModel:
-    return load_model_cached(ref, checkpoint, device=pick_device(settings.device))
+class CheckpointChangedError(RuntimeError):
+    """The checkpoint file is not the one the run was planned with: its maps would be another model's."""
+
+
+def model_for(
+    ref: str, checkpoint: str | None, settings: Settings, *, expected_sha256: str | None = None
+) -> LoadedModel:
+    """The process's copy of the model, refused when its checkpoint's sha256 is not the run's."""
+    loaded = load_model_cached(ref, checkpoint, device=pick_device(settings.device))
+    if expected_sha256 is not None and loaded.checkpoint_sha256 != expected_sha256:
+        raise CheckpointChangedError(
+            f"checkpoint {checkpoint or ref} has sha256 {loaded.checkpoint_sha256}, but the run was "
+            f"planned with sha256 {expected_sha256}: the file changed after planning, so this worker "
+            "would explain another model. Put the original file back and `camaudit resume` the run, "
+            "or start a new run for the new weights"
+        )
+    return loaded
 
 
 def engine_for(loaded: LoadedModel, methods: list[str], layers: list[str], settings: Settings) -> CamEngine:

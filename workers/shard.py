@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,11 +25,12 @@ from sqlalchemy.orm import Session
 
 from schema.db import session_scope
 from schema.models import Item, Run, RunStatus, Shard, ShardStatus, utcnow
+from schema.redact import hide_password
 from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.cam import CamEngine
-from workers.fetch import read_bytes
-from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg
+from workers.fetch import SourceRefused, read_source, run_roots
+from workers.heatmap_io import JPEG_MAX_SIDE, encode_npy, encode_png_gray, overlay_jpeg
 from workers.images import (
     DecodedPixels,
     ImageDecodeError,
@@ -50,8 +51,10 @@ from workers.shard_rows import (
     heatmap_rows,
     map_layout,
     map_statistics,
+    non_finite_reasons,
     patch_rows,
     prediction_rows,
+    select_images,
 )
 from workers.storage import ConcurrentWriter, S3Storage
 
@@ -72,6 +75,7 @@ class ShardWork:
     shard_index: int
     model_ref: str
     checkpoint: str | None
+    checkpoint_sha256: str | None
     methods: list[str]
     layers: list[str]
     target_spec: str
@@ -83,8 +87,9 @@ class ShardWork:
     class_names: list[str] | None
     items: list[WorkItem]
     preprocess: Preprocess  # the run's recorded transform: the same on every worker
-    weights_sha256: str | None = None  # the weights file the run was planned with
     overlay: bool = False
+    # Real folders local items may be read from; empty for a source on S3 (objects only).
+    source_roots: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -109,12 +114,16 @@ def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int,
     return f"runs/{run_id}/{method}/{layer}/{item_id}/{target}.{ext}"
 
 
-def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | None:
+def claim_shard(
+    database_url: str, run_id: str, shard_id: int, *, extra_roots: str | None = None
+) -> ShardWork | None:
     with session_scope(database_url) as session:
         shard = session.get(Shard, shard_id)
         run = session.get(Run, run_id)
         if shard is None or run is None or shard.run_id != run_id:
-            raise LookupError(f"shard {shard_id} of run {run_id} does not exist in {database_url}")
+            raise LookupError(
+                f"shard {shard_id} of run {run_id} does not exist in {hide_password(database_url)}"
+            )
         if shard.status == ShardStatus.DONE:
             return None
         shard.status = ShardStatus.RUNNING
@@ -135,6 +144,7 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             shard_index=shard.index,
             model_ref=run.model_ref,
             checkpoint=run.checkpoint_uri,
+            checkpoint_sha256=run.checkpoint_sha256,
             methods=list(run.methods),
             layers=list(run.layers),
             target_spec=run.target_spec,
@@ -145,8 +155,8 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
             preprocess=Preprocess.from_dict(run.preprocess),
-            weights_sha256=run.checkpoint_sha256,
             overlay=bool(run.config.get("overlay", False)),
+            source_roots=run_roots(run.config, run.source_uri, extra_roots),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
         )
 
@@ -164,15 +174,19 @@ def _decoded_stream(
 
     def load(item: WorkItem) -> Decoded | str:
         try:
-            data = read_bytes(
-                item.source_uri, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+            data = read_source(
+                item.source_uri,
+                roots=work.source_roots,
+                max_bytes=settings.max_source_bytes,
+                endpoint_url=settings.s3_endpoint_url,
+                region=settings.s3_region,
             )
             return decode_pixels(
                 data, work.preprocess, max_pixels=settings.max_image_pixels, name=item.source_uri
             ), (data if work.overlay else None)
         except FileNotFoundError:
             return f"file not found: {item.source_uri}"
-        except ImageDecodeError as exc:
+        except (SourceRefused, ImageDecodeError) as exc:
             return str(exc)
         except Exception as exc:  # one unreadable item must never fail its shard
             return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
@@ -251,6 +265,17 @@ def _encode_and_upload(
     return digests
 
 
+def _overlay_refusal(image: DecodedPixels) -> str | None:
+    """An overlay is a JPEG at source size: a source JPEG cannot hold fails alone, before any work."""
+    if max(image.width, image.height) <= JPEG_MAX_SIDE:
+        return None
+    return (
+        f"--overlay: the source is {image.width}x{image.height} pixels, and a JPEG overlay at source "
+        f"size can be at most {JPEG_MAX_SIDE:,} pixels on a side; audit it without --overlay "
+        "(`camaudit serve` and `camaudit render` draw overlays on demand) or downscale it"
+    )
+
+
 def _batch_targets(
     work: ShardWork,
     batch: list[tuple[WorkItem, DecodedPixels]],
@@ -309,6 +334,17 @@ def _explain_batch(
         return
     pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
     result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    reasons = non_finite_reasons(result)
+    if any(reasons):
+        for (item, _), reason in zip(batch, reasons, strict=True):
+            if reason is not None:
+                log.warning("run=%s item=%d failed: %s", work.run_id, item.id, reason)
+                rows.items.append(failed_item_row(item, reason))
+        keep = [b for b, reason in enumerate(reasons) if reason is None]
+        if not keep:
+            return
+        batch = [batch[b] for b in keep]
+        result = select_images(result, keep)
     rows.items.extend(prediction_rows(work, batch, result))
 
     layout = map_layout(batch, result)
@@ -331,15 +367,7 @@ def _explain_batch(
 
 
 def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
-    loaded = model_for(work.model_ref, work.checkpoint, settings)
-    if work.weights_sha256 and loaded.checkpoint_sha256 != work.weights_sha256:
-        # A zoo reference resolves to this machine's cache: other weights would explain another model.
-        found = (loaded.checkpoint_sha256 or "none")[:12]
-        raise RuntimeError(
-            f"the weights of {work.model_ref} on this worker (sha256 {found}) are not those the run "
-            f"was planned with (sha256 {work.weights_sha256[:12]}); "
-            "give every worker the same weights file"
-        )
+    loaded = model_for(work.model_ref, work.checkpoint, settings, expected_sha256=work.checkpoint_sha256)
     engine = engine_for(loaded, work.methods, work.layers, settings)
     storage = storage_for(work.output_uri, settings)
     sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage))
@@ -358,6 +386,10 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
                 rows.items.append(failed_item_row(item, opened))
                 continue
             decoded, source = opened
+            too_wide = _overlay_refusal(decoded) if work.overlay else None
+            if too_wide is not None:
+                rows.items.append(failed_item_row(item, too_wide))
+                continue
             batch.append((item, decoded))
             if source is not None:
                 sources[item.id] = source
@@ -431,7 +463,8 @@ def fail_shard(database_url: str, run_id: str, shard_id: int, error: str) -> Sha
     with session_scope(database_url) as session:
         run = _lock_run(session, run_id)
         shard = session.get(Shard, shard_id, populate_existing=True)
-        assert shard is not None
+        if shard is None or shard.run_id != run_id:
+            return ShardOutcome(run_id, -1, "failed")  # nothing of this run to mark
         run_status = None
         if shard.status not in (ShardStatus.DONE, ShardStatus.FAILED):
             shard.status = ShardStatus.FAILED
@@ -444,7 +477,7 @@ def fail_shard(database_url: str, run_id: str, shard_id: int, error: str) -> Sha
 
 def explain_shard(run_id: str, shard_id: int, settings: Settings | None = None) -> ShardOutcome:
     settings = settings or get_settings()
-    work = claim_shard(settings.database_url, run_id, shard_id)
+    work = claim_shard(settings.database_url, run_id, shard_id, extra_roots=settings.source_roots)
     if work is None:
         log.info("run=%s shard_id=%d already done; nothing to do", run_id, shard_id)
         return ShardOutcome(run_id, -1, "skipped")

@@ -9,7 +9,7 @@ method and layer (:class:`MapLayout`).
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +19,7 @@ from schema.models import ItemStatus
 from workers.cam import CamResult
 from workers.heatmap_io import to_uint8
 from workers.images import DecodedPixels
-from workers.patches import patch_boxes, top_patches
+from workers.patches import distinct_ranks, patch_boxes, top_patches
 from workers.preprocess import ImageTransform
 
 if TYPE_CHECKING:
@@ -123,6 +123,51 @@ def map_statistics(
     )
 
 
+def non_finite_reasons(result: CamResult) -> list[str | None]:
+    """Per image, why its model output cannot be stored (NaN or infinity), or ``None``.
+
+    A database stores NaN as NULL (or refuses it), and a map with NaN ranks nothing; such an
+    image fails alone instead of failing its whole shard at the commit.
+    """
+    checks: list[tuple[str, torch.Tensor]] = []
+    if result.logits is not None:
+        checks.append(("its class scores (logits)", result.logits))
+    checks.append(("the scores of its explained classes", result.scores))
+    for method, per_layer in result.raw.items():
+        for layer, raw in per_layer.items():
+            checks.append((f"its {method} map of layer {layer}", raw))
+            checks.append((f"its normalised {method} map of layer {layer}", result.layer_maps[method][layer]))
+    finite = torch.stack([torch.isfinite(t.float()).flatten(1).all(dim=1) for _, t in checks]).cpu()
+    reasons: list[str | None] = []
+    for b in range(finite.shape[1]):
+        bad = [what for (what, _), ok in zip(checks, finite[:, b].tolist(), strict=True) if not ok]
+        reasons.append(
+            f"the model's output for this image is not finite: NaN or infinity in {bad[0]}; "
+            "check the model (overflow under mixed precision: CAMAUDIT_AMP=off) and the input"
+            if bad
+            else None
+        )
+    return reasons
+
+
+def select_images(result: CamResult, keep: list[int]) -> CamResult:
+    """The result of only the images ``keep`` of the batch, in that order."""
+    index = torch.tensor(keep, dtype=torch.long, device=result.targets.device)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, index.to(t.device))
+
+    return replace(
+        result,
+        maps={m: pick(t) for m, t in result.maps.items()},
+        layer_maps={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.layer_maps.items()},
+        raw={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.raw.items()},
+        targets=pick(result.targets),
+        scores=pick(result.scores),
+        logits=None if result.logits is None else pick(result.logits),
+    )
+
+
 def failed_item_row(item: WorkItem, error: str) -> dict[str, Any]:
     return {"id": item.id, "status": ItemStatus.FAILED, "error": error}
 
@@ -199,10 +244,18 @@ def heatmap_rows(
 def patch_rows(
     run_id: str, method: str, layer: str, layout: MapLayout, stats: MapStatistics
 ) -> list[tuple[HeatmapKey, dict[str, Any]]]:
-    """The top patches of every map, ranked, each keyed by the heatmap it belongs to."""
+    """The top patches of every map, ranked, each keyed by the heatmap it belongs to.
+
+    A patch whose source box a better one already has is left out (sources smaller than the
+    patch grid), and the ranks stay contiguous.
+    """
     rows = []
+    distinct = distinct_ranks(
+        np.asarray(stats.patch_boxes, dtype=np.int64).reshape(len(layout.item_ids), -1, 4)
+    )
     for n, (item_id, target) in enumerate(zip(layout.item_ids, layout.targets, strict=True)):
         key = (item_id, method, layer, target)
+        kept = distinct[n]
         rows.extend(
             (
                 key,
@@ -223,13 +276,13 @@ def patch_rows(
                 },
             )
             for rank, (score, row, col, (x0, y0, x1, y1)) in enumerate(
-                zip(
-                    stats.patch_scores[n],
-                    stats.patch_rows[n],
-                    stats.patch_cols[n],
-                    stats.patch_boxes[n],
-                    strict=True,
+                (
+                    stats.patch_scores[n][k],
+                    stats.patch_rows[n][k],
+                    stats.patch_cols[n][k],
+                    stats.patch_boxes[n][k],
                 )
+                for k in kept
             )
         )
     return rows

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import traceback
 from typing import Any
 
 from celery import Task
 
+from schema.redact import redact
 from schema.settings import get_settings
 from workers.celery_app import CONTROL_QUEUE, SHARD_QUEUE, app
 from workers.shard import explain_shard, fail_shard
@@ -15,6 +15,14 @@ from workers.shard import explain_shard, fail_shard
 log = logging.getLogger("camaudit.worker")
 
 MAX_RETRIES = 3
+
+
+class ShardAttemptError(RuntimeError):
+    """What a failed attempt reports to Celery (retry logs, events, results): type and message, redacted.
+
+    The original exception is not passed on: its message may carry a database or broker URL with
+    its password, and Celery would show it in Flower and store it with the task's result.
+    """
 
 
 def retry_delay(retries: int) -> float:
@@ -28,17 +36,12 @@ def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]
         outcome = explain_shard(run_id, shard_id, settings)
     except Exception as exc:
         retries = int(self.request.retries or 0)
+        error = redact(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}".removeprefix("builtins."))
         if retries < MAX_RETRIES:
             log.warning(
-                "run=%s shard_id=%d attempt %d failed (%s: %s); retrying",
-                run_id,
-                shard_id,
-                retries + 1,
-                type(exc).__name__,
-                exc,
+                "run=%s shard_id=%d attempt %d failed (%s); retrying", run_id, shard_id, retries + 1, error
             )
-            raise self.retry(exc=exc, countdown=retry_delay(retries)) from exc
-        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            raise self.retry(exc=ShardAttemptError(error), countdown=retry_delay(retries)) from None
         log.error("run=%s shard_id=%d failed after %d attempts: %s", run_id, shard_id, retries + 1, error)
         outcome = fail_shard(settings.database_url, run_id, shard_id, error)
     if outcome.run_status is not None:

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 REDIS_PORT=${REDIS_PORT:-6379}
-PG_PORT=${PG_PORT:-5432}
+PG_PORT=${PG_PORT:-55432}  # a port of its own, so no system cluster or its pg_hba.conf is involved
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
@@ -36,15 +36,26 @@ fi
 echo "services: redis on 127.0.0.1:$REDIS_PORT"
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; }
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 if ! { command -v pg_isready >/dev/null && pg_up; }; then
-  command -v pg_ctlcluster >/dev/null || apt_install postgresql
-  version=$(ls /etc/postgresql | sort -V | tail -n 1)
-  hba=/etc/postgresql/$version/main/pg_hba.conf
-  if ! grep -q "camaudit-test" "$hba"; then
-    # Tests connect as postgres over TCP without a password, as on the development machines.
-    sed -i '1i host all all 127.0.0.1/32 trust # camaudit-test\nhost all all ::1/128 trust # camaudit-test' "$hba"
+  [ -n "$(pg_bin)" ] || apt_install postgresql
+  # Nothing answers on $PG_PORT: start a throwaway cluster for the tests on that port, leaving
+  # the system's clusters (on 5432 or elsewhere) and their pg_hba.conf untouched. It lives in
+  # $PG_DATA, listens on 127.0.0.1 only (its socket inside $PG_DATA), and trusts every connection to it: the tests connect as
+  # postgres without a password and create and drop databases and roles. Remove it with
+  # `pg_ctl -D $PG_DATA stop && rm -rf $PG_DATA`.
+  bin=$(pg_bin)
+  PG_DATA=${CAMAUDIT_TEST_PGDATA:-/tmp/camaudit-test-pg-$PG_PORT}
+  as_owner=()
+  if [ "$(id -u)" = 0 ]; then as_owner=(runuser -u postgres --); fi  # initdb refuses to run as root
+  if [ ! -s "$PG_DATA/PG_VERSION" ]; then
+    mkdir -p "$PG_DATA"
+    if [ "$(id -u)" = 0 ]; then chown postgres: "$PG_DATA"; fi
+    chmod 700 "$PG_DATA"
+    "${as_owner[@]}" "$bin/initdb" -D "$PG_DATA" -U postgres -A trust --no-sync >/dev/null
   fi
-  pg_ctlcluster --skip-systemctl-redirect "$version" main start || pg_ctlcluster "$version" main start
+  "${as_owner[@]}" "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PG_DATA" start >/dev/null
   wait_for "postgresql on 127.0.0.1:$PG_PORT" pg_up
 fi
 if ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "select 1 from pg_database where datname='test'" | grep -q 1; then

@@ -48,12 +48,12 @@ from torch import nn
 
 from scheduler.analysis.drift import pearson
 from scheduler.query import DELETING, QueryError, get_run
+from scheduler.render import read_item_source
 from schema.db import session_scope
 from schema.models import Heatmap, Item, ItemStatus, Run
 from workers.cam import CamEngine
-from workers.fetch import read_bytes
 from workers.heatmap_io import decode_png_gray
-from workers.images import ImageDecodeError, decode_image
+from workers.images import decode_image
 from workers.models import LoadedModel, ModelLoadError, load_model
 from workers.preprocess import ImageTransform, Preprocess
 from workers.runtime import pick_device
@@ -395,9 +395,9 @@ def _load_sample(
         if len(chosen) == sample:
             break
         try:
-            data = read_bytes(item.source_uri, endpoint_url=endpoint_url, region=region)
+            data = read_item_source(run, item.source_uri, endpoint_url=endpoint_url, region=region)
             decoded = decode_image(data, pre, pre.mean, pre.std, name=item.source_uri)
-        except (OSError, ImageDecodeError):
+        except (OSError, ValueError):  # ImageDecodeError and SourceRefused are ValueErrors
             continue  # the source changed since the run; another item stands in
         own = heatmaps[item.id]
         chosen.append((item, _choose_target(item, own), decoded.tensor, own))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from scheduler.cli.options import DatabaseUrl, err, make_settings
 from scheduler.cli.root import db_app
+from schema.redact import hide_password
 
 
 @db_app.command("upgrade")
@@ -13,7 +14,7 @@ def db_upgrade(revision: str = "head", database_url: DatabaseUrl = None) -> None
 
     settings = make_settings(database_url=database_url)
     upgrade(settings.database_url, revision)
-    err.print(f"database {settings.database_url} at {revision}")
+    err.print(f"database {hide_password(settings.database_url)} at {revision}")
 
 
 @db_app.command("downgrade")
@@ -23,4 +24,4 @@ def db_downgrade(revision: str = "base", database_url: DatabaseUrl = None) -> No
 
     settings = make_settings(database_url=database_url)
     downgrade(settings.database_url, revision)
-    err.print(f"database {settings.database_url} at {revision}")
+    err.print(f"database {hide_password(settings.database_url)} at {revision}")

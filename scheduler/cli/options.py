@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 
+from schema.redact import install_log_redaction
 from schema.settings import Settings, get_settings
 
 console = Console()
@@ -71,6 +72,7 @@ def setup_logging(level: str) -> None:
         handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    install_log_redaction()
 
 
 def split_values(values: list[str] | None) -> list[str] | None:

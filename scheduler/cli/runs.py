@@ -34,6 +34,7 @@ from scheduler.cli.options import (
 )
 from scheduler.cli.root import app
 from schema.payloads import RunSpec
+from schema.redact import hide_password
 from schema.settings import Settings
 
 
@@ -73,9 +74,8 @@ def start_run(
     err.print(f"run [bold]{planned.run_id}[/]: {planned.n_items} items in {len(planned.shard_ids)} shards")
     if not settings.embedded:
         enqueue(planned.run_id, planned.shard_ids, settings)
-        err.print(
-            f"enqueued {len(planned.shard_ids)} shards on {settings.broker_url}; `camaudit worker` runs them"
-        )
+        broker = hide_password(settings.broker_url)
+        err.print(f"enqueued {len(planned.shard_ids)} shards on {broker}; `camaudit worker` runs them")
         if wait:
             watch_run(settings.database_url, planned.run_id)
         return planned.run_id

@@ -8,6 +8,7 @@ import typer
 
 from scheduler.cli.options import DatabaseUrl, S3Endpoint, err, failing_on, make_settings
 from scheduler.cli.root import app
+from schema.redact import hide_password
 
 
 @app.command()
@@ -31,7 +32,8 @@ def serve(
     settings = make_settings(database_url=database_url, s3_endpoint_url=s3_endpoint_url)
     shown = f"[{host}]" if ":" in host else host
     hint = " (open it once with ?token=TOKEN; a cookie keeps you signed in)" if token else ""
-    err.print(f"camaudit web UI on http://{shown}:{port}/ over {settings.database_url}, read-only{hint}")
+    database = hide_password(settings.database_url)
+    err.print(f"camaudit web UI on http://{shown}:{port}/ over {database}, read-only{hint}")
     with failing_on(WebConfigError):
         serve_web(
             settings.database_url,

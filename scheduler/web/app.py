@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -25,7 +26,7 @@ from scheduler.query import DELETING, QueryError, get_run, resolve_class
 from scheduler.render import RenderError
 from scheduler.web import data
 from scheduler.web.auth import token_guard
-from scheduler.web.compare import DriftUnavailableError, drift_view
+from scheduler.web.compare import DriftUnavailableError, drift_view, stored_drift_view
 from scheduler.web.images import Crop, ImageService, JpegImage
 from schema.db import normalise_url
 
@@ -34,6 +35,10 @@ __all__ = ["create_app"]
 TEMPLATES = Path(__file__).with_name("templates")
 PAGES = "/ (runs), /runs/RUN_ID, /items/ITEM_ID, /drift?a=RUN_A&b=RUN_B"
 IMAGE_CACHE = "private, max-age=86400"
+# Bounds on numbers in URLs, so that an absurd one is a 400 with a reason, never an SQL overflow.
+MAX_PAGE = 1_000_000
+MAX_ID = 2**63 - 1
+MAX_CLASS = 2**31 - 1
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -148,7 +153,7 @@ def create_app(
         return "ok"
 
     @read("/", response_class=HTMLResponse)
-    def runs(request: Request, page_no: int = Query(1, alias="page", ge=1)) -> HTMLResponse:
+    def runs(request: Request, page_no: int = Query(1, alias="page", ge=1, le=MAX_PAGE)) -> HTMLResponse:
         listing = data.runs_page(database_url, page=page_no, size=runs_page_size)
         return page(request, "runs.html", title="camaudit · runs", listing=listing)
 
@@ -162,7 +167,7 @@ def create_app(
         label: str | None = None,
         correct: str | None = None,
         after: str | None = None,
-        page_no: int = Query(1, alias="page", ge=1),
+        page_no: int = Query(1, alias="page", ge=1, le=MAX_PAGE),
     ) -> HTMLResponse:
         try:
             run = get_run(database_url, run_id)
@@ -208,7 +213,7 @@ def create_app(
         return page(request, "run.html", **context)
 
     @read("/items/{item_id}", response_class=HTMLResponse)
-    def item_page(request: Request, item_id: int) -> HTMLResponse:
+    def item_page(request: Request, item_id: int = PathParam(ge=0, le=MAX_ID)) -> HTMLResponse:
         try:
             view = data.item_view(database_url, item_id)
         except QueryError as exc:
@@ -230,8 +235,8 @@ def create_app(
     @read("/items/{item_id}/overlay.jpg")
     def overlay(
         request: Request,
-        item_id: int,
         method: str,
+        item_id: int = PathParam(ge=0, le=MAX_ID),
         class_: str = Query(..., alias="class"),
         layer: str | None = None,
         box: str | None = None,
@@ -250,7 +255,11 @@ def create_app(
 
     @read("/items/{item_id}/source.jpg")
     def source(
-        request: Request, item_id: int, box: str | None = None, pad: float = 0.0, max_side: int | None = None
+        request: Request,
+        item_id: int = PathParam(ge=0, le=MAX_ID),
+        box: str | None = None,
+        pad: float = 0.0,
+        max_side: int | None = None,
     ) -> Response:
         try:
             crop = Crop.from_params(box, pad, max_side)
@@ -268,6 +277,7 @@ def create_app(
         b: str | None = None,
         threshold: float = Query(0.5, ge=0.0, le=1.0),
         limit: int = Query(50, ge=1, le=500),
+        recompute: bool = False,
     ) -> HTMLResponse:
         context: dict[str, Any] = {
             "title": "camaudit · drift",
@@ -277,6 +287,8 @@ def create_app(
             "threshold": threshold,
             "limit": limit,
             "view": None,
+            "stored": False,
+            "recomputed": False,
             "error": None,
         }
         if b and not a:
@@ -290,6 +302,18 @@ def create_app(
                 return page(request, "drift.html", **context)
         if not (context["a"] and b):
             return page(request, "drift.html", **context)
+        if not recompute:
+            # What finalisation stored; reading every map of both runs waits for an explicit ask.
+            try:
+                get_run(database_url, context["a"])
+                get_run(database_url, b)
+            except QueryError as exc:
+                context["error"] = str(exc)
+                return page(request, "drift.html", 400, **context)
+            context["view"] = stored_drift_view(database_url, context["a"], b)
+            context["stored"] = True
+            return page(request, "drift.html", **context)
+        context["recomputed"] = True
         try:
             context["view"] = drift_view(
                 database_url,
@@ -314,5 +338,7 @@ def create_app(
 def _item_class(database_url: str, item_id: int, value: str) -> int:
     """A class name needs the item's run for its class names; an index needs nothing."""
     if value.lstrip("-").isdigit():
+        if abs(int(value)) > MAX_CLASS:
+            raise QueryError(f"class {value[:30]} is not a class index (0..{MAX_CLASS}) nor a class name")
         return int(value)
     return resolve_class(data.item_run(database_url, item_id), value)

@@ -1,7 +1,10 @@
 """Who may read the pages: anyone on this machine, or whoever holds the access token.
 
 The pages show source images and model behaviour, which may be confidential, so a server
-reachable from other machines must not start without a token. A browser cannot send an
+reachable from other machines must not start without a token. Without a token, requests must
+also name this machine in their ``Host`` header (``localhost``, ``127.0.0.1``, ``::1``): a web
+page on another site could otherwise point a name it controls at 127.0.0.1 (DNS rebinding)
+and read the pages from the visitor's browser. A browser cannot send an
 ``Authorization`` header by itself, so ``?token=`` is accepted once: the answer sets an
 HttpOnly cookie and redirects to the same page without the token, which keeps it out of the
 address bar, the history and ``Referer`` headers. Scripts send ``Authorization: Bearer``.
@@ -62,6 +65,14 @@ def check_exposure(host: str, token: str | None) -> None:
         )
 
 
+def _host_name(header: str) -> str:
+    """The name in a ``Host`` header, without its port: ``[::1]:8000`` -> ``::1``."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 def _matches(given: str | None, token: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
@@ -88,7 +99,17 @@ def token_guard(token: str | None) -> Callable[[Request, Handler], Awaitable[Res
                 status_code=405,
                 headers={"Allow": "GET, HEAD"},
             )
-        if token is None or request.url.path in OPEN_PATHS:
+        if token is None:
+            host = request.headers.get("host", "")
+            if not is_loopback(_host_name(host)):
+                return PlainTextResponse(
+                    "this server has no access token, so it answers only requests for localhost, "
+                    f"127.0.0.1 or [::1], not Host {host[:100]!r}; start it with --token to serve "
+                    "other names",
+                    status_code=400,
+                )
+            return await call_next(request)
+        if request.url.path in OPEN_PATHS:
             return await call_next(request)
         given = request.query_params.get("token")
         if given is not None:

@@ -2,6 +2,10 @@
 
 The page renders whatever the report holds (figures, per-class rows, ranked movers) rather
 than a fixed list of fields, so the drift report can grow without the page falling behind.
+
+A comparison reads every stored map of both runs, so a page view never starts one by itself:
+it shows the per-class drift that finalisation stored (:func:`stored_drift_view`), and the
+full comparison runs only when asked for (``recompute=1``).
 """
 
 from __future__ import annotations
@@ -9,7 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DriftUnavailableError", "DriftView", "Table", "drift_view", "layout"]
+from sqlalchemy import func, select
+
+from schema.db import session_scope
+from schema.models import ClassDrift
+
+__all__ = ["DriftUnavailableError", "DriftView", "Table", "drift_view", "layout", "stored_drift_view"]
+STORED_COLUMNS = (
+    "method",
+    "layer",
+    "target_class",
+    "n",
+    "mean_correlation",
+    "mean_iou",
+    "centre_shift_px",
+    "l1_shift",
+    "drifted",
+)
 
 
 class DriftUnavailableError(RuntimeError):
@@ -64,6 +84,37 @@ def layout(report: dict[str, Any], prefix: str = "") -> DriftView:
         else:
             view.figures.append((title, _cell(value)))
     return view
+
+
+def stored_drift_view(database_url: str, run_a: str, run_b: str) -> DriftView | None:
+    """B's per-class drift against A as finalisation (or `camaudit diff --save`) stored it, or None."""
+    with session_scope(database_url) as session:
+        rows = list(
+            session.execute(
+                select(ClassDrift)
+                .where(ClassDrift.run_id == run_b, ClassDrift.baseline_run_id == run_a)
+                .order_by(ClassDrift.method, ClassDrift.layer, ClassDrift.target_class)
+            ).scalars()
+        )
+        computed = session.execute(
+            select(func.max(ClassDrift.computed_at)).where(
+                ClassDrift.run_id == run_b, ClassDrift.baseline_run_id == run_a
+            )
+        ).scalar_one_or_none()
+    if not rows:
+        return None
+    table = Table(
+        "Per class (stored)",
+        list(STORED_COLUMNS),
+        [{column: getattr(row, column) for column in STORED_COLUMNS} for row in rows],
+    )
+    figures: list[tuple[str, Any]] = [
+        ("Classes", len(rows)),
+        ("Drifted", sum(row.drifted for row in rows)),
+        ("Threshold", rows[0].threshold),
+        ("Computed at", computed.strftime("%Y-%m-%d %H:%M UTC") if computed else None),
+    ]
+    return DriftView(figures=figures, tables=[table])
 
 
 def drift_view(

@@ -156,6 +156,9 @@ def run_shards(database_url: str, run_id: str, *, limit: int = 20) -> list[Shard
 # --------------------------------------------------------------------------- gallery
 
 
+MAX_ID = 2**63 - 1  # ids are 64-bit integers in both databases
+
+
 @dataclass(frozen=True)
 class Cursor:
     """Where the next page starts: after the patch with this score and id, in (score desc, id) order."""
@@ -180,7 +183,9 @@ class Cursor:
                 "start again from the first page"
             ) from None
         if not math.isfinite(cursor.score):
-            raise QueryError(f"bad page cursor {text!r}: the score must be a finite number")
+            raise QueryError(f"bad page cursor {text[:80]!r}: the score must be a finite number")
+        if not 0 <= cursor.id <= MAX_ID:
+            raise QueryError(f"bad page cursor {text[:80]!r}: the id must be within 0..{MAX_ID}")
         return cursor
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from schema.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+# pg_advisory_xact_lock key of camaudit's migrations ("camaudit" in ASCII, as a 64-bit integer):
+# concurrent upgrades of one PostgreSQL database take turns; the later ones find nothing to do.
+MIGRATION_LOCK_KEY = int.from_bytes(b"camaudit", "big") - 2**63
 
 
 def _url() -> str:
@@ -34,6 +37,8 @@ def run_migrations_online() -> None:
             compare_type=True,
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             context.run_migrations()
 
 

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from schema.db import dispose_engines
 
 POSTGRES_ADMIN_URL = os.environ.get(
-    "CAMAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    "CAMAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:55432/test"
 )
 REDIS_BASE_URL = os.environ.get("CAMAUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REPO_ROOT = Path(__file__).resolve().parents[2]
