@@ -6,21 +6,30 @@ locks and its WAL) and a crash loses at most one batch of work. The run is marke
 ``deleting`` before anything goes, so queries stop reporting it and a second ``gc`` of the
 same run picks up where an interrupted one stopped: every step deletes "what is left",
 and the run row, which names the storage, goes last.
+
+Shards still in flight when the run is marked are fenced, not raced: from that moment no claim
+starts, no lease is renewed and no commit lands (``workers/shard.py``), and each running
+shard stops at its next heartbeat, lets its uploads finish and gives its lease up. gc waits
+for every lease of the run to be given up or to run out before it deletes a single object,
+so no object can be written under ``runs/{run_id}/`` after the prefix is emptied.
 """
 
 from __future__ import annotations
 
 import difflib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from scheduler.query import DELETING
 from schema.db import session_scope
-from schema.models import Heatmap, Item, PatchScore, Run, RunStatus, Shard
+from schema.models import Heatmap, Item, PatchScore, Run, RunStatus, Shard, ShardStatus
 from schema.redact import hide_password
+from schema.settings import get_settings
+from workers.lease import db_now
 from workers.storage import open_storage
 
 __all__ = ["DEFAULT_BATCH", "GcError", "GcReport", "gc_run"]
@@ -36,6 +45,7 @@ _TABLES: tuple[tuple[str, type, InstrumentedAttribute[str]], ...] = (
 )
 
 Progress = Callable[[str, int], None]
+Waiting = Callable[[int, list[str]], None]
 
 
 class GcError(ValueError):
@@ -76,6 +86,41 @@ def _start(database_url: str, run_id: str, force: bool) -> tuple[str, bool]:
         return run.output_uri, resumed
 
 
+def _in_flight(database_url: str, run_id: str) -> list[str]:
+    """Workers still holding a live lease on a shard of the run."""
+    with session_scope(database_url) as session:
+        now = db_now(session)
+        return [
+            str(worker)
+            for worker in session.execute(
+                select(func.coalesce(Shard.worker, "?")).where(
+                    Shard.run_id == run_id,
+                    Shard.status == ShardStatus.RUNNING,
+                    Shard.lease_expires_at > now,
+                )
+            ).scalars()
+        ]
+
+
+def _wait_for_in_flight(
+    database_url: str, run_id: str, timeout_s: float, waiting: Waiting | None, poll_s: float = 0.2
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    told = -1
+    while workers := _in_flight(database_url, run_id):
+        if len(workers) != told and waiting is not None:
+            waiting(len(workers), workers)
+            told = len(workers)
+        if time.monotonic() > deadline:
+            holders = ", ".join(sorted(set(workers)))
+            raise GcError(
+                f"{len(workers)} shards of run {run_id} are still in flight on {holders} "
+                f"after {timeout_s:g}s; nothing was deleted yet. The run stays 'deleting' (no shard of it "
+                f"can start or commit): run gc again to finish once they have stopped"
+            )
+        time.sleep(poll_s)
+
+
 def _delete_batches(
     database_url: str,
     name: str,
@@ -107,15 +152,22 @@ def gc_run(
     batch: int = DEFAULT_BATCH,
     force: bool = False,
     progress: Progress | None = None,
+    waiting: Waiting | None = None,
+    wait_s: float | None = None,
 ) -> GcReport:
     """Delete run ``run_id``: objects under ``runs/{run_id}/`` of its storage, then its rows.
 
     ``progress(step, count)`` is called after each batch ("objects" once, then table names).
+    Shards in flight are waited for first (``waiting(count, workers)`` says so), at most
+    ``wait_s`` (default: two leases, by when every lease has run out).
     Safe to call again after an interruption: it finishes what the first call left.
     """
     if batch < 1:
         raise GcError(f"batch must be at least 1 row, got {batch}")
+    if wait_s is None:
+        wait_s = 2 * get_settings().lease_s + 5
     output_uri, resumed = _start(database_url, run_id, force)
+    _wait_for_in_flight(database_url, run_id, wait_s, waiting)
     report = GcReport(run_id=run_id, resumed=resumed)
     storage = open_storage(output_uri, endpoint_url=endpoint_url, region=region, create_bucket=False)
     report.objects = storage.delete_prefix(f"runs/{run_id}")

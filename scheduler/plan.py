@@ -170,6 +170,11 @@ def reopen_run(database_url: str, run_id: str) -> list[int]:
     """Make a run's unfinished shards runnable again; done shards are never redone."""
     with session_scope(database_url) as session:
         run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one()
+        if run.status == RunStatus.DELETING:
+            raise PlanError(
+                f"run {run_id} is being deleted; nothing to resume. "
+                f"`camaudit gc --run {run_id}` finishes the job"
+            )
         shards = list(
             session.execute(
                 select(Shard)
@@ -180,6 +185,7 @@ def reopen_run(database_url: str, run_id: str) -> list[int]:
         for shard in shards:
             shard.status = ShardStatus.PENDING
             shard.error = None
+            shard.lease_expires_at = None
         if shards and run.status in RunStatus.TERMINAL:
             run.status = RunStatus.RUNNING
             run.finished_at = None

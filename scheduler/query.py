@@ -17,7 +17,7 @@ from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
 from schema.db import session_scope
-from schema.models import Item, PatchScore, Run
+from schema.models import Item, PatchScore, Run, RunStatus, Shard, ShardStatus
 from schema.redact import hide_password
 
 __all__ = [
@@ -28,12 +28,13 @@ __all__ = [
     "explain_top_regions",
     "get_run",
     "resolve_class",
+    "shard_leases",
     "top_regions",
     "top_regions_statement",
 ]
 
 # A run that gc has started to delete; its rows are going and must not be reported.
-DELETING = "deleting"
+DELETING = RunStatus.DELETING
 MAX_LIMIT = 100_000
 
 
@@ -120,6 +121,48 @@ def get_run(database_url: str, run_id: str) -> Run:
             raise QueryError(f"no run {run_id!r} in {where}{hint} (recent runs: {', '.join(recent[:5])})")
         session.expunge(run)
         return run
+
+
+def shard_leases(database_url: str, run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Who runs the run's shards, whose lease ran out (a lost worker not yet replaced), and
+    which shards have lost workers before, with the last worker lost."""
+    from workers.lease import aware, db_now
+
+    report: dict[str, list[dict[str, Any]]] = {"running": [], "expired": [], "lost": []}
+    with session_scope(database_url) as session:
+        now = db_now(session)
+        shards = session.execute(
+            select(Shard)
+            .where(Shard.run_id == run_id)
+            .where((Shard.status == ShardStatus.RUNNING) | (Shard.lost_leases > 0))
+            .order_by(Shard.index)
+        ).scalars()
+        for shard in shards:
+            if shard.status == ShardStatus.RUNNING and shard.lease_expires_at is not None:
+                expires = aware(shard.lease_expires_at)
+                entry = {
+                    "shard": shard.index,
+                    "attempt": shard.attempts,
+                    "worker": shard.worker,
+                    "lease_expires_at": expires.isoformat(),
+                }
+                if expires > now:
+                    report["running"].append(entry)
+                else:
+                    report["expired"].append(
+                        {**entry, "expired_s": round((now - expires).total_seconds(), 1)}
+                    )
+            if shard.lost_leases:
+                report["lost"].append(
+                    {
+                        "shard": shard.index,
+                        "lost_workers": shard.lost_leases,
+                        "last_lost_worker": shard.lost_worker,
+                        "lost_at": aware(shard.lost_at).isoformat() if shard.lost_at else None,
+                        "status": shard.status,
+                    }
+                )
+    return report
 
 
 def resolve_class(run: Run, value: str | int) -> int:

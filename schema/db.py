@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -36,22 +38,37 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+def new_engine(url: str, **options: Any) -> Engine:
+    """An engine of its own, outside the shared registry (a worker's background thread uses one,
+    so a pool child forked meanwhile never inherits a pool that thread was using)."""
+    url = normalise_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30}, **options)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=2000, **options)
+
+
 def get_engine(url: str) -> Engine:
     """One pooled engine per URL per process: workers reuse connections across shards."""
     url = normalise_url(url)
     with _lock:
         engine = _engines.get(url)
         if engine is None:
-            parsed = make_url(url)
-            if parsed.get_backend_name() == "sqlite":
-                if parsed.database and parsed.database != ":memory:":
-                    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-                engine = create_engine(url, connect_args={"timeout": 30})
-                event.listen(engine, "connect", _sqlite_pragmas)
-            else:
-                engine = create_engine(url, pool_pre_ping=True, insertmanyvalues_page_size=2000)
-            _engines[url] = engine
+            engine = _engines[url] = new_engine(url)
         return engine
+
+
+def _reset_lock_in_child() -> None:
+    """A child forked while another thread held the registry's lock must not inherit it held."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 
 def dispose_engines() -> None:

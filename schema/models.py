@@ -52,6 +52,8 @@ class RunStatus:
     FINISHED = "finished"
     PARTIAL = "partial"
     FAILED = "failed"
+    # gc has started to delete the run: no shard of it may start or commit any more.
+    DELETING = "deleting"
     TERMINAL = frozenset({FINISHED, PARTIAL, FAILED})
 
 
@@ -117,6 +119,14 @@ class Shard(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The lease of the worker running the shard; ``attempts`` is its fencing token: only the
+    # holder of the latest attempt may commit. Set while running, and while a retry is due.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Workers lost while running the shard (their lease ran out), and the last one of them.
+    lost_leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lost_worker: Mapped[str | None] = mapped_column(String(200))
+    lost_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Item(Base):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     alert_attempts: int = Field(5, ge=1)
     alert_backoff_s: float = Field(5.0, ge=0.0)
     alert_timeout_s: float = Field(10.0, gt=0.0)
+    # A running shard holds a lease its worker renews every heartbeat; a lease that runs out
+    # means the worker is gone, and a sweep on every worker enqueues the shard again. Worst
+    # case from a kill to the shard being enqueued again: lease_s + lease_sweep_interval_s.
+    lease_s: float = 60.0
+    heartbeat_interval_s: float = 10.0
+    lease_sweep_interval_s: float = 15.0
+    # A shard whose worker is lost this many times is failed instead of enqueued again: it is
+    # probably what kills its workers (memory, a hard time limit).
+    max_lost_leases: int = 5
 
     @field_validator("decode_workers", "upload_workers", "encode_workers")
     @classmethod
@@ -61,6 +70,31 @@ class Settings(BaseSettings):
         if value < 1:
             raise ValueError(f"must be a positive number, got {value}")
         return value
+
+    @field_validator("lease_s", "heartbeat_interval_s", "lease_sweep_interval_s")
+    @classmethod
+    def _check_positive_seconds(cls, value: float) -> float:
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"must be a positive number of seconds, got {value}")
+        return value
+
+    @field_validator("max_lost_leases")
+    @classmethod
+    def _check_max_lost_leases(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be at least 1 (a shard's first lost worker), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_lease_outlives_heartbeats(self) -> Settings:
+        # Two heartbeats may fail (a database restart, a long pause) before a live worker loses its shard.
+        if self.lease_s < 3 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must be at least 3 x heartbeat_interval_s "
+                f"({self.heartbeat_interval_s:g}), e.g. CAMAUDIT_LEASE_S={3 * self.heartbeat_interval_s:g} "
+                f"or CAMAUDIT_HEARTBEAT_INTERVAL_S={self.lease_s / 3:g}"
+            )
+        return self
 
     @field_validator("amp")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,41 @@ def test_gc_command(tmp_path: Path) -> None:
     again = runner.invoke(app, ["gc", "--run", "r1", "--database-url", url])
     assert again.exit_code == 2
     assert "no run 'r1'" in again.output
+
+
+def test_gc_force_waits_for_a_shard_in_flight_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A shard still uploading when gc starts stops at its next heartbeat; gc deletes only after."""
+    from scheduler.plan import plan_run
+    from schema.payloads import RunSpec
+    from schema.settings import Settings
+    from tests.plugins.services import wait_until
+    from workers.shard import ShardOutcome, explain_shard
+    from workers.synth import make_dataset
+
+    url = f"sqlite:///{tmp_path / 'gc.db'}"
+    out = tmp_path / "heatmaps"
+    settings = Settings(database_url=url, storage_url=str(out), lease_s=1.5, heartbeat_interval_s=0.3)
+    dataset = make_dataset(tmp_path / "data", 8, seed=3)
+    spec = RunSpec(source=str(dataset), methods=["gradcam", "scorecam"], shard_size=8, batch_size=2)
+    planned = plan_run(spec, settings)
+    outcome: list[ShardOutcome] = []
+    shard = threading.Thread(
+        target=lambda: outcome.append(explain_shard(planned.run_id, planned.shard_ids[0], settings))
+    )
+    shard.start()
+    objects = out / "runs" / planned.run_id
+    wait_until(lambda: objects.is_dir() and any(objects.rglob("*.png")), 120, "the shard to upload maps")
+    waited: list[tuple[int, list[str]]] = []
+    try:
+        with session_scope(url) as session:
+            assert session.get(Shard, planned.shard_ids[0]).status == "running"  # type: ignore[union-attr]
+        report = gc_run(
+            url, planned.run_id, force=True, waiting=lambda n, w: waited.append((n, w)), wait_s=60
+        )
+    finally:
+        shard.join(timeout=120)
+    assert waited and waited[0][0] == 1, "gc did not see the shard in flight"
+    assert outcome and outcome[0].status == "fenced", outcome
+    assert report.rows["runs"] == 1 and run_row(url, planned.run_id) is None
+    assert not objects.exists() or not any(p.is_file() for p in objects.rglob("*"))
+    assert all(rows == [] for rows in rows_of(url, planned.run_id).values())

@@ -18,6 +18,7 @@ from schema.models import Base
 from tests.plugins.services import REPO_ROOT, wait_until
 
 TABLES = {"runs", "shards", "items", "heatmaps", "patch_scores", "alerts"}
+LEASE_COLUMNS = {"lease_expires_at", "heartbeat_at", "lost_leases", "lost_worker", "lost_at"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -89,5 +90,38 @@ def test_concurrent_upgrades_of_a_fresh_database_take_turns(database_url: str, t
         with engine.connect() as conn:
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
         assert len(versions) == 1
+    finally:
+        engine.dispose()
+
+
+def test_shard_leases_migrate_up_and_down_and_keep_the_shards(database_url: str) -> None:
+    upgrade(database_url, "0003")
+    engine = create_engine(normalise_url(database_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO runs (id, status, model_ref, methods, layers, target_spec, source_uri, "
+                    "output_uri, preprocess, patch_size, top_patches, config, versions, n_items, n_shards, "
+                    "n_done, n_failed, shards_done, shards_failed, created_at) VALUES ('r1', 'running', "
+                    "'demo', '[]', '[]', 'top1', 'data', 'out', '{}', 32, 5, '{}', '{}', 1, 1, 0, 0, 0, 0, "
+                    "CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    'INSERT INTO shards (run_id, "index", status, n_items, n_done, n_failed, attempts) '
+                    "VALUES ('r1', 0, 'running', 1, 0, 0, 1)"
+                )
+            )
+        upgrade(database_url, "0004_shard_leases")
+        columns = {c["name"] for c in inspect(engine).get_columns("shards")}
+        assert columns >= LEASE_COLUMNS
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT lost_leases, lease_expires_at FROM shards")).one() == (0, None)
+        downgrade(database_url, "0003")
+        assert not LEASE_COLUMNS & {c["name"] for c in inspect(engine).get_columns("shards")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT run_id, attempts FROM shards")).one() == ("r1", 1)
     finally:
         engine.dispose()

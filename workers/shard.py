@@ -12,18 +12,19 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from schema.db import session_scope
+from schema.db import get_engine, session_scope
 from schema.models import Item, Run, RunStatus, Shard, ShardStatus, utcnow
 from schema.redact import hide_password
 from schema.settings import Settings, get_settings
@@ -38,6 +39,15 @@ from workers.images import (
     normalise_batch,
     open_rgb,
     stack_pixels,
+)
+from workers.lease import (
+    Heartbeat,
+    LeaseLost,
+    aware,
+    db_now,
+    expire_lease,
+    hand_back_for_retry,
+    short_error,
 )
 from workers.models import LoadedModel
 from workers.pools import pool_sizes
@@ -90,23 +100,29 @@ class ShardWork:
     overlay: bool = False
     # Real folders local items may be read from; empty for a source on S3 (objects only).
     source_roots: list[str] = field(default_factory=list)
+    attempt: int = 0  # the fencing token: only this attempt's holder may commit
+    worker: str = ""
 
 
 @dataclass(frozen=True)
 class ShardOutcome:
     run_id: str
     shard_index: int
-    status: str  # "done", "skipped" (already done) or "failed"
+    # "done", "skipped" (done already, held by another worker, run being deleted),
+    # "failed", or "fenced" (this attempt lost the shard; nothing of it was kept)
+    status: str
     n_done: int = 0
     n_failed: int = 0
     run_status: str | None = None  # set when this shard finished the run
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(node: str | None = None) -> str:
+    """The Celery node (``gpu0@host``) or the host, and the process: who holds a lease."""
+    return f"{node or socket.gethostname()}:{os.getpid()}"
 
 
 def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int, ext: str) -> str:
@@ -114,25 +130,99 @@ def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int,
     return f"runs/{run_id}/{method}/{layer}/{item_id}/{target}.{ext}"
 
 
+def _lock_shard(session: Session, shard_id: int) -> Shard | None:
+    return session.execute(
+        select(Shard).where(Shard.id == shard_id).with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+def note_lost_lease(session: Session, run: Run, shard: Shard, now: datetime, max_lost: int) -> str | None:
+    """The shard's worker is gone (its lease ran out): record who held it, and make it runnable.
+
+    A shard that has lost ``max_lost`` workers is failed instead: it is most likely what kills
+    them (memory, the hard time limit), and enqueueing it again would only kill the next one.
+    Called with the run and the shard locked; returns the run's final status if this ended it.
+    """
+    shard.lost_leases += 1
+    shard.lost_worker = shard.worker
+    shard.lost_at = now
+    shard.lease_expires_at = None
+    if shard.lost_leases < max_lost:
+        shard.status = ShardStatus.PENDING
+        return None
+    shard.status = ShardStatus.FAILED
+    shard.error = (
+        f"lost its worker {shard.lost_leases} times (last {shard.worker}, attempt {shard.attempts}): "
+        "the shard probably kills its workers (memory, the hard time limit); "
+        "make it smaller or raise CAMAUDIT_MAX_LOST_LEASES, then `camaudit resume`"
+    )
+    shard.finished_at = now
+    return _refresh_run(session, run)
+
+
 def claim_shard(
-    database_url: str, run_id: str, shard_id: int, *, extra_roots: str | None = None
-) -> ShardWork | None:
+    database_url: str,
+    run_id: str,
+    shard_id: int,
+    settings: Settings | None = None,
+    *,
+    worker: str | None = None,
+    extra_roots: str | None = None,
+) -> ShardWork | ShardOutcome:
+    """Take the shard's lease for a new attempt, or say why this delivery has nothing to do.
+
+    A shard held under a live lease by another worker is left to it (a duplicate delivery);
+    one whose lease ran out is taken over, and the loss is recorded.
+    """
+    settings = settings or get_settings()
+    me = worker or worker_name()
     with session_scope(database_url) as session:
-        shard = session.get(Shard, shard_id)
-        run = session.get(Run, run_id)
+        run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one_or_none()
+        shard = _lock_shard(session, shard_id)
         if shard is None or run is None or shard.run_id != run_id:
             raise LookupError(
                 f"shard {shard_id} of run {run_id} does not exist in {hide_password(database_url)}"
             )
         if shard.status == ShardStatus.DONE:
-            return None
-        shard.status = ShardStatus.RUNNING
-        shard.attempts += 1
-        shard.worker = worker_name()
-        shard.started_at = utcnow()
+            return ShardOutcome(run_id, shard.index, "skipped", reason="already done")
+        if shard.status == ShardStatus.FAILED:
+            # A late or restored delivery must not revive it; `camaudit resume` makes it pending first.
+            return ShardOutcome(run_id, shard.index, "skipped", reason="failed already; resume runs it again")
+        if run.status == RunStatus.DELETING:
+            return ShardOutcome(run_id, shard.index, "skipped", reason="its run is being deleted")
+        now = db_now(session)
+        expires = aware(shard.lease_expires_at) if shard.lease_expires_at is not None else None
+        if shard.status == ShardStatus.RUNNING and expires is not None:
+            if expires > now and shard.worker != me:
+                holder = f"attempt {shard.attempts} holds it on {shard.worker} until {expires:%H:%M:%S}"
+                return ShardOutcome(run_id, shard.index, "skipped", reason=holder)
+            if expires <= now:
+                run_status = note_lost_lease(session, run, shard, now, settings.max_lost_leases)
+                if shard.status == ShardStatus.FAILED:
+                    return ShardOutcome(
+                        run_id, shard.index, "failed", run_status=run_status, reason=shard.error
+                    )
+        # Conditional on the attempt read above: of two claims at once (SQLite has no row
+        # locks) only one takes the next attempt number.
+        attempt = shard.attempts + 1
+        taken = session.execute(
+            update(Shard)
+            .where(Shard.id == shard_id, Shard.attempts == shard.attempts)
+            .values(
+                status=ShardStatus.RUNNING,
+                attempts=attempt,
+                worker=me,
+                started_at=now,
+                heartbeat_at=now,
+                lease_expires_at=now + timedelta(seconds=settings.lease_s),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not taken:
+            return ShardOutcome(run_id, shard.index, "skipped", reason="another worker claimed it just now")
         if run.status == RunStatus.PENDING:
             run.status = RunStatus.RUNNING
-            run.started_at = utcnow()
+            run.started_at = now
         rows = session.execute(
             select(Item.id, Item.source_uri, Item.label)
             .where(Item.shard_id == shard_id)
@@ -158,6 +248,8 @@ def claim_shard(
             overlay=bool(run.config.get("overlay", False)),
             source_roots=run_roots(run.config, run.source_uri, extra_roots),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
+            attempt=attempt,
+            worker=me,
         )
 
 
@@ -366,7 +458,11 @@ def _explain_batch(
             rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
 
 
-def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
+def compute_shard(work: ShardWork, settings: Settings, check: Callable[[], None] | None = None) -> ShardRows:
+    """``check`` runs before each batch and before the final flush; it raises to stop the shard
+    (its lease is lost), so a worker that no longer holds the shard stops spending the device on it.
+    """
+    check = check or (lambda: None)
     loaded = model_for(work.model_ref, work.checkpoint, settings, expected_sha256=work.checkpoint_sha256)
     engine = engine_for(loaded, work.methods, work.layers, settings)
     storage = storage_for(work.output_uri, settings)
@@ -394,13 +490,16 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
             if source is not None:
                 sources[item.id] = source
             if len(batch) == work.batch_size:
+                check()
                 _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
                 batch, sources = [], {}
         if batch:
+            check()
             _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
         for heatmap_rows, shas in rows.encoded:
             for row, sha in zip(heatmap_rows, shas.result(), strict=True):
                 row["sha256"] = sha
+        check()
         writer.flush()
     return rows
 
@@ -439,57 +538,140 @@ def _lock_run(session: Session, run_id: str) -> Run:
     return run
 
 
+def _check_holder(run: Run, shard: Shard, work: ShardWork) -> None:
+    """The fence: only the latest attempt may write, and nothing may write to a run being deleted.
+
+    The shard may be ``pending`` again under the same attempt (its lease ran out and it was
+    enqueued again, but no one claimed it yet): this attempt is still the latest, so its
+    complete work is kept and the new delivery finds the shard done.
+    """
+    if run.status == RunStatus.DELETING:
+        raise LeaseLost(f"run {run.id} is being deleted")
+    if shard.attempts != work.attempt or shard.status not in (ShardStatus.RUNNING, ShardStatus.PENDING):
+        raise LeaseLost(
+            f"attempt {work.attempt} was overtaken: the shard is {shard.status} under attempt "
+            f"{shard.attempts} ({shard.worker})"
+        )
+
+
 def commit_shard(database_url: str, work: ShardWork, rows: ShardRows) -> ShardOutcome:
+    """Write the shard's rows and mark it done in one transaction, if this attempt still holds it.
+
+    Raises :class:`LeaseLost` (and writes nothing) when another attempt took the shard or its
+    run is being deleted.
+    """
     with session_scope(database_url) as session:
         results.update_items(session, rows.items)
         ids = results.upsert_heatmaps(session, rows.heatmaps)
         results.delete_stale_patch_scores(session, list(ids.values()), work.top_patches)
         results.upsert_patch_scores(session, [{"heatmap_id": ids[key], **row} for key, row in rows.patches])
         run = _lock_run(session, work.run_id)
-        shard = session.get(Shard, work.shard_id, populate_existing=True)
+        shard = _lock_shard(session, work.shard_id)
         assert shard is not None
-        run_status = None
-        if shard.status != ShardStatus.DONE:
-            shard.status = ShardStatus.DONE
-            shard.error = None
-            shard.finished_at = utcnow()
-            shard.n_done, shard.n_failed = rows.n_done, rows.n_failed
-            run_status = _refresh_run(session, run)
+        _check_holder(run, shard, work)
+        shard.status = ShardStatus.DONE
+        shard.error = None
+        shard.finished_at = utcnow()
+        shard.lease_expires_at = None
+        shard.n_done, shard.n_failed = rows.n_done, rows.n_failed
+        run_status = _refresh_run(session, run)
     return ShardOutcome(work.run_id, work.shard_index, "done", rows.n_done, rows.n_failed, run_status)
 
 
 def fail_shard(database_url: str, run_id: str, shard_id: int, error: str) -> ShardOutcome:
-    """A shard that has used its retries ends failed, so its run can end ``partial`` instead of hanging."""
+    """A shard that has used its retries ends failed, so its run can end ``partial`` instead of hanging.
+
+    A shard another worker is running under a live lease is left to that worker.
+    """
     with session_scope(database_url) as session:
         run = _lock_run(session, run_id)
-        shard = session.get(Shard, shard_id, populate_existing=True)
+        shard = _lock_shard(session, shard_id)
         if shard is None or shard.run_id != run_id:
             return ShardOutcome(run_id, -1, "failed")  # nothing of this run to mark
         run_status = None
+        index = shard.index
+        now = db_now(session)
+        if (
+            shard.status == ShardStatus.RUNNING
+            and shard.lease_expires_at is not None
+            and aware(shard.lease_expires_at) > now
+        ):
+            return ShardOutcome(
+                run_id, index, "skipped", reason=f"attempt {shard.attempts} runs it on {shard.worker}"
+            )
         if shard.status not in (ShardStatus.DONE, ShardStatus.FAILED):
             shard.status = ShardStatus.FAILED
             shard.error = error[:4000]
-            shard.finished_at = utcnow()
+            shard.finished_at = now
+            shard.lease_expires_at = None
             run_status = _refresh_run(session, run)
-        index = shard.index
     return ShardOutcome(run_id, index, "failed", run_status=run_status)
 
 
-def explain_shard(run_id: str, shard_id: int, settings: Settings | None = None) -> ShardOutcome:
+def _best_effort(database_url: str, what: str, change: Callable[[Session], None]) -> None:
+    """Lease bookkeeping after an attempt stopped: if the database is away, the lease runs out anyway."""
+    try:
+        with session_scope(database_url) as session:
+            change(session)
+    except Exception as exc:
+        log.warning("could not %s (%s); the lease runs out by itself", what, short_error(exc))
+
+
+def explain_shard(
+    run_id: str,
+    shard_id: int,
+    settings: Settings | None = None,
+    *,
+    worker: str | None = None,
+    retry_in_s: float = 0.0,
+) -> ShardOutcome:
+    """Claim, compute under a renewed lease, commit; ``retry_in_s``: when a failed attempt's retry runs."""
     settings = settings or get_settings()
-    work = claim_shard(settings.database_url, run_id, shard_id, extra_roots=settings.source_roots)
-    if work is None:
-        log.info("run=%s shard_id=%d already done; nothing to do", run_id, shard_id)
-        return ShardOutcome(run_id, -1, "skipped")
-    log.info("run=%s shard=%d: %d items", run_id, work.shard_index, len(work.items))
+    claiming = time.monotonic()
+    claimed = claim_shard(
+        settings.database_url, run_id, shard_id, settings, worker=worker, extra_roots=settings.source_roots
+    )
+    if isinstance(claimed, ShardOutcome):
+        log.info("run=%s shard_id=%d %s: %s", run_id, shard_id, claimed.status, claimed.reason)
+        return claimed
+    work = claimed
+    where = f"run={run_id} shard={work.shard_index} attempt={work.attempt}"
+    log.info("%s: %d items", where, len(work.items))
     started = time.perf_counter()
-    rows = compute_shard(work, settings)
-    outcome = commit_shard(settings.database_url, work, rows)
+    heartbeat = Heartbeat(
+        sessionmaker(get_engine(settings.database_url)),
+        shard_id,
+        work.attempt,
+        lease_s=settings.lease_s,
+        interval_s=settings.heartbeat_interval_s,
+        name=where,
+        claimed_at=claiming,
+    )
+    try:
+        with heartbeat:
+            rows = compute_shard(work, settings, heartbeat.check)
+            outcome = commit_shard(settings.database_url, work, rows)
+    except LeaseLost as exc:
+        # Logged and dropped, never retried: the shard's current holder (or gc) owns it now.
+        log.warning("%s discarded, nothing of it kept: %s", where, exc)
+        _best_effort(
+            settings.database_url,
+            "give the lease up",
+            lambda session: expire_lease(session, shard_id, work.attempt),
+        )
+        return ShardOutcome(run_id, work.shard_index, "fenced", reason=str(exc))
+    except BaseException:
+        due_in_s = retry_in_s + settings.lease_s
+        _best_effort(
+            settings.database_url,
+            "hand the shard back for its retry",
+            lambda session: hand_back_for_retry(session, shard_id, work.attempt, due_in_s),
+        )
+        raise
     metrics.record_shard(outcome.n_done, outcome.n_failed, time.perf_counter() - started)
     log.info(
-        "run=%s shard=%d done: %d items ok, %d failed%s",
-        run_id,
-        work.shard_index,
+        "%s done: %d items ok, %d failed%s",
+        where,
         outcome.n_done,
         outcome.n_failed,
         f"; run {outcome.run_status}" if outcome.run_status else "",

@@ -6,15 +6,19 @@ import logging
 from typing import Any
 
 from celery import Task
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from schema.redact import redact
 from schema.settings import get_settings
 from workers.celery_app import CONTROL_QUEUE, SHARD_QUEUE, app
-from workers.shard import explain_shard, fail_shard
+from workers.shard import explain_shard, fail_shard, worker_name
 
 log = logging.getLogger("camaudit.worker")
 
 MAX_RETRIES = 3
+# The database unreachable (a restart, a failover) is not the shard's fault: it gets more
+# tries, spread over about five minutes, before the shard is failed.
+DATABASE_RETRIES = 10
 
 
 class ShardAttemptError(RuntimeError):
@@ -29,19 +33,29 @@ def retry_delay(retries: int) -> float:
     return min(2.0**retries, 60.0)
 
 
+def database_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
 @app.task(name="camaudit.explain_shard", bind=True, max_retries=MAX_RETRIES, queue=SHARD_QUEUE)
 def explain_shard_task(self: Task, run_id: str, shard_id: int) -> dict[str, Any]:
     settings = get_settings()
+    retries = int(self.request.retries or 0)
+    worker = worker_name(None if self.request.is_eager else self.request.hostname)
     try:
-        outcome = explain_shard(run_id, shard_id, settings)
+        outcome = explain_shard(run_id, shard_id, settings, worker=worker, retry_in_s=retry_delay(retries))
     except Exception as exc:
-        retries = int(self.request.retries or 0)
         error = redact(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}".removeprefix("builtins."))
-        if retries < MAX_RETRIES:
+        limit = DATABASE_RETRIES if database_unreachable(exc) else MAX_RETRIES
+        if retries < limit:
             log.warning(
                 "run=%s shard_id=%d attempt %d failed (%s); retrying", run_id, shard_id, retries + 1, error
             )
-            raise self.retry(exc=ShardAttemptError(error), countdown=retry_delay(retries)) from None
+            raise self.retry(
+                exc=ShardAttemptError(error), countdown=retry_delay(retries), max_retries=limit
+            ) from None
         log.error("run=%s shard_id=%d failed after %d attempts: %s", run_id, shard_id, retries + 1, error)
         outcome = fail_shard(settings.database_url, run_id, shard_id, error)
     if outcome.run_status is not None:

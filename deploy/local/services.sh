@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Make sure Redis and PostgreSQL answer on 127.0.0.1, installing them from Debian's packages if needed.
-# Used by `make test` so a fresh machine needs nothing set up by hand.
+# Make sure Redis, PostgreSQL and RabbitMQ answer on 127.0.0.1, installing them from Debian's
+# packages if needed. Used by `make test` so a fresh machine needs nothing set up by hand.
+# A RabbitMQ installed here gets consumer_timeout = 2 h in /etc/rabbitmq/rabbitmq.conf (shards run
+# up to an hour); one already running is used as it is. The fault tests make (and remove) a
+# virtual host of their own with rabbitmqctl, which needs root.
 set -euo pipefail
 
 REDIS_PORT=${REDIS_PORT:-6379}
 PG_PORT=${PG_PORT:-55432}  # a port of its own, so no system cluster or its pg_hba.conf is involved
+AMQP_PORT=${AMQP_PORT:-5672}
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
@@ -62,6 +66,26 @@ if ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc "select 1 from pg_database
   psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "create database test"
 fi
 echo "services: postgresql on 127.0.0.1:$PG_PORT"
+
+amqp_up() { python3 - "$AMQP_PORT" <<'PY'
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
+s.sendall(b"AMQP\x00\x00\x09\x01"); assert s.recv(1) == b"\x01"  # a Connection.Start method frame
+PY
+}
+if ! amqp_up 2>/dev/null; then
+  if ! command -v rabbitmq-server >/dev/null; then
+    apt_install rabbitmq-server
+    conf=/etc/rabbitmq/rabbitmq.conf
+    if ! grep -qs "^consumer_timeout" "$conf"; then
+      # Older servers ignore the queues' x-consumer-timeout; 2 h = twice the default shard time limit.
+      echo "consumer_timeout = 7200000" | $SUDO tee -a "$conf" >/dev/null
+    fi
+  fi
+  $SUDO service rabbitmq-server start >/dev/null 2>&1 || $SUDO rabbitmq-server -detached
+  wait_for "rabbitmq on 127.0.0.1:$AMQP_PORT" amqp_up
+fi
+echo "services: rabbitmq on 127.0.0.1:$AMQP_PORT"
 
 # Headless Chromium for the web UI's browser tests (Debian's build; no browser downloads).
 if [ -z "${CAMAUDIT_TEST_CHROMIUM:-}" ] && ! command -v chromium >/dev/null; then

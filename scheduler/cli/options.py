@@ -25,7 +25,7 @@ StorageUrl = Annotated[
     str | None, typer.Option(help="folder or s3://bucket/prefix for heatmaps [env CAMAUDIT_STORAGE_URL]")
 ]
 BrokerUrl = Annotated[
-    str | None, typer.Option(help="redis:// broker; unset runs in-process [env CAMAUDIT_BROKER_URL]")
+    str | None, typer.Option(help="redis:// or amqp:// broker; unset: in-process [env CAMAUDIT_BROKER_URL]")
 ]
 S3Endpoint = Annotated[str | None, typer.Option(help="S3 endpoint URL [env CAMAUDIT_S3_ENDPOINT_URL]")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")]

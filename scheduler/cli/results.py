@@ -116,6 +116,9 @@ def gc(
     def show(step: str, count: int) -> None:
         err.print(f"  {step}: {count} deleted")
 
+    def waiting(count: int, workers: list[str]) -> None:
+        err.print(f"  waiting for {count} shards in flight on {', '.join(sorted(set(workers)))} to stop")
+
     with failing_on(GcError, StorageError):
         report = gc_run(
             settings.database_url,
@@ -125,6 +128,7 @@ def gc(
             batch=batch,
             force=force,
             progress=show,
+            waiting=waiting,
         )
     rows = ", ".join(f"{count} {table}" for table, count in report.rows.items())
     resumed = " (resumed)" if report.resumed else ""

@@ -38,11 +38,12 @@ from schema.redact import hide_password
 from schema.settings import Settings
 
 
-def run_status(database_url: str, run_id: str) -> dict[str, Any]:
-    from scheduler.query import QueryError, get_run
+def run_status(database_url: str, run_id: str, *, leases: bool = False) -> dict[str, Any]:
+    from scheduler.query import QueryError, get_run, shard_leases
 
     with failing_on(QueryError):
         run = get_run(database_url, run_id)
+    extra = {"leases": shard_leases(database_url, run_id)} if leases else {}
     return {
         "run_id": run.id,
         "name": run.name,
@@ -56,7 +57,31 @@ def run_status(database_url: str, run_id: str) -> dict[str, Any]:
         "output": run.output_uri,
         "methods": run.methods,
         "layers": run.layers,
+        **extra,
     }
+
+
+def _lease_lines(leases: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    lines = []
+    for lease in leases["expired"]:
+        lines.append(
+            (
+                "expired lease",
+                f"shard {lease['shard']} (attempt {lease['attempt']}) held by {lease['worker']}, "
+                f"ran out {lease['expired_s']:g}s ago: that worker is gone; a sweep enqueues it again",
+            )
+        )
+    for lost in leases["lost"]:
+        lines.append(
+            (
+                "lost workers",
+                f"shard {lost['shard']} ({lost['status']}): {lost['lost_workers']}, the last "
+                f"{lost['last_lost_worker']} at {lost['lost_at']}",
+            )
+        )
+    for lease in leases["running"]:
+        lines.append(("running", f"shard {lease['shard']} (attempt {lease['attempt']}) on {lease['worker']}"))
+    return lines
 
 
 def start_run(
@@ -132,6 +157,8 @@ def show_status(status: dict[str, Any], as_json: bool = False) -> None:
         "output",
     ):
         table.add_row(key, str(status[key]))
+    for key, line in _lease_lines(status.get("leases") or {"expired": [], "lost": [], "running": []}):
+        table.add_row(key, line)
     console.print(table)
 
 
@@ -211,10 +238,11 @@ def status(
     watch: Annotated[bool, typer.Option(help="follow progress until the run ends")] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Show a run's progress."""
+    """Show a run's progress, and which workers hold, lost or let expire its shards' leases."""
     settings = make_settings(database_url=database_url)
-    info = watch_run(settings.database_url, run_id) if watch else run_status(settings.database_url, run_id)
-    show_status(info, as_json=json_out)
+    if watch:
+        watch_run(settings.database_url, run_id)
+    show_status(run_status(settings.database_url, run_id, leases=True), as_json=json_out)
 
 
 @app.command()
@@ -226,7 +254,7 @@ def resume(
     s3_endpoint_url: S3Endpoint = None,
 ) -> None:
     """Run or enqueue again the shards of RUN_ID that are not done."""
-    from scheduler.plan import reopen_run
+    from scheduler.plan import PlanError, reopen_run
     from scheduler.runner import enqueue, run_embedded
 
     settings = make_settings(
@@ -237,7 +265,8 @@ def resume(
     )
     setup_logging(settings.log_level)
     run_status(settings.database_url, run_id)
-    shard_ids = reopen_run(settings.database_url, run_id)
+    with failing_on(PlanError):
+        shard_ids = reopen_run(settings.database_url, run_id)
     if settings.embedded:
         run_embedded(run_id, shard_ids, settings)
     else:

@@ -8,6 +8,7 @@ integration test would pass with the feature broken.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "CAMAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:55432/test"
 )
 REDIS_BASE_URL = os.environ.get("CAMAUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+RABBITMQ = os.environ.get("CAMAUDIT_TEST_RABBITMQ", "127.0.0.1:5672")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -88,6 +90,28 @@ def redis_url() -> Iterator[str]:
     client.close()
 
 
+def rabbitmqctl(*args: str) -> str:
+    binary = shutil.which("rabbitmqctl")
+    if binary is None:
+        pytest.fail("rabbitmqctl is not installed; run `make services`")
+    proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed ({proc.stderr.strip()}); run `make services`")
+    return proc.stdout
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    """A virtual host of its own on the shared RabbitMQ: its queues are this test's alone."""
+    vhost = f"camaudit-t-{uuid.uuid4().hex[:10]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{RABBITMQ}/{vhost}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
 def camaudit_command() -> list[str]:
     return [sys.executable, "-m", "scheduler.cli"]
 
@@ -134,13 +158,18 @@ class WorkerProcess:
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(env_overrides: dict[str, str], name: str = "w1") -> WorkerProcess:
+    def start(env_overrides: dict[str, str], name: str = "w1", *, ready: bool = True) -> WorkerProcess:
+        """``ready=False`` returns at once: start several, then ``wait_ready`` each, booting in parallel."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_overrides}
         worker = WorkerProcess(env, tmp_path / f"worker-{name}.log", name)
         started.append(worker)
-        worker.wait_ready()
+        if ready:
+            worker.wait_ready()
         return worker
 
     yield start
+    for worker in started:  # all shut down together, then each is waited for
+        if worker.proc.poll() is None:
+            worker.proc.terminate()
     for worker in started:
         worker.stop()
