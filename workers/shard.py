@@ -7,6 +7,7 @@ the shard pending for another delivery; a crash after it leaves nothing to redo.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -96,10 +97,16 @@ class ShardWork:
     output_uri: str
     class_names: list[str] | None
     items: list[WorkItem]
-    preprocess: Preprocess  # the run's recorded transform: the same on every worker
+    preprocess_record: dict[str, Any]  # the run's recorded transform: the same on every worker
     overlay: bool = False
     # Real folders local items may be read from; empty for a source on S3 (objects only).
     source_roots: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def preprocess(self) -> Preprocess:
+        """Parsed when the shard is computed: a record that cannot work fails the shard with why."""
+        return Preprocess.from_dict(self.preprocess_record)
+
     attempt: int = 0  # the fencing token: only this attempt's holder may commit
     worker: str = ""
 
@@ -244,7 +251,7 @@ def claim_shard(
             batch_size=int(run.config.get("batch_size", 16)),
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
-            preprocess=Preprocess.from_dict(run.preprocess),
+            preprocess_record=dict(run.preprocess),
             overlay=bool(run.config.get("overlay", False)),
             source_roots=run_roots(run.config, run.source_uri, extra_roots),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
