@@ -35,6 +35,8 @@ class Audit(BaseModel):
     layers: list[str] | None = None
     targets: str = "top1"
     output: str | None = None
+    preprocess: str | None = None  # stretch, center-crop[:PCT] or letterbox; None: the model's own
+    input_size: tuple[int, int] | None = None
     patch_size: int = 32
     top_patches: int = 5
     batch_size: int | None = Field(None, ge=1)
@@ -68,6 +70,8 @@ class Audit(BaseModel):
             methods=self.methods,
             layers=self.layers,
             targets=self.targets,
+            preprocess=self.preprocess,
+            input_size=self.input_size,
             patch_size=self.patch_size,
             top_patches=self.top_patches,
             batch_size=self.batch_size,

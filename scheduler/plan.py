@@ -24,6 +24,7 @@ from workers.cam import METHODS, CamEngine
 from workers.device_defaults import defaults_for
 from workers.fetch import allowed_roots
 from workers.models import LoadedModel, load_model_cached, resolve_layer
+from workers.preprocess import Preprocess, PreprocessError, parse_mode
 
 # Methods whose check would cost hundreds of forward passes; their shape logic is shared with the rest.
 EXPENSIVE_METHODS = frozenset({"scorecam", "ablationcam"})
@@ -58,29 +59,50 @@ def check_methods(methods: list[str]) -> None:
             raise PlanError(f"unknown CAM method {method!r}{hint} (valid: {', '.join(METHODS)})")
 
 
-def resolve_layers(loaded: LoadedModel, spec: RunSpec) -> list[str]:
+def run_preprocess(loaded: LoadedModel, spec: RunSpec) -> Preprocess:
+    """The model's own preprocessing with the run's ``--preprocess`` / ``--input-size`` applied."""
+    if spec.preprocess is None and spec.input_size is None:
+        return loaded.preprocess
+    mode, crop_pct = parse_mode(spec.preprocess) if spec.preprocess else (None, None)
+    try:
+        return loaded.preprocess.with_overrides(resize=mode, size=spec.input_size, crop_pct=crop_pct)
+    except PreprocessError as exc:
+        raise PlanError(f"preprocessing override does not work for {loaded.ref}: {exc}") from exc
+
+
+def resolve_layers(loaded: LoadedModel, spec: RunSpec, size: tuple[int, int] | None = None) -> list[str]:
     """Check the named layers exist and the methods run on them, with one cheap probe forward."""
     layers = spec.layers or ([loaded.default_layer] if loaded.default_layer else None)
     for name in layers or []:
         resolve_layer(loaded.model, name)
     probe_methods = [m for m in spec.methods if m not in EXPENSIVE_METHODS] or ["gradcam"]
-    engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False)
+    engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False, reshape=loaded.reshape)
     device = next(loaded.model.parameters()).device
-    height, width = loaded.preprocess.size
+    height, width = size or loaded.preprocess.size
     result = engine(torch.zeros(1, 3, height, width, device=device), targets=None)
     return list(result.layers)
 
 
-def validate(spec: RunSpec, settings: Settings) -> tuple[LoadedModel, list[str], list[SourceItem]]:
+@dataclass(frozen=True)
+class Validated:
+    loaded: LoadedModel
+    preprocess: Preprocess  # what the run applies: the model's own unless overridden
+    layers: list[str]
+    items: list[SourceItem]
+
+
+def validate(spec: RunSpec, settings: Settings) -> Validated:
     check_methods(spec.methods)
     loaded = load_model_cached(spec.model, spec.checkpoint, device="cpu")
-    layers = resolve_layers(loaded, spec)
+    preprocess = run_preprocess(loaded, spec)
+    layers = resolve_layers(loaded, spec, preprocess.size)
     items = list_source(spec.source, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    return loaded, layers, items
+    return Validated(loaded, preprocess, layers, items)
 
 
 def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None = None) -> PlannedRun:
-    loaded, layers, items = validate(spec, settings)
+    checked = validate(spec, settings)
+    loaded, layers, items = checked.loaded, checked.layers, checked.items
     upgrade(settings.database_url)
     run_id = uuid.uuid4().hex[:16]
     if spec.shard_size is None:
@@ -101,7 +123,7 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
                 target_spec=spec.targets,
                 source_uri=spec.source,
                 output_uri=settings.storage_url,
-                preprocess=loaded.preprocess.as_dict(),
+                preprocess=checked.preprocess.as_dict(),
                 patch_size=spec.patch_size,
                 top_patches=spec.top_patches,
                 class_names=loaded.class_names,
@@ -109,6 +131,7 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
                 config={
                     **spec.model_dump(),
                     "source_roots": allowed_roots(spec.source, settings.source_roots),
+                    **({"weights": loaded.weights} if loaded.weights else {}),
                 },
                 versions=package_versions(),
                 n_items=len(items),

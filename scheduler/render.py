@@ -2,8 +2,9 @@
 
 Workers store maps at model-input size only (the PNG) and never an overlay, which would
 cost a JPEG per map per run; this renders one on demand from the stored PNG and the
-source image. The model saw the source stretched to its input size, so stretching the map
-back to the source's size puts every activation over the pixels that caused it.
+source image. The map goes back to the source through the run's recorded transform (stretch,
+centre crop or letterbox), so every activation lies over the pixels that caused it; what a
+crop cut off is shown dimmed, since the model never saw it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from schema.settings import get_settings
 from workers.fetch import read_source, run_roots
 from workers.heatmap_io import JPEG_MAX_SIDE, decode_png_gray, overlay_jpeg
 from workers.images import ImageDecodeError, open_rgb
+from workers.preprocess import Preprocess
 from workers.storage import ObjectNotFoundError, open_storage
 
 __all__ = ["Frame", "RenderError", "Rendered", "render_overlay"]
@@ -132,18 +134,6 @@ def _source_image(data: bytes, uri: str) -> Image.Image:
         raise RenderError(f"cannot decode the source image {uri}: {exc}") from exc
 
 
-def _framed(
-    image: Image.Image, map01: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]
-) -> tuple[Image.Image, np.ndarray]:
-    """The region ``box`` of the source and of its map (which spans the whole source), at ``size``."""
-    left, top, right, bottom = box
-    sx, sy = map01.shape[1] / image.width, map01.shape[0] / image.height
-    on_map = (left * sx, top * sy, right * sx, bottom * sy)
-    shrunk = image.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
-    levels = Image.fromarray(map01).resize(size, Image.Resampling.BILINEAR, box=on_map)
-    return shrunk, np.asarray(levels, dtype=np.float32)
-
-
 def render_overlay(
     database_url: str,
     item_id: int,
@@ -159,8 +149,9 @@ def render_overlay(
 ) -> Rendered:
     """JPEG of the item's stored map (JET, weight ``alpha``) over its source image, at the source's size.
 
-    With ``frame``, only that region is drawn, at that size: source and map are cut and shrunk
-    first and blended after, so a thumbnail of a 12-megapixel source costs a thumbnail's memory.
+    With ``frame``, only that region is drawn, at that size: the source is cut and shrunk first
+    and the map sampled there through the run's transform, so a thumbnail of a 12-megapixel
+    source costs a thumbnail's memory.
     """
     found = _find(database_url, item_id, method, class_, layer)
     storage = open_storage(
@@ -184,15 +175,25 @@ def render_overlay(
             f"cannot read the source image {found.item.source_uri} of item {item_id}: {exc}"
         ) from exc
     image = _source_image(data, found.item.source_uri)
-    map01 = levels.astype(np.float32) / 255.0
+    transform = Preprocess.from_dict(found.run.preprocess, geometry_only=True).transform(
+        image.width, image.height
+    )
+    if levels.shape != (transform.input[1], transform.input[0]):
+        raise RenderError(
+            f"stored map {found.heatmap.object_key} is {levels.shape[1]}x{levels.shape[0]}, not the run's "
+            f"input size {transform.input[0]}x{transform.input[1]}"
+        )
+    region = None
     if frame is not None:
-        image, map01 = _framed(image, map01, *frame(image.width, image.height))
+        region, size = frame(image.width, image.height)
+        image = image.resize(size, Image.Resampling.BILINEAR, box=region, reducing_gap=2.0)
     if max(image.size) > JPEG_MAX_SIDE:
         raise RenderError(
             f"the source of item {item_id} is {image.width}x{image.height} pixels; a JPEG overlay can be "
             f"at most {JPEG_MAX_SIDE:,} pixels on a side: draw a part of it or a smaller copy"
         )
-    jpeg = overlay_jpeg(image, map01, alpha=alpha, quality=quality)
+    map01 = levels.astype(np.float32) / 255.0
+    jpeg = overlay_jpeg(image, map01, alpha=alpha, quality=quality, transform=transform, region=region)
     return Rendered(
         jpeg=jpeg,
         width=image.width,

@@ -32,6 +32,10 @@ class RunSpec(BaseModel):
     name: str | None = None
     audit_name: str | None = None
     overlay: bool = False
+    # Overrides of the model's own preprocessing: "stretch", "center-crop[:PCT]", "letterbox"
+    # and an input size (H, W); None keeps what the weights, config or checkpoint define.
+    preprocess: str | None = None
+    input_size: tuple[int, int] | None = None
     # An audit's rules travel with its runs to the finalisation that evaluates them.
     alerts: AlertRules | None = None
     notify: list[WebhookTarget] = Field(default_factory=list)
@@ -43,6 +47,38 @@ class RunSpec(BaseModel):
         if not value:
             raise ValueError("at least one CAM method is needed, e.g. gradcam,cam")
         return list(dict.fromkeys(value))
+
+    @field_validator("preprocess")
+    @classmethod
+    def _preprocess_mode(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from workers.preprocess import parse_mode
+
+        mode, crop_pct = parse_mode(value)  # PreprocessError is a ValueError: pydantic reports it
+        return mode if crop_pct is None else f"{mode}:{crop_pct}"
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _input_size(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+            try:
+                numbers = [int(p) for p in parts]
+            except ValueError:
+                raise ValueError(
+                    f"input size {value!r} must be H,W or one side, e.g. 224,224 or 384"
+                ) from None
+            value = numbers
+        if isinstance(value, int):
+            value = [value, value]
+        if isinstance(value, list | tuple) and len(value) == 1:
+            value = [value[0], value[0]]
+        if isinstance(value, list | tuple) and (
+            len(value) != 2 or any(int(v) < 8 or int(v) > 4096 for v in value)
+        ):
+            raise ValueError(f"input size {value!r} must be two sides of 8..4096 pixels (H, W)")
+        return value
 
     @field_validator("targets")
     @classmethod

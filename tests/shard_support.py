@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from schema.settings import Settings
+from workers.models import load_model
 from workers.shard import ShardWork, WorkItem
 from workers.shard_rows import ShardRows
 from workers.synth import make_dataset
@@ -40,6 +41,7 @@ def shard_work(tmp_path: Path, n: int, *, batch_size: int, out: str = "out", **o
         "output_uri": str(tmp_path / out),
         "class_names": None,
         "source_roots": [str(data)],
+        "preprocess_record": load_model("demo").preprocess.as_dict(),
         "items": [WorkItem(id=i + 1, source_uri=uri, label=None) for i, uri in enumerate(uris)],
     }
     fields.update(overrides)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sqlalchemy import delete, func, select, update
 from torch import nn
 
@@ -19,6 +21,7 @@ from scheduler.analysis.drift import (
     area_iou,
     cell_iou,
     centre_of_mass,
+    common_frame,
     diff_runs,
     mass_shift,
     pearson,
@@ -28,6 +31,7 @@ from schema.db import session_scope, upgrade
 from schema.models import ClassDrift, Heatmap, Item, Run, RunQuality, Shard
 from tests.test_e2e_embedded import run_cli
 from workers.models import load_model
+from workers.preprocess import Preprocess
 from workers.synth import make_dataset
 
 N_IMAGES = 12
@@ -417,3 +421,35 @@ def test_shards_keep_their_provenance_and_drift_warns_on_precision_or_device(run
         with session_scope(runs.db) as s:
             s.execute(delete(Shard).where(Shard.run_id == runs.scrambled, Shard.index == 999))
         set_precision("cpu", "float32")
+
+
+def _raw_map_of_a_source_blob(pre: Preprocess, source: tuple[int, int], cells: int) -> np.ndarray:
+    """A raw map whose cell values are a Gaussian around source pixel (300, 120), seen through ``pre``."""
+    transform = pre.transform(*source)
+    (in_w, in_h), (sx, sy), (ox, oy) = transform.input, transform.scale, transform.offset
+    us = (np.arange(cells) + 0.5) * in_w / cells
+    vs = (np.arange(cells) + 0.5) * in_h / cells
+    xs, ys = (us - ox) / sx, (vs - oy) / sy
+    return np.exp(-(((xs[None, :] - 300) / 70) ** 2) - (((ys[:, None] - 120) / 70) ** 2)).astype(np.float32)
+
+
+def test_maps_of_differently_prepared_runs_are_compared_on_the_source_pixels_both_saw() -> None:
+    source = (640, 320)
+    plain = Preprocess((224, 224), (0.0,) * 3, (1.0,) * 3)
+    crop = plain.with_overrides(resize="center-crop")
+    letterbox = plain.with_overrides(resize="letterbox", size=(160, 160))
+    stretched = _raw_map_of_a_source_blob(plain, source, 28)
+    for other in (crop, letterbox):
+        raw = _raw_map_of_a_source_blob(other, source, 20)
+        a, b, frame = common_frame(stretched, plain.transform(*source), raw, other.transform(*source))
+        assert pearson(a, b) > 0.97
+        # Cell by cell, as if both runs had stretched, the same attention looks different.
+        naive = pearson(
+            stretched,
+            np.asarray(
+                F.interpolate(torch.from_numpy(raw)[None, None], size=(28, 28), mode="bilinear")[0, 0]
+            ),
+        )
+        assert naive < 0.9
+        ca, cb = centre_of_mass(a), centre_of_mass(b)
+        assert math.hypot((ca[0] - cb[0]) * frame[1], (ca[1] - cb[1]) * frame[0]) < 3.0

@@ -149,6 +149,11 @@ def test_torchvision_state_dict_infers_classes_and_reproduces_outputs(
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
         "resize": "stretch",
+        "interpolation": "bilinear",
+        "resize_to": [224, 224],
+        "crop_pct": 1.0,
+        "fill": [0, 0, 0],
+        "crop_rounding": "round",
     }
     x = _probe()
     with torch.no_grad():
@@ -329,3 +334,26 @@ def test_cache_reuses_models_until_the_checkpoint_changes(tmp_path: Path) -> Non
     assert second.checkpoint_sha256 == _sha(path) != first.checkpoint_sha256
     assert torch.allclose(second.model.fc.bias, first.model.fc.bias + 1.0)
     clear_model_cache()
+
+
+def test_checkpoint_metadata_names_its_training_preprocessing(
+    tmp_path: Path, resnet_file: tuple[Path, nn.Module]
+) -> None:
+    path, _ = resnet_file
+    state = torch.load(path, weights_only=True)
+    with_meta = tmp_path / "meta.pt"
+    torch.save(
+        {"state_dict": state, "resize": "center-crop", "crop_pct": 0.875, "interpolation": "bicubic"},
+        with_meta,
+    )
+    pre = load_model("torchvision:resnet18", with_meta).preprocess
+    assert (pre.resize, pre.size, pre.fit, pre.interpolation) == (
+        "center-crop",
+        (224, 224),
+        (256, 256),
+        "bicubic",
+    )
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": state, "resize": "centre-crap"}, bad)
+    with pytest.raises(ModelLoadError, match="did you mean center-crop"):
+        load_model("torchvision:resnet18", bad)

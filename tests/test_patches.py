@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.patches import distinct_ranks, patch_boxes, patch_grid, top_patches
+from workers.preprocess import RESIZE_MODES, ImageTransform, Preprocess
 
 
 def test_patch_scores_add_up_to_the_spatial_mean_of_the_upsampled_map() -> None:
@@ -35,23 +36,31 @@ def test_top_patch_finds_the_hot_spot() -> None:
     assert (int(top.rows[0, 0]), int(top.cols[0, 0])) == (3, 1)
 
 
+def stretch(input_size: tuple[int, int], source_size: tuple[int, int]) -> ImageTransform:
+    return Preprocess(input_size, (0.0,) * 3, (1.0,) * 3).transform(*source_size)
+
+
 def patch_box(
-    row: int, col: int, patch: int, input_size: tuple[int, int], source_size: tuple[int, int]
+    row: int, col: int, patch: int, input_size: tuple[int, int], geometry: ImageTransform
 ) -> tuple[int, int, int, int]:
     """One patch's box written out in plain Python: the oracle for the vectorised version."""
     height, width = input_size
-    src_w, src_h = source_size
+    src_w, src_h = geometry.source
+    (ox, oy), (rw, rh) = geometry.offset, geometry.resized
     x0, y0 = col * patch, row * patch
     x1, y1 = min(x0 + patch, width), min(y0 + patch, height)
-    sx, sy = src_w / width, src_h / height
-    left, top = min(round(x0 * sx), src_w - 1), min(round(y0 * sy), src_h - 1)
-    return (left, top, min(max(round(x1 * sx), left + 1), src_w), min(max(round(y1 * sy), top + 1), src_h))
+    left = min(max(round((x0 - ox) * (src_w / rw)), 0), src_w - 1)
+    top = min(max(round((y0 - oy) * (src_h / rh)), 0), src_h - 1)
+    right = max(min(round((x1 - ox) * (src_w / rw)), src_w), left + 1)
+    bottom = max(min(round((y1 - oy) * (src_h / rh)), src_h), top + 1)
+    return left, top, right, bottom
 
 
 def one_box(
     row: int, col: int, patch: int, input_size: tuple[int, int], source_size: tuple[int, int]
 ) -> tuple[int, ...]:
-    boxes = patch_boxes(np.array([[row]]), np.array([[col]]), patch, input_size, np.array([source_size]))
+    geometry = stretch(input_size, source_size)
+    boxes = patch_boxes(np.array([[row]]), np.array([[col]]), patch, input_size, [geometry])
     return tuple(boxes[0, 0].tolist())
 
 
@@ -63,19 +72,35 @@ def test_boxes_map_back_to_source_pixels() -> None:
     assert one_box(3, 2, 32, (100, 90), (90, 100)) == (64, 96, 90, 100)
 
 
+def test_boxes_of_a_centre_crop_and_a_letterbox_name_the_pixels_the_model_saw() -> None:
+    pre = Preprocess((224, 224), (0.0,) * 3, (1.0,) * 3)
+    crop = pre.with_overrides(resize="center-crop").transform(448, 224)  # 512x256, crop at (144, 16)
+    box = patch_boxes(np.array([[0]]), np.array([[0]]), 32, (224, 224), [crop])[0, 0].tolist()
+    assert box == [126, 14, 154, 42]  # (0 + 144) * 448 / 512 = 126, (32 + 16) * 224 / 256 = 42
+    letter = pre.with_overrides(resize="letterbox").transform(448, 224)  # 224x112 at y 56
+    boxes = patch_boxes(np.array([[0, 2, 6]]), np.array([[0, 0, 6]]), 32, (224, 224), [letter])[0].tolist()
+    assert boxes[0] == [0, 0, 64, 1]  # all padding: clipped to the source's top row
+    assert boxes[1] == [0, 16, 64, 80]  # y 64..96 in the input is 8..40 of the resized image
+    assert boxes[2] == [384, 223, 448, 224]  # all padding below: the bottom row
+
+
 def test_patch_boxes_match_the_plain_python_box_for_every_patch() -> None:
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for trial in range(200):
         height, width = (int(v) for v in rng.integers(8, 300, 2))
         patch = int(rng.integers(1, 64))
         rows = rng.integers(0, -(-height // patch), size=(4, 3))
         cols = rng.integers(0, -(-width // patch), size=(4, 3))
         sources = rng.integers(1, 5000, size=(4, 2))
-        boxes = patch_boxes(rows, cols, patch, (height, width), sources)
+        pre = Preprocess((height, width), (0.0,) * 3, (1.0,) * 3).with_overrides(
+            resize=RESIZE_MODES[trial % 3]
+        )
+        geometries = [pre.transform(int(w), int(h)) for w, h in sources]
+        boxes = patch_boxes(rows, cols, patch, (height, width), geometries)
         assert boxes.shape == (4, 3, 4)
         expected = [
             [
-                patch_box(int(rows[n, k]), int(cols[n, k]), patch, (height, width), tuple(sources[n]))
+                patch_box(int(rows[n, k]), int(cols[n, k]), patch, (height, width), geometries[n])
                 for k in range(3)
             ]
             for n in range(4)
@@ -83,11 +108,15 @@ def test_patch_boxes_match_the_plain_python_box_for_every_patch() -> None:
         assert [[tuple(box) for box in per_map] for per_map in boxes.tolist()] == expected
 
 
+@pytest.mark.parametrize("mode", RESIZE_MODES)
 @pytest.mark.parametrize("source_size", [(1, 1), (100_000, 1), (1, 100_000), (3, 2)])
-def test_boxes_stay_inside_sources_smaller_than_the_grid(source_size: tuple[int, int]) -> None:
+def test_boxes_stay_inside_sources_smaller_than_the_grid(source_size: tuple[int, int], mode: str) -> None:
     patch, input_size = 32, (224, 224)
     rows, cols = np.meshgrid(np.arange(7), np.arange(7), indexing="ij")
-    boxes = patch_boxes(rows.reshape(1, -1), cols.reshape(1, -1), patch, input_size, np.array([source_size]))
+    geometry = (
+        Preprocess(input_size, (0.0,) * 3, (1.0,) * 3).with_overrides(resize=mode).transform(*source_size)
+    )
+    boxes = patch_boxes(rows.reshape(1, -1), cols.reshape(1, -1), patch, input_size, [geometry])
     src_w, src_h = source_size
     for x0, y0, x1, y1 in boxes[0].tolist():
         assert 0 <= x0 < x1 <= src_w and 0 <= y0 < y1 <= src_h, (x0, y0, x1, y1)

@@ -28,6 +28,7 @@ from schema.models import Item, Run
 from tests.test_drift import cli_run
 from tests.test_e2e_embedded import run_cli
 from workers.models import load_model
+from workers.preprocess import Preprocess
 from workers.synth import make_dataset
 
 N_IMAGES = 16
@@ -81,7 +82,7 @@ def test_localisation_can_read_a_spread_sample(demo_run: DemoRun) -> None:
 
 def test_box_maps_from_source_to_input_pixels() -> None:
     # source 200 x 100 (W x H) stretched to a 10 x 10 input: one input pixel is 20 x 10 source pixels
-    mask = box_mask([40, 20, 100, 50], (200, 100), (10, 10))
+    mask = box_mask([40, 20, 100, 50], Preprocess((10, 10), (0.0,) * 3, (1.0,) * 3).transform(200, 100))
     xs = np.flatnonzero(mask.any(axis=0))
     ys = np.flatnonzero(mask.any(axis=1))
     # centres at 20 * (x + 0.5) in [40, 100] -> x in 2..4; at 10 * (y + 0.5) in [20, 50] -> y in 2..4
@@ -94,6 +95,19 @@ def test_box_maps_from_source_to_input_pixels() -> None:
     levels[8, 8] = 255
     hit, _ = point_and_energy(levels, mask)
     assert not hit
+
+
+def test_box_mask_follows_a_centre_crop_and_boxes_outside_it_are_clipped() -> None:
+    # 200 x 100 source, shorter side to 20 -> 40 x 20, centre 10 x 10 crop at (15, 5): 5 source px a pixel
+    pre = Preprocess((10, 10), (0.0,) * 3, (1.0,) * 3, resize="center-crop", resize_to=(20, 20))
+    transform = pre.transform(200, 100)
+    assert transform.offset == (-15, -5) and transform.visible_source() == (75.0, 25.0, 125.0, 75.0)
+    mask = box_mask([100, 40, 120, 60], transform)
+    # centres at 5 * (x + 15.5) in [100, 120] -> x in 5..8; at 5 * (y + 5.5) in [40, 60] -> y in 3..6
+    assert np.flatnonzero(mask.any(axis=0)).tolist() == [5, 6, 7, 8]
+    assert np.flatnonzero(mask.any(axis=1)).tolist() == [3, 4, 5, 6]
+    assert not transform.clips([100, 40, 120, 60])
+    assert transform.clips([60, 40, 120, 60]) and transform.clips([100, 10, 120, 60])
 
 
 # --------------------------------------------------------------------------- faithfulness

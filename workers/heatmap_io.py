@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from workers.preprocess import ImageTransform
+
 __all__ = [
     "JET_LUT",
     "decode_npy",
@@ -25,6 +27,7 @@ __all__ = [
     "encode_npy",
     "encode_png_gray",
     "jet_colormap",
+    "map_to_source",
     "overlay_jpeg",
     "overlay_rgb",
     "to_uint8",
@@ -161,11 +164,65 @@ def _resize_bilinear(map01: np.ndarray, height: int, width: int) -> np.ndarray:
     return resized[0, 0].numpy()
 
 
-def overlay_rgb(image: Image.Image, map01: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+# Brightness of source pixels the model never saw (outside a centre crop): no attention there.
+OUTSIDE_DIM = 0.35
+
+
+def map_to_source(
+    map01: np.ndarray,
+    transform: ImageTransform,
+    region: tuple[int, int, int, int] | None = None,
+    size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An input-size map resampled onto source pixels through the run's transform.
+
+    ``region`` (source pixels, default the whole source) drawn at ``size`` = (w, h) (default
+    one value per source pixel). Returns (values float32 [h, w], seen bool [h, w]): bilinear
+    with half-pixel centres (the maps' own convention), and which output pixels' centres fell
+    inside the input at all (everything unless a crop cut them off). Separable, so a
+    12-megapixel source costs two small gathers, not a full grid.
+    """
+    source = np.nan_to_num(np.asarray(map01, dtype=np.float32), nan=0.0)
+    in_w, in_h = transform.input
+    if source.shape != (in_h, in_w):
+        raise ValueError(f"map of shape {source.shape} is not at the input size {(in_h, in_w)}")
+    left, top, right, bottom = region or (0, 0, *transform.source)
+    out_w, out_h = size or (right - left, bottom - top)
+    (sx, sy), (ox, oy) = transform.scale, transform.offset
+    xs = left + (np.arange(out_w, dtype=np.float64) + 0.5) * (right - left) / out_w
+    ys = top + (np.arange(out_h, dtype=np.float64) + 0.5) * (bottom - top) / out_h
+    (c0, c1, cf), seen_x = _axis_weights(xs * sx + ox, in_w)
+    (r0, r1, rf), seen_y = _axis_weights(ys * sy + oy, in_h)
+    across = source[:, c0] * (1.0 - cf) + source[:, c1] * cf  # [H, w]
+    values = across[r0, :] * (1.0 - rf)[:, None] + across[r1, :] * rf[:, None]  # [h, w]
+    return values.astype(np.float32), seen_y[:, None] & seen_x[None, :]
+
+
+def _axis_weights(
+    centres: np.ndarray, n_input: int
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Bilinear taps along one axis for sample points given in input pixels."""
+    seen = (centres >= 0.0) & (centres < n_input)
+    position = np.clip(centres - 0.5, 0.0, n_input - 1.0)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, n_input - 1)
+    return (low, high, (position - low).astype(np.float32)), seen
+
+
+def overlay_rgb(
+    image: Image.Image,
+    map01: np.ndarray,
+    alpha: float = 0.5,
+    transform: ImageTransform | None = None,
+    region: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
     """Blend a JET-coloured map over an image: ``alpha * jet + (1 - alpha) * image``.
 
     The map is resized to the image (not the other way round) so the overlay keeps the
-    source's pixels and size. Returns an [H, W, 3] uint8 RGB array.
+    source's pixels and size. With the run's ``transform`` the map goes back through the
+    crop or padding the model saw; source pixels outside a crop get no colour and are dimmed
+    (the model never saw them). ``image`` may be the source ``region`` (source pixels) drawn at
+    any size. Returns an [H, W, 3] uint8 RGB array.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha is the heatmap's weight and must be within [0, 1], got {alpha}")
@@ -174,18 +231,37 @@ def overlay_rgb(image: Image.Image, map01: np.ndarray, alpha: float = 0.5) -> np
         raise ValueError(f"overlay expects one [H, W] map, got shape {source.shape}")
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     height, width = rgb.shape[:2]
-    resized = _resize_bilinear(np.nan_to_num(source.astype(np.float32), nan=0.0), height, width)
+    seen = None
+    if transform is None or (region is None and _plain_stretch(transform, source.shape)):
+        resized = _resize_bilinear(np.nan_to_num(source.astype(np.float32), nan=0.0), height, width)
+    else:
+        if region is None and transform.source != (width, height):
+            raise ValueError(f"transform of a {transform.source} source, image is {(width, height)}")
+        resized, seen = map_to_source(source, transform, region, (width, height))
     levels = np.round(np.clip(resized, 0.0, 1.0) * 255.0).astype(np.uint8)
     colours = JET_LUT[levels].astype(np.float32)
     blended = alpha * colours + (1.0 - alpha) * rgb
+    if seen is not None and not seen.all():
+        blended = np.where(seen[..., None], blended, rgb * OUTSIDE_DIM)
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
-def overlay_jpeg(image: Image.Image, map01: np.ndarray, alpha: float = 0.5, quality: int = 90) -> bytes:
+def _plain_stretch(transform: ImageTransform, shape: tuple[int, ...]) -> bool:
+    return transform.offset == (0, 0) and transform.resized == transform.input == (shape[1], shape[0])
+
+
+def overlay_jpeg(
+    image: Image.Image,
+    map01: np.ndarray,
+    alpha: float = 0.5,
+    quality: int = 90,
+    transform: ImageTransform | None = None,
+    region: tuple[int, int, int, int] | None = None,
+) -> bytes:
     """JPEG of :func:`overlay_rgb`, the same size as ``image``, for people to look at."""
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be within 1..100, got {quality}")
-    blended = Image.fromarray(overlay_rgb(image, map01, alpha))
+    blended = Image.fromarray(overlay_rgb(image, map01, alpha, transform, region))
     buffer = io.BytesIO()
     blended.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()

@@ -28,13 +28,15 @@ import functools
 import io
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+
+from workers.preprocess import ImageTransform, Preprocess
 
 # 12k x 12k: a 100-megapixel camera frame fits, and one image stays near 430 MB as 8-bit RGB, so
 # a few decode threads cannot take a worker's memory. Pillow keeps its own process-wide cap
@@ -60,6 +62,8 @@ _UPRIGHT = {
 }
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# The resize of a plain (H, W) size: the stretch every run used before crops existed.
+_STRETCH_STATS = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 _ROW_BLOCK_PIXELS = 1 << 22  # rows per conversion step: bounds the float temporaries to ~16 MB
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 _FOREIGN_SIGNATURES = (
@@ -98,6 +102,7 @@ class DecodedImage:
     tensor: torch.Tensor  # float32 [3, H, W] normalised, at model input size
     width: int  # source width in pixels, after EXIF orientation
     height: int
+    transform: ImageTransform  # where the source's pixels went in the input
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class DecodedPixels:
     pixels: torch.Tensor  # uint8 [H, W, 3], upright, at model input size
     width: int  # source width in pixels, after EXIF orientation
     height: int
+    transform: ImageTransform  # where the source's pixels went in the input
 
 
 @dataclass
@@ -124,30 +130,54 @@ class _Opened:
     orientation: int  # EXIF value 1..8
 
 
+def as_preprocess(size: tuple[int, int] | Preprocess) -> Preprocess:
+    """A plain (H, W) means the bilinear stretch; a :class:`Preprocess` is taken as it is."""
+    if isinstance(size, Preprocess):
+        return size
+    return Preprocess(size=(int(size[0]), int(size[1])), mean=_STRETCH_STATS[0], std=_STRETCH_STATS[1])
+
+
 def decode_pixels(
     data: bytes,
-    size: tuple[int, int],
+    size: tuple[int, int] | Preprocess,
     *,
     max_pixels: int = MAX_PIXELS,
     name: str | None = None,
 ) -> DecodedPixels:
-    """Decode, orient and resize (stretch) to ``size`` = (H, W), keeping 8-bit RGB.
+    """Decode, orient, resize, crop or pad to the model input, keeping 8-bit RGB.
 
+    ``size`` is the run's :class:`Preprocess` (a plain (H, W) = stretch, bilinear).
     ``max_pixels`` bounds the source's declared size (checked before any pixel is decoded).
     ``name`` (a file name or URI) lets a ``.dcm`` file without the DICOM preamble be read.
+
+    The pixels equal Pillow's resize of the full decoded image, then the centre crop or pad
+    (what torchvision's and timm's transforms do to a PIL image), except where speed wins:
+    a JPEG over twice the resize size is decoded at a reduced scale (libjpeg's DCT scaling),
+    so it is never held in memory in full. No ``reducing_gap``: its shortcut changes pixels,
+    and it halves a resize that costs far less than decoding the source.
     """
-    height, width = size
-    opened = _open(data, name=name, max_pixels=max_pixels, draft_to=(width, height))
+    pre = as_preprocess(size)
+    opened = _open(data, name=name, max_pixels=max_pixels, draft_for=lambda w, h: pre.transform(w, h).resized)
+    geometry = pre.transform(opened.width, opened.height)
+    new_w, new_h = geometry.resized
+    if new_w * new_h > max_pixels:
+        # A centre crop of a long strip resizes its short side up: 100,000 x 1 would become 25.6e9 pixels.
+        raise ImageDecodeError(
+            f"a {opened.width}x{opened.height} image would be resized to {new_w}x{new_h} = {new_w * new_h:,} "
+            f"pixels for its {pre.resize} to {pre.size[1]}x{pre.size[0]}, over the limit of {max_pixels:,} "
+            "(max_pixels); an aspect ratio this extreme needs stretch or letterbox"
+        )
     swaps = opened.orientation in (5, 6, 7, 8)
     # Resize in stored orientation and turn the small result: never transpose the full image.
-    stored_size = (height, width) if swaps else (width, height)
-    resized = opened.image.resize(stored_size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    stored_size = (new_h, new_w) if swaps else (new_w, new_h)
+    resized = opened.image.resize(stored_size, pre.resample)
     if opened.orientation in _UPRIGHT:
         resized = resized.transpose(_UPRIGHT[opened.orientation])
     if resized.mode != "RGB":
         resized = resized.convert("RGB")
-    hwc = torch.from_numpy(np.array(resized))  # writable: torch refuses to wrap read-only memory
-    return DecodedPixels(pixels=hwc, width=opened.width, height=opened.height)
+    placed = pre.place(resized, geometry)
+    hwc = torch.from_numpy(np.array(placed))  # writable: torch refuses to wrap read-only memory
+    return DecodedPixels(pixels=hwc, width=opened.width, height=opened.height, transform=geometry)
 
 
 def stack_pixels(images: Sequence[DecodedPixels]) -> torch.Tensor:
@@ -160,19 +190,47 @@ def normalise_batch(
 ) -> torch.Tensor:
     """uint8 [B, 3, H, W] (any device) -> float32 ``(x / 255 - mean) / std``, where it lies.
 
-    The same float32 arithmetic as :func:`decode_image`, so both give identical inputs.
+    The values are those of torchvision's ``ToTensor``/``Normalize`` (and timm's) on every
+    device. On the CPU it is their arithmetic itself: divide, subtract, divide, in float32. On
+    an accelerator, where a division by a scalar may be computed as a multiplication by its
+    reciprocal (CUDA does), it is a gather from a 3 x 256 table computed on the CPU that way:
+    no arithmetic, so no rounding of its own. Channels-last memory stays channels-last.
     """
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
         raise ValueError(f"expected uint8 pixels [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
-    scale, shift = _affine(mean, std)
-    x = pixels.to(torch.float32)  # keeps the layout: channels-last stays channels-last
-    x.mul_(torch.from_numpy(scale).to(x.device, non_blocking=True).view(1, 3, 1, 1))
-    return x.sub_(torch.from_numpy(shift).to(x.device, non_blocking=True).view(1, 3, 1, 1))
+    if pixels.device.type == "cpu":
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        x = pixels.to(torch.float32)  # keeps the layout: channels-last stays channels-last
+        return x.div_(255.0).sub_(mean_t).div_(std_t)
+    return normalise_by_table(pixels, mean, std)
+
+
+def normalise_by_table(
+    pixels: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> torch.Tensor:
+    """:func:`normalise_batch` as one gather from :func:`normalise_table`, on the pixels' device."""
+    table = torch.from_numpy(normalise_table(tuple(mean), tuple(std))).to(pixels.device).view(-1)
+    nhwc = pixels.permute(0, 2, 3, 1)
+    offsets = torch.arange(0, 3 * 256, 256, device=pixels.device)
+    return table[nhwc.to(torch.int64) + offsets].permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def normalise_table(mean: tuple[float, float, float], std: tuple[float, float, float]) -> np.ndarray:
+    """float32 [3, 256]: each 8-bit level normalised the way torchvision and timm do it.
+
+    Divide by 255, subtract the mean, divide by the std, in float32 on the CPU.
+    """
+    levels = torch.arange(256, dtype=torch.float32) / 255.0
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(3, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(3, 1)
+    return ((levels.view(1, 256) - mean_t) / std_t).numpy()
 
 
 def decode_image(
     data: bytes,
-    size: tuple[int, int],
+    size: tuple[int, int] | Preprocess,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     *,
@@ -182,12 +240,17 @@ def decode_image(
     """:func:`decode_pixels`, then normalised: one model-ready float32 image."""
     decoded = decode_pixels(data, size, max_pixels=max_pixels, name=name)
     chw = decoded.pixels.numpy().transpose(2, 0, 1)
-    return DecodedImage(tensor=_normalise(chw, mean, std), width=decoded.width, height=decoded.height)
+    return DecodedImage(
+        tensor=_normalise(chw, mean, std),
+        width=decoded.width,
+        height=decoded.height,
+        transform=decoded.transform,
+    )
 
 
 def open_rgb(data: bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """The upright, full-resolution 8-bit RGB image that ``decode_image`` resizes (for overlays)."""
-    opened = _open(data, name=name, max_pixels=max_pixels, draft_to=None)
+    opened = _open(data, name=name, max_pixels=max_pixels, draft_for=None)
     image = opened.image
     if opened.orientation in _UPRIGHT:
         image = image.transpose(_UPRIGHT[opened.orientation])
@@ -206,29 +269,28 @@ def _may_be_bare_dicom(data: bytes) -> bool:
     return len(data) >= 8 and data[1] == 0 and data[0] in (0x02, 0x08) and data[2] % 2 == 0
 
 
-def _affine(mean: tuple[float, float, float], std: tuple[float, float, float]) -> tuple[Any, Any]:
-    """(1/255)/std and mean/std in float32: x * scale - shift is the normalised pixel."""
-    std_a = np.asarray(std, dtype=np.float32)
-    mean_a = np.asarray(mean, dtype=np.float32)
-    return np.float32(1.0 / 255.0) / std_a, mean_a / std_a
-
-
 def _normalise(
     chw_u8: np.ndarray, mean: tuple[float, float, float], std: tuple[float, float, float]
 ) -> torch.Tensor:
-    """(x / 255 - mean) / std as one multiply and one subtract into a fresh CHW array.
+    """The table of :func:`normalise_batch` looked up into a fresh CHW float32 array.
 
     numpy, not torch: on a decode thread, torch would split these small ops over its intra-op
     pool, which the model and the other decode threads are using (10-40x slower when busy).
     """
-    scale, shift = _affine(mean, std)
+    table = normalise_table(tuple(mean), tuple(std))
     chw = np.empty(chw_u8.shape, dtype=np.float32)
-    np.multiply(chw_u8, scale.reshape(3, 1, 1), out=chw)
-    chw -= shift.reshape(3, 1, 1)
+    for channel in range(3):
+        np.take(table[channel], chw_u8[channel], out=chw[channel])
     return torch.from_numpy(chw)
 
 
-def _open(data: bytes, *, name: str | None, max_pixels: int, draft_to: tuple[int, int] | None) -> _Opened:
+def _open(
+    data: bytes,
+    *,
+    name: str | None,
+    max_pixels: int,
+    draft_for: Callable[[int, int], tuple[int, int]] | None,
+) -> _Opened:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     if is_dicom(data, name):
@@ -246,11 +308,12 @@ def _open(data: bytes, *, name: str | None, max_pixels: int, draft_to: tuple[int
         return _Opened(pixels, pixels.width, pixels.height, 1)
     src_w, src_h = img.size  # the declared size: a JPEG draft below shrinks img.size
     try:
-        if draft_to is not None and isinstance(img, JpegImagePlugin.JpegImageFile):
+        if draft_for is not None and isinstance(img, JpegImagePlugin.JpegImageFile):
             # libjpeg downscales while decoding (by up to 8): a 20k x 20k scan never exists in
-            # full. Twice the input size keeps the final resize antialiased.
+            # full. Twice the resize size keeps the final resize antialiased.
             turned = _orientation(img) in (5, 6, 7, 8)
-            want = (draft_to[1], draft_to[0]) if turned else draft_to
+            upright = draft_for(src_h, src_w) if turned else draft_for(src_w, src_h)
+            want = (upright[1], upright[0]) if turned else upright
             img.draft("RGB", (2 * want[0], 2 * want[1]))
         img.load()
         bits = _png_significant_bits(data) if img.format == "PNG" else None

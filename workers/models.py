@@ -29,8 +29,8 @@ import importlib
 import os
 import threading
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +40,16 @@ from torch import nn
 
 from workers.demo.net import CAM_LAYER as DEMO_CAM_LAYER
 from workers.demo.net import DemoNet
+from workers.preprocess import RESIZE_MODES, Preprocess, PreprocessError
+
+__all__ = ["RESIZE_MODES", "LoadedModel", "ModelLoadError", "Preprocess", "load_model", "resolve_layer"]
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo_cnn.pt"
 DEMO_CHECKPOINT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = (224, 224)
-RESIZE_MODES = ("stretch",)
-SCHEMES = ("demo", "torchvision", "torchscript", "python")
+SCHEMES = ("demo", "torchvision", "timm", "hf", "torchscript", "python")
 _TORCHVISION_DEFAULT_CLASSES = 1000
 # Prefixes that wrappers add to every key: DataParallel/DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -56,34 +58,6 @@ _SHOWN = 5  # how many keys an error lists before summarising the rest
 
 class ModelLoadError(ValueError):
     """A model reference, checkpoint or layer name that cannot work; the message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images must be prepared for the model; stored with the run so results can be reproduced."""
-
-    size: tuple[int, int]  # (H, W) model input size
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = "stretch"  # resize the whole image to ``size``, no crop
-
-    def __post_init__(self) -> None:
-        if len(self.size) != 2 or any(int(v) != v or v < 1 for v in self.size):
-            raise ModelLoadError(f"input size must be two positive integers (H, W), got {self.size!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ModelLoadError(f"mean and std need 3 values (RGB), got mean={self.mean}, std={self.std}")
-        if any(v <= 0 for v in self.std):
-            raise ModelLoadError(f"std values must be positive, got {self.std}")
-        if self.resize not in RESIZE_MODES:
-            raise ModelLoadError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "size": list(self.size),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "resize": self.resize,
-        }
 
 
 @dataclass
@@ -95,6 +69,10 @@ class LoadedModel:
     class_names: list[str] | None
     default_layer: str | None  # None lets the CAM engine pick a layer
     num_classes: int | None
+    # Where pretrained weights came from (zoo, weights name, file, sha256), recorded on the run.
+    weights: dict[str, Any] | None = None
+    # Turns a layer's output into [N, C, h, w] where the engine cannot tell (timm and HF transformers).
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,8 +81,9 @@ class _Plan:
 
     scheme: str
     target: str  # torchvision name, or "module:factory"; empty for demo and torchscript
-    checkpoint: Path | None
+    checkpoint: Path | None  # the weights file: given, or where a zoo keeps it
     ref: str  # normalised
+    weights: Any = None  # a zoo's handle of the pretrained weights (torchvision enum member)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -216,9 +195,16 @@ def _plan(ref: str, checkpoint: str | Path | None) -> _Plan:
             return _Plan("torchscript", "", path, f"torchscript:{path}")
         scheme, rest = "torchvision", ref
     if scheme == "torchvision":
-        name = _torchvision_name(rest)
+        arch, at, weights_name = rest.partition("@")
+        name = _torchvision_name(arch)
+        if at:
+            return _torchvision_weights_plan(name, weights_name, checkpoint)
         path = _existing_file(checkpoint) if checkpoint is not None else None
         return _Plan("torchvision", name, path, f"torchvision:{name}")
+    if scheme == "timm":
+        return _timm_plan(rest, checkpoint)
+    if scheme == "hf":
+        return _hf_plan(rest, checkpoint)
     if scheme == "torchscript":
         if checkpoint is not None:
             raise ModelLoadError(
@@ -244,8 +230,47 @@ def _plan(ref: str, checkpoint: str | Path | None) -> _Plan:
 
 _REF_FORMS = (
     "valid references: 'demo', 'torchvision:NAME' or 'NAME' (e.g. resnet18), "
-    "'torchscript:PATH', 'python:package.module:factory'"
+    "'torchvision:NAME@WEIGHTS' (e.g. resnet50@IMAGENET1K_V2 or @DEFAULT), 'timm:NAME[.TAG]', "
+    "'hf:PATH_OR_NAME', 'torchscript:PATH', 'python:package.module:factory'"
 )
+
+
+def _timm_plan(text: str, checkpoint: str | Path | None) -> _Plan:
+    from workers.zoo import timm_models
+
+    name = timm_models.resolve_name(text)
+    if checkpoint is not None:
+        return _Plan("timm", name, _existing_file(checkpoint), f"timm:{name}")
+    return _Plan("timm", name, timm_models.cached_weights(name), f"timm:{name}", weights="cache")
+
+
+def _hf_plan(text: str, checkpoint: str | Path | None) -> _Plan:
+    from workers.zoo import hf_models
+
+    if checkpoint is not None:
+        raise ModelLoadError(
+            f"hf:{text} loads the weights saved with the model (save_pretrained); pass no checkpoint"
+        )
+    folder = hf_models.resolve(text)
+    # A folder is recorded by its absolute path, so every worker resolves the same one; a name stays a name.
+    local = Path(os.path.expanduser(text.strip())).is_dir()
+    ref = f"hf:{folder}" if local else f"hf:{text.strip()}"
+    return _Plan("hf", str(folder), hf_models.weights_file(folder), ref)
+
+
+def _torchvision_weights_plan(name: str, weights_name: str, checkpoint: str | Path | None) -> _Plan:
+    from workers.zoo import tv_weights
+
+    if checkpoint is not None:
+        raise ModelLoadError(
+            f"torchvision:{name}@{weights_name} loads torchvision's own weights from the torch hub cache; "
+            f"pass either @WEIGHTS or a checkpoint file, not both"
+        )
+    if not weights_name.strip():
+        raise ModelLoadError(f"'torchvision:{name}@' names no weights; e.g. torchvision:{name}@DEFAULT")
+    weights = tv_weights.resolve(name, weights_name)
+    path = tv_weights.require_file(name, weights)
+    return _Plan("torchvision", name, path, f"torchvision:{name}@{weights.name}", weights=weights)
 
 
 def _torchvision_names() -> list[str]:
@@ -262,7 +287,8 @@ def _torchvision_name(name: str) -> str:
     hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(names[:5])}"
     raise ModelLoadError(
         f"unknown torchvision classification model {name!r}; {hint}. "
-        f"Other references: 'demo', 'torchscript:PATH', 'python:package.module:factory'"
+        "Other references: 'demo', 'timm:NAME', 'hf:PATH', 'torchscript:PATH', "
+        "'python:package.module:factory'"
     )
 
 
@@ -400,13 +426,26 @@ def _listing(items: list[str]) -> str:
 def _preprocess_from(
     meta: Mapping[str, Any], input_size: tuple[int, int] | None, path: Path | None
 ) -> Preprocess:
-    """Defaults (ImageNet statistics, 224x224) overridden by checkpoint metadata, then by the caller."""
+    """Defaults (ImageNet statistics, 224x224, stretch) overridden by checkpoint metadata, then by the caller.
+
+    Metadata may name ``input_size``, ``mean``, ``std``, ``resize`` (stretch, center-crop,
+    letterbox), ``crop_pct`` and ``interpolation``: how the checkpoint's model was trained.
+    """
     try:
         size = input_size or _check_size(meta.get("input_size", DEFAULT_INPUT_SIZE), "input_size")
         mean = tuple(float(v) for v in meta.get("mean", IMAGENET_MEAN))
         std = tuple(float(v) for v in meta.get("std", IMAGENET_STD))
-        return Preprocess(size=size, mean=mean, std=std)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as error:
+        preprocess = Preprocess(size=size, mean=mean, std=std)  # type: ignore[arg-type]
+        if "interpolation" in meta:
+            preprocess = replace(preprocess, interpolation=str(meta["interpolation"]))
+        if "resize" in meta or "crop_pct" in meta:
+            crop_pct = meta.get("crop_pct")
+            preprocess = preprocess.with_overrides(
+                resize=str(meta.get("resize", preprocess.resize)),
+                crop_pct=None if crop_pct is None else float(crop_pct),
+            )
+        return preprocess
+    except (TypeError, ValueError, PreprocessError) as error:
         raise ModelLoadError(f"checkpoint {path} has unusable preprocessing metadata: {error}") from error
 
 
@@ -474,6 +513,8 @@ def _load_demo(plan: _Plan, num_classes: int | None, input_size: tuple[int, int]
 def _load_torchvision(
     plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None
 ) -> LoadedModel:
+    if plan.weights is not None:
+        return _load_torchvision_weights(plan, num_classes, input_size)
     name, path = plan.target, plan.checkpoint
     state: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
@@ -493,6 +534,40 @@ def _load_torchvision(
         class_names=_class_names_from(meta, classes, path),
         default_layer=_torchvision_default_layer(name),
         num_classes=classes,
+    )
+
+
+def _load_torchvision_weights(
+    plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None
+) -> LoadedModel:
+    """Pretrained torchvision weights: their own preprocessing, categories and file."""
+    from workers.zoo import tv_weights
+
+    weights, path = plan.weights, plan.checkpoint
+    assert path is not None
+    categories = list(weights.meta["categories"])
+    if num_classes is not None and num_classes != len(categories):
+        raise ModelLoadError(
+            f"{plan.ref} classifies {len(categories)} categories, not num_classes={num_classes}"
+        )
+    preprocess = tv_weights.preprocess_of(weights)
+    if input_size is not None:
+        preprocess = preprocess.with_overrides(size=input_size)
+    return LoadedModel(
+        model=tv_weights.build(plan.target, weights),
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=preprocess,
+        class_names=categories,
+        default_layer=_torchvision_default_layer(plan.target),
+        num_classes=len(categories),
+        weights={
+            "zoo": "torchvision",
+            "weights": f"{type(weights).__name__}.{weights.name}",
+            "file": str(path),
+            "sha256": _cached_sha256(path),
+            "url": weights.url,
+        },
     )
 
 
@@ -548,6 +623,93 @@ def _torchvision_default_layer(name: str) -> str | None:
         if name.startswith(prefixes):
             return layer
     return None  # transformers (vit, swin, maxvit): token maps need the engine's own handling
+
+
+def _load_timm(plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None) -> LoadedModel:
+    """timm models with their pretrained_cfg preprocessing, from timm's cache or a checkpoint."""
+    from workers.zoo import timm_models
+
+    path = plan.checkpoint
+    assert path is not None
+    meta: dict[str, Any] = {}
+    weights = None
+    if plan.weights == "cache":
+        model = timm_models.build(plan.target, weights_file=path, num_classes=num_classes)
+        weights = {"zoo": "timm", "weights": plan.target, "file": str(path), "sha256": _cached_sha256(path)}
+    else:
+        state, meta = _split_checkpoint(_read_checkpoint(path), path)
+        if num_classes is None:
+            num_classes = timm_models.head_size(plan.target, state)
+        model = timm_models.build(plan.target, weights_file=None, num_classes=num_classes)
+        _load_state(model, state, path, plan.ref)
+    classes = int(getattr(model, "num_classes", 0) or 0) or num_classes
+    preprocess = timm_models.preprocess_of(timm_models.data_config(model))
+    preprocess = _with_checkpoint_preprocess(preprocess, meta, input_size, path)
+    names = _class_names_from(meta, classes, path)
+    if names is None and classes:
+        names = timm_models.class_names(model, classes)
+    return LoadedModel(
+        model=model,
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=preprocess,
+        class_names=names,
+        default_layer=timm_models.default_layer(model),
+        num_classes=classes,
+        weights=weights,
+        reshape=timm_models.reshape_for(model),
+    )
+
+
+def _load_hf(plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None) -> LoadedModel:
+    """Hugging Face image classifiers: the image processor's preprocessing, id2label as class names."""
+    from workers.zoo import hf_models
+
+    folder = Path(plan.target)
+    loaded = hf_models.load(folder)
+    if num_classes is not None and num_classes != loaded.num_classes:
+        raise ModelLoadError(
+            f"{plan.ref} classifies {loaded.num_classes} classes, not num_classes={num_classes}"
+        )
+    preprocess = loaded.preprocess
+    if input_size is not None:
+        preprocess = preprocess.with_overrides(size=input_size)
+    path = plan.checkpoint
+    assert path is not None
+    return LoadedModel(
+        model=loaded.model,
+        ref=plan.ref,
+        checkpoint_sha256=None,
+        preprocess=preprocess,
+        class_names=loaded.class_names,
+        default_layer=loaded.default_layer,
+        num_classes=loaded.num_classes,
+        weights={
+            "zoo": "hf",
+            "weights": plan.ref.removeprefix("hf:"),
+            "folder": str(folder),
+            "file": str(path),
+            "sha256": _cached_sha256(path),
+        },
+        reshape=loaded.reshape,
+    )
+
+
+def _with_checkpoint_preprocess(
+    preprocess: Preprocess, meta: Mapping[str, Any], input_size: tuple[int, int] | None, path: Path | None
+) -> Preprocess:
+    """A zoo's preprocessing with what a checkpoint says about its own (input size, mean, std)."""
+    try:
+        if "mean" in meta or "std" in meta:
+            preprocess = replace(
+                preprocess,
+                mean=tuple(float(v) for v in meta.get("mean", preprocess.mean)),
+                std=tuple(float(v) for v in meta.get("std", preprocess.std)),
+            )
+        size = input_size or (_check_size(meta["input_size"], "input_size") if "input_size" in meta else None)
+        return preprocess.with_overrides(size=size) if size is not None else preprocess
+    except (TypeError, ValueError, PreprocessError) as error:
+        raise ModelLoadError(f"checkpoint {path} has unusable preprocessing metadata: {error}") from error
 
 
 def _load_torchscript(
@@ -637,6 +799,8 @@ def _maybe_len(names: Any) -> int | None:
 _LOADERS = {
     "demo": _load_demo,
     "torchvision": _load_torchvision,
+    "timm": _load_timm,
+    "hf": _load_hf,
     "torchscript": _load_torchscript,
     "python": _load_python,
 }

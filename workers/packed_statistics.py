@@ -12,6 +12,7 @@ and float32 holds every packed integer exactly (class indices and patch position
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from workers.cam import CamResult
 from workers.heatmap_io import to_uint8
 from workers.patches import patch_boxes, top_patches
+from workers.preprocess import ImageTransform
 from workers.shard_rows import MapStatistics
 
 _FIXED = 4  # raw_max, raw_mean, map_mean, patch_total
@@ -131,7 +133,7 @@ class Unpacked:
 
 
 def unpack(
-    packed: PackedBatch, patch_size: int, input_size: tuple[int, int], source_sizes: np.ndarray
+    packed: PackedBatch, patch_size: int, input_size: tuple[int, int], transforms: Sequence[ImageTransform]
 ) -> Unpacked:
     """Host-side lists and arrays, as the serial path makes them (after :meth:`PackedBatch.wait`)."""
     packed.wait()
@@ -170,7 +172,7 @@ def unpack(
             patch_scores=stats[:, _FIXED : _FIXED + ell].tolist(),
             patch_rows=rows.tolist(),
             patch_cols=cols.tolist(),
-            patch_boxes=patch_boxes(rows, cols, patch_size, input_size, source_sizes).tolist(),
+            patch_boxes=patch_boxes(rows, cols, patch_size, input_size, transforms).tolist(),
             patch_total=stats[:, 3].tolist(),
         )
         u8_at += n * height * width

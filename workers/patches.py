@@ -6,15 +6,21 @@ the model input and each patch's score is its sum divided by the number of input
 i.e. the patch's share of the map's spatial mean. For ``cam`` the scores of all patches add
 up to the class logit without bias (where the map is non-negative), so a score means the
 same thing in every image of a run.
+
+Boxes are cut on the input and mapped back through the run's exact transform (stretch, centre
+crop or letterbox), so a box names the source pixels the model saw there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from workers.preprocess import ImageTransform
 
 
 @dataclass(frozen=True)
@@ -54,29 +60,38 @@ def top_patches(raw: torch.Tensor, input_size: tuple[int, int], patch: int, top:
 
 
 def patch_boxes(
-    rows: np.ndarray, cols: np.ndarray, patch: int, input_size: tuple[int, int], source_sizes: np.ndarray
+    rows: np.ndarray,
+    cols: np.ndarray,
+    patch: int,
+    input_size: tuple[int, int],
+    transforms: Sequence[ImageTransform],
 ) -> np.ndarray:
-    """Patches' boxes at model input size, mapped back to source pixels.
+    """Patches' boxes at model input size, mapped back to source pixels through each image's transform.
 
-    rows/cols [N, L] index the patch grid of map n, whose source is ``source_sizes[n]`` = (w, h)
-    pixels. Returns int64 [N, L, 4] as (x0, y0, x1, y1), x1/y1 exclusive, rounded half to even;
-    edge patches are clipped to the input and every box is at least one source pixel wide and
-    lies inside the source, also when the source has fewer pixels than the grid has patches
-    (a 1 x 1 source, or a 100,000 x 1 strip): then several patches share one box (see
-    :func:`distinct_ranks`).
+    rows/cols [N, L] index the patch grid of map n, whose source went into the input through
+    ``transforms[n]``. Returns int64 [N, L, 4] as (x0, y0, x1, y1), x1/y1 exclusive, rounded half
+    to even. Edge patches are clipped to the input, boxes to the source (a patch over letterbox
+    padding keeps the source pixels next to it), and every box is at least one source pixel wide.
+    When the source has fewer pixels than the grid has patches (a 1 x 1 source, or a 100,000 x 1
+    strip), several patches share one box (see :func:`distinct_ranks`).
     """
     height, width = input_size
-    sizes = np.asarray(source_sizes, dtype=np.float64)
-    src_w, src_h = sizes[:, 0][:, None], sizes[:, 1][:, None]
-    sx, sy = src_w / width, src_h / height
+    n = len(transforms)
+    source = np.array([t.source for t in transforms], dtype=np.float64).reshape(n, 2)
+    resized = np.array([t.resized for t in transforms], dtype=np.float64).reshape(n, 2)
+    offset = np.array([t.offset for t in transforms], dtype=np.float64).reshape(n, 2)
+    # Source pixels per input pixel, as a ratio of the sizes (for a stretch: w / W exactly).
+    inv_x, inv_y = (source[:, 0] / resized[:, 0])[:, None], (source[:, 1] / resized[:, 1])[:, None]
+    ox, oy = offset[:, 0:1], offset[:, 1:2]
+    src_w, src_h = source[:, 0:1], source[:, 1:2]
     x0 = np.asarray(cols, dtype=np.int64) * patch
     y0 = np.asarray(rows, dtype=np.int64) * patch
     x1 = np.minimum(x0 + patch, width)
     y1 = np.minimum(y0 + patch, height)
-    left = np.minimum(np.round(x0 * sx), src_w - 1)
-    top = np.minimum(np.round(y0 * sy), src_h - 1)
-    right = np.minimum(np.maximum(np.round(x1 * sx), left + 1), src_w)
-    bottom = np.minimum(np.maximum(np.round(y1 * sy), top + 1), src_h)
+    left = np.clip(np.round((x0 - ox) * inv_x), 0, src_w - 1)
+    top = np.clip(np.round((y0 - oy) * inv_y), 0, src_h - 1)
+    right = np.maximum(np.minimum(np.round((x1 - ox) * inv_x), src_w), left + 1)
+    bottom = np.maximum(np.minimum(np.round((y1 - oy) * inv_y), src_h), top + 1)
     return np.stack([left, top, right, bottom], axis=-1).astype(np.int64)
 
 

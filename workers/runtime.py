@@ -80,6 +80,7 @@ def engine_for(
                 methods=methods,
                 amp=amp_argument(settings.amp),
                 score_batch_size=score_batch,
+                reshape=loaded.reshape,
             )
             _engines[key] = engine
             keep_freed_memory()

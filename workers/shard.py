@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -56,6 +57,7 @@ from workers.lease import (
 from workers.models import LoadedModel
 from workers.packed_statistics import PackedBatch, pack, unpack
 from workers.pools import PoolSizes, pool_sizes
+from workers.preprocess import ImageTransform, Preprocess
 from workers.provenance import shard_provenance
 from workers.runtime import amp_argument, engine_for, model_for, storage_for
 from workers.shard_rows import (
@@ -67,12 +69,12 @@ from workers.shard_rows import (
     layout_of,
     map_layout,
     map_statistics,
+    map_transforms,
     non_finite_reasons,
     patch_rows,
     prediction_rows,
     prediction_rows_of,
     select_images,
-    source_sizes,
 )
 from workers.storage import ConcurrentWriter, S3Storage
 
@@ -104,12 +106,19 @@ class ShardWork:
     output_uri: str
     class_names: list[str] | None
     items: list[WorkItem]
+    preprocess_record: dict[str, Any]  # the run's recorded transform: the same on every worker
     overlay: bool = False
     # Real folders local items may be read from; empty for a source on S3 (objects only).
     source_roots: list[str] = field(default_factory=list)
+
     attempt: int = 0  # the fencing token: only this attempt's holder may commit
     worker: str = ""
     score_batch_size: int | None = None  # None: by the worker's device
+
+    @functools.cached_property
+    def preprocess(self) -> Preprocess:
+        """Parsed when the shard is computed: a record that cannot work fails the shard with why."""
+        return Preprocess.from_dict(self.preprocess_record)
 
 
 @dataclass(frozen=True)
@@ -253,6 +262,7 @@ def claim_shard(
             score_batch_size=run.config.get("score_batch_size"),
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
+            preprocess_record=dict(run.preprocess),
             overlay=bool(run.config.get("overlay", False)),
             source_roots=run_roots(run.config, run.source_uri, extra_roots),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
@@ -265,7 +275,7 @@ Decoded = tuple[DecodedPixels, bytes | None]
 
 
 def _decoded_stream(
-    work: ShardWork, settings: Settings, size: tuple[int, int], sizes: PoolSizes
+    work: ShardWork, settings: Settings, sizes: PoolSizes
 ) -> Iterator[tuple[WorkItem, Decoded | str]]:
     """Fetch and decode ahead of the model; yields (item, image or failure reason) in order.
 
@@ -293,7 +303,9 @@ def _decoded_stream(
 
     def decode(item: WorkItem, data: bytes, done: Future[Decoded | str]) -> None:
         try:
-            pixels = decode_pixels(data, size, max_pixels=settings.max_image_pixels, name=item.source_uri)
+            pixels = decode_pixels(
+                data, work.preprocess, max_pixels=settings.max_image_pixels, name=item.source_uri
+            )
             done.set_result((pixels, data if work.overlay else None))
         except Exception as exc:
             done.set_result(failure(item, exc))
@@ -364,6 +376,7 @@ def _encode_and_upload(
     maps_u8: np.ndarray,
     raws16: np.ndarray,
     sources: list[bytes | None],
+    transforms: list[ImageTransform],
 ) -> list[str]:
     """Runs on the encoder pool (zlib releases the GIL), so the device never waits on PNG encoding.
 
@@ -373,14 +386,18 @@ def _encode_and_upload(
     """
     digests = []
     upright: dict[int, Image.Image] = {}
-    for (png_key, npy_key), map_u8, raw16, source in zip(keys, maps_u8, raws16, sources, strict=True):
+    for (png_key, npy_key), map_u8, raw16, source, transform in zip(
+        keys, maps_u8, raws16, sources, transforms, strict=True
+    ):
         png = encode_png_gray(map_u8)
         writer.submit(png_key, png, "image/png")
         writer.submit(npy_key, encode_npy(raw16), "application/octet-stream")
         if source is not None:
             if id(source) not in upright:
                 upright[id(source)] = open_rgb(source)
-            overlay = overlay_jpeg(upright[id(source)], map_u8.astype(np.float32) / 255.0)
+            overlay = overlay_jpeg(
+                upright[id(source)], map_u8.astype(np.float32) / 255.0, transform=transform
+            )
             writer.submit(png_key.removesuffix(".png") + ".jpg", overlay, "image/jpeg")
         digests.append(hashlib.sha256(png).hexdigest())
     return digests
@@ -435,7 +452,9 @@ def _submit_encoding(
         )
         for item_id, target in zip(layout.item_ids, layout.targets, strict=True)
     ]
-    shas = encoder.submit(_encode_and_upload, writer, keys, stats.maps_u8, stats.raw16, sources)
+    shas = encoder.submit(
+        _encode_and_upload, writer, keys, stats.maps_u8, stats.raw16, sources, layout.transforms
+    )
     return keys, shas
 
 
@@ -467,7 +486,7 @@ def _explain_batch(
     sources: dict[int, bytes],
 ) -> None:
     device = next(loaded.model.parameters()).device
-    pre = loaded.preprocess
+    pre = work.preprocess
     targets, batch = _batch_targets(work, batch, rows)
     if not batch:
         return
@@ -508,7 +527,7 @@ def _explain_batch(
                 pre.size,
                 work.patch_size,
                 work.top_patches,
-                layout.source_sizes,
+                layout.transforms,
             )
             keys, shas = _submit_encoding(work, method, layer, layout, stats, map_sources, writer, encoder)
             heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, keys)
@@ -546,7 +565,7 @@ def _launch(
     asynchronous. Out of device memory splits the batch in halves, as in the serial path.
     """
     device = next(loaded.model.parameters()).device
-    pre = loaded.preprocess
+    pre = work.preprocess
     rows = ShardRows()
     targets, batch = _batch_targets(work, batch, rows)
     failed.extend(rows.items)
@@ -596,8 +615,8 @@ def _finish(
 ) -> None:
     """Wait for a batch's host copies, then build its rows and hand its maps to the encoders."""
     batch, packed = launched.batch, launched.packed
-    sizes = source_sizes(batch, packed.targets)
-    host = unpack(packed, work.patch_size, loaded.preprocess.size, sizes)
+    transforms = map_transforms(batch, packed.targets)
+    host = unpack(packed, work.patch_size, work.preprocess.size, transforms)
     rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c))
     layout = layout_of(batch, host.targets, host.scores)
     map_sources = [launched.sources.get(item_id) for item_id in layout.item_ids]
@@ -721,6 +740,7 @@ def compute_shard(
     stops spending the device on it. ``overlap=False`` runs one batch at a time, reading every
     statistic back on its own: the plain reference the overlapped pipeline is tested against."""
     check = check or (lambda: None)
+    work.preprocess  # noqa: B018  (parsed up front: a record that cannot work fails the shard)
     loaded = model_for(work.model_ref, work.checkpoint, settings, expected_sha256=work.checkpoint_sha256)
     device = next(loaded.model.parameters()).device
     if work.batch_size is None:
@@ -734,7 +754,7 @@ def compute_shard(
         ConcurrentWriter(storage, max_workers=sizes.upload) as writer,
         ThreadPoolExecutor(max_workers=sizes.encode, thread_name_prefix="encode") as encoder,
     ):
-        stream = _decoded_stream(work, settings, loaded.preprocess.size, sizes)
+        stream = _decoded_stream(work, settings, sizes)
 
         def batches(
             failed: Callable[[dict[str, Any]], None],

@@ -20,6 +20,7 @@ from workers.cam import CamResult
 from workers.heatmap_io import to_uint8
 from workers.images import DecodedPixels
 from workers.patches import distinct_ranks, patch_boxes, top_patches
+from workers.preprocess import ImageTransform
 
 if TYPE_CHECKING:
     from workers.shard import ShardWork, WorkItem
@@ -54,7 +55,7 @@ class MapLayout:
     item_ids: list[int]
     targets: list[int]
     scores: list[float]
-    source_sizes: np.ndarray  # int [N, 2]: (width, height) of map n's source image
+    transforms: list[ImageTransform]  # how map n's source image went into the input
 
 
 def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -> MapLayout:
@@ -72,13 +73,13 @@ def layout_of(
         item_ids=[item.id for item, _ in batch for _t in range(n_targets)],
         targets=targets,
         scores=scores,
-        source_sizes=source_sizes(batch, n_targets),
+        transforms=map_transforms(batch, n_targets),
     )
 
 
-def source_sizes(batch: list[tuple[WorkItem, DecodedPixels]], n_targets: int) -> np.ndarray:
-    """int [N, 2]: (width, height) of the source of each map ``n = b * n_targets + t``."""
-    return np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0)
+def map_transforms(batch: list[tuple[WorkItem, DecodedPixels]], n_targets: int) -> list[ImageTransform]:
+    """How the source of each map ``n = b * n_targets + t`` went into the model's input."""
+    return [img.transform for _, img in batch for _t in range(n_targets)]
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def map_statistics(
     input_size: tuple[int, int],
     patch_size: int,
     n_patches: int,
-    source_sizes: np.ndarray,
+    transforms: list[ImageTransform],
 ) -> MapStatistics:
     """``maps`` [B, K, H, W] in [0, 1] and ``raw`` [B, K, h, w] of one method and layer."""
     raw = raw.float()
@@ -121,7 +122,7 @@ def map_statistics(
     p_scores = top.scores.cpu().tolist()
     p_rows = top.rows.cpu().numpy()
     p_cols = top.cols.cpu().numpy()
-    boxes = patch_boxes(p_rows, p_cols, patch_size, input_size, source_sizes).tolist()
+    boxes = patch_boxes(p_rows, p_cols, patch_size, input_size, transforms).tolist()
     return MapStatistics(
         maps_u8=u8,
         raw16=raw16,

@@ -15,6 +15,11 @@ compared. For every shared heatmap pair:
   one to one, so the IoU is taken of the source-image area their boxes cover.
 * **centre_shift_px** — how far the map's centre of mass moved, in run B's model-input pixels.
 
+When the runs prepared images differently (another input size, a centre crop instead of a
+stretch, a letterbox), their maps cover different parts of the source. Each raw map is then
+resampled through its run's recorded transform onto one grid over the part of the source that
+both models saw, so correlation, centre and mean maps compare the same pixels.
+
 Per (method, layer, class) the pairs are averaged, and the class's mean normalised map of each
 run (per-map min-max, as people see them) is compared: ``l1_shift`` is half the L1 distance
 between the two mean maps after each is scaled to sum 1, i.e. the fraction of the class's
@@ -47,6 +52,7 @@ from scheduler.query import DELETING, QueryError, get_run
 from schema.db import session_scope
 from schema.models import Heatmap, Item, ItemStatus, PatchScore, Run, Shard, ShardStatus
 from workers.heatmap_io import decode_npy
+from workers.preprocess import ImageTransform, Preprocess
 from workers.storage import ObjectNotFoundError, Storage, open_storage
 
 __all__ = [
@@ -208,7 +214,7 @@ def centre_of_mass(arr: np.ndarray) -> tuple[float, float]:
     return float((arr.sum(axis=0) * xs).sum() / total), float((arr.sum(axis=1) * ys).sum() / total)
 
 
-def shift_px(a: tuple[float, float], b: tuple[float, float], size: tuple[int, int]) -> float:
+def shift_px(a: tuple[float, float], b: tuple[float, float], size: tuple[float, float]) -> float:
     """Distance between two fractional centres in pixels of an input of ``size`` = (H, W)."""
     height, width = size
     return math.hypot((a[0] - b[0]) * width, (a[1] - b[1]) * height)
@@ -259,6 +265,7 @@ class _Side:
     run: Run
     storage: Storage
     input_size: tuple[int, int]
+    geometry: Preprocess  # the run's recorded transform (statistics not needed here)
 
 
 @dataclass(frozen=True)
@@ -266,6 +273,7 @@ class _Pair:
     source_uri: str
     item_a: int
     item_b: int
+    source_size: tuple[int, int]  # (w, h) of the source, as run A decoded it
     heatmap_a: int
     heatmap_b: int
     key_a: str
@@ -299,8 +307,8 @@ def _open_side(database_url: str, run_id: str, endpoint_url: str | None, region:
     if run.status == DELETING:
         raise DriftError(f"run {run_id} is being deleted; compare runs that are kept")
     storage = open_storage(run.output_uri, endpoint_url=endpoint_url, region=region, create_bucket=False)
-    height, width = (int(v) for v in run.preprocess["size"])
-    return _Side(run, storage, (height, width))
+    geometry = Preprocess.from_dict(run.preprocess, geometry_only=True)
+    return _Side(run, storage, geometry.size, geometry)
 
 
 def _check_classes(a: Run, b: Run) -> None:
@@ -339,6 +347,8 @@ def _pairs(session: Session, run_a: str, run_b: str) -> Iterator[tuple[tuple[str
             ia.source_uri,
             ia.id,
             ib.id,
+            ia.width,
+            ia.height,
             ha.id,
             hb.id,
             ha.raw_key,
@@ -361,12 +371,13 @@ def _pairs(session: Session, run_a: str, run_b: str) -> Iterator[tuple[tuple[str
     )
     used_a: set[int] = set()
     used_b: set[int] = set()
-    for method, layer, target, uri, item_a, item_b, h_a, h_b, key_a, key_b in session.execute(stmt):
+    for method, layer, target, uri, item_a, item_b, w, h, h_a, h_b, key_a, key_b in session.execute(stmt):
         if h_a in used_a or h_b in used_b:
             continue
         used_a.add(h_a)
         used_b.add(h_b)
-        yield (method, layer, int(target)), _Pair(uri, item_a, item_b, h_a, h_b, key_a, key_b)
+        size = (int(w or 0), int(h or 0))
+        yield (method, layer, int(target)), _Pair(uri, item_a, item_b, size, h_a, h_b, key_a, key_b)
 
 
 def _patches(session: Session, heatmap_ids: list[int]) -> dict[int, list[tuple[int, int, Box]]]:
@@ -451,11 +462,52 @@ def _heatmap_count(session: Session, run_id: str) -> int:
 # --------------------------------------------------------------------------- comparison
 
 
+def same_transform(a: Preprocess, b: Preprocess) -> bool:
+    """Both runs put every source pixel at the same input pixel: maps compare cell by cell."""
+    return (a.size, a.resize, a.fit) == (b.size, b.resize, b.fit)
+
+
+def common_frame(
+    raw_a: np.ndarray, a: ImageTransform, raw_b: np.ndarray, b: ImageTransform
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Two raw maps resampled onto one grid over the source region both transforms kept.
+
+    Returns the two maps and the grid's size in run B's input pixels (height, width), the
+    unit of ``centre_shift_px``. The grid is as fine as the finer map.
+    """
+    va, vb = a.visible_source(), b.visible_source()
+    x0, y0 = max(va[0], vb[0]), max(va[1], vb[1])
+    x1, y1 = max(min(va[2], vb[2]), x0 + 1e-6), max(min(va[3], vb[3]), y0 + 1e-6)
+    rows, cols = max(raw_a.shape[0], raw_b.shape[0]), max(raw_a.shape[1], raw_b.shape[1])
+    xs = x0 + (np.arange(cols) + 0.5) * (x1 - x0) / cols
+    ys = y0 + (np.arange(rows) + 0.5) * (y1 - y0) / rows
+    sx, sy = b.scale
+    return _sample(raw_a, a, xs, ys), _sample(raw_b, b, xs, ys), ((y1 - y0) * sy, (x1 - x0) * sx)
+
+
+def _sample(raw: np.ndarray, transform: ImageTransform, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a raw map (which spans the whole input) at source coordinates."""
+    (sx, sy), (ox, oy), (in_w, in_h) = transform.scale, transform.offset, transform.input
+    grid = np.nan_to_num(raw.astype(np.float32), nan=0.0)
+    rows, cols = grid.shape
+
+    def axis(source: np.ndarray, scale: float, offset: int, n_in: int, n_raw: int) -> tuple[Any, Any, Any]:
+        position = np.clip((source * scale + offset) * n_raw / n_in - 0.5, 0.0, n_raw - 1.0)
+        low = np.floor(position).astype(np.int64)
+        return low, np.minimum(low + 1, n_raw - 1), (position - low).astype(np.float32)
+
+    c0, c1, cf = axis(xs, sx, ox, in_w, cols)
+    r0, r1, rf = axis(ys, sy, oy, in_h, rows)
+    across = grid[:, c0] * (1.0 - cf) + grid[:, c1] * cf
+    return across[r0, :] * (1.0 - rf)[:, None] + across[r1, :] * rf[:, None]
+
+
 @dataclass
 class _Comparison:
     a: _Side
     b: _Side
     same_grid: bool
+    same_geometry: bool
     groups: dict[tuple[str, str, int], _Group] = field(default_factory=dict)
     movers: list[tuple[float, float, int, HeatmapDrift]] = field(default_factory=list)
     limit: int = 50
@@ -474,15 +526,25 @@ class _Comparison:
         patches_a: list[tuple[int, int, Box]],
         patches_b: list[tuple[int, int, Box]],
     ) -> None:
-        shape = (max(raw_a.shape[0], raw_b.shape[0]), max(raw_a.shape[1], raw_b.shape[1]))
-        map_a, map_b = resample(raw_a, shape), resample(raw_b, shape)
+        if self.same_geometry or min(pair.source_size) < 1:
+            shape = (max(raw_a.shape[0], raw_b.shape[0]), max(raw_a.shape[1], raw_b.shape[1]))
+            map_a, map_b = resample(raw_a, shape), resample(raw_b, shape)
+            frame = (float(self.b.input_size[0]), float(self.b.input_size[1]))
+        else:
+            width, height = pair.source_size
+            map_a, map_b, frame = common_frame(
+                raw_a,
+                self.a.geometry.transform(width, height),
+                raw_b,
+                self.b.geometry.transform(width, height),
+            )
         correlation = pearson(map_a, map_b)
         if self.same_grid:
             iou = cell_iou({(r, c) for r, c, _ in patches_a}, {(r, c) for r, c, _ in patches_b})
         else:
             iou = area_iou([box for *_, box in patches_a], [box for *_, box in patches_b])
         norm_a, norm_b = normalise(map_a), normalise(map_b)
-        moved = shift_px(centre_of_mass(norm_a), centre_of_mass(norm_b), self.b.input_size)
+        moved = shift_px(centre_of_mass(norm_a), centre_of_mass(norm_b), frame)
         group = self.groups.setdefault(key, _Group())
         group.n += 1
         group.correlation += correlation
@@ -576,8 +638,9 @@ def diff_runs(
     a = _open_side(database_url, run_a, endpoint_url, region)
     b = _open_side(database_url, run_b, endpoint_url, region)
     _check_classes(a.run, b.run)
-    same_grid = a.run.patch_size == b.run.patch_size and a.input_size == b.input_size
-    comparison = _Comparison(a, b, same_grid, limit=limit)
+    same_geometry = same_transform(a.geometry, b.geometry)
+    same_grid = a.run.patch_size == b.run.patch_size and same_geometry
+    comparison = _Comparison(a, b, same_grid, same_geometry, limit=limit)
     with session_scope(database_url) as session, ThreadPoolExecutor(READERS, "drift-read") as pool:
         items_a, items_b, common, changed = _counts(session, run_a, run_b)
         chunk: list[tuple[tuple[str, str, int], _Pair]] = []

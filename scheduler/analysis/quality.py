@@ -6,12 +6,14 @@ Three questions, each answered with a standard measure:
   pixels), the stored map of the labelled class (PNG, model-input size) is read back. The
   *pointing game* scores a hit when the map's maximum (the first one in row-major order)
   falls inside the box; *energy-in-box* is the fraction of the map's mass inside it. The box
-  is mapped to input pixels through the item's width and height: the model saw the source
-  stretched to its input, so input pixel (x, y) covers source x in [x, x + 1) * width / W;
-  a pixel counts as inside when its centre is. ``box_fraction`` (the share of input pixels
-  inside the box) is energy-in-box's chance level: a map spread evenly scores exactly that.
-  Items whose run holds no map of their labelled class (top-1 targets and a wrong
-  prediction) cannot be scored and are counted as ``unexplained``.
+  is mapped to input pixels through the run's recorded transform (stretch, centre crop or
+  letterbox: ``workers.preprocess``); an input pixel counts as inside when its centre, mapped
+  back to the source, is. ``box_fraction`` (the share of input pixels inside the box) is
+  energy-in-box's chance level: a map spread evenly scores exactly that. Items whose run
+  holds no map of their labelled class (top-1 targets and a wrong prediction) cannot be
+  scored and are counted as ``unexplained``; items whose box reaches outside what a centre
+  crop kept are counted as ``clipped`` and not scored either: the model never saw all of the
+  object, so no map could point at it there.
 * **Do the maps name the pixels the model needs?** Deletion and insertion (Petsiuk et al.,
   RISE, 2018) on a sample: the most salient pixels (by the stored map) are removed in
   ``steps`` equal steps, replaced by the dataset mean (zeros after normalisation), and the
@@ -53,6 +55,7 @@ from workers.cam import CamEngine
 from workers.heatmap_io import decode_png_gray
 from workers.images import decode_image
 from workers.models import LoadedModel, ModelLoadError, load_model
+from workers.preprocess import ImageTransform, Preprocess
 from workers.runtime import pick_device
 from workers.storage import ObjectNotFoundError, Storage, open_storage
 
@@ -105,6 +108,7 @@ class LocalisationReport:
     unexplained: int
     methods: list[Localisation] = field(default_factory=list)
     classes: list[Localisation] = field(default_factory=list)
+    clipped: int = 0  # boxed items whose box the crop cut: not scored
 
     def get(self, method: str, layer: str | None = None) -> Localisation:
         for row in self.methods:
@@ -116,6 +120,7 @@ class LocalisationReport:
         return {
             "boxed_items": self.boxed_items,
             "unexplained": self.unexplained,
+            "clipped": self.clipped,
             "methods": [r.as_dict() for r in self.methods],
             "classes": [r.as_dict() for r in self.classes],
         }
@@ -234,13 +239,13 @@ def _class_name(run: Run, target: int | None) -> str | None:
 # --------------------------------------------------------------------------- localisation
 
 
-def box_mask(box: Sequence[float], source_size: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
-    """Input pixels whose centres fall inside a source-pixel box; sizes are (W, H) and (H, W)."""
-    width, height = source_size
-    rows, cols = input_size
+def box_mask(box: Sequence[float], transform: ImageTransform) -> np.ndarray:
+    """Input pixels [H, W] whose centres, mapped back to the source, fall inside a source-pixel box."""
+    cols, rows = transform.input
     x0, y0, x1, y1 = (float(v) for v in box)
-    xs = (np.arange(cols) + 0.5) * (width / cols)
-    ys = (np.arange(rows) + 0.5) * (height / rows)
+    (width, height), (new_w, new_h), (ox, oy) = transform.source, transform.resized, transform.offset
+    xs = (np.arange(cols) + 0.5 - ox) * (width / new_w)
+    ys = (np.arange(rows) + 0.5 - oy) * (height / new_h)
     inside_x = (xs >= x0) & (xs <= x1)
     inside_y = (ys >= y0) & (ys <= y1)
     return inside_y[:, None] & inside_x[None, :]
@@ -299,20 +304,30 @@ def localisation(
         if box and w and h and (target := _class_index(label, names)) is not None
     ]
     boxed = _spread(boxed, max_items)
+    geometry = Preprocess.from_dict(run.preprocess, geometry_only=True)
     heatmaps = _heatmaps_of(database_url, [item_id for item_id, *_ in boxed])
     jobs = []
-    unexplained = 0
+    unexplained = clipped = 0
     for item_id, target, box, size in boxed:
+        transform = geometry.transform(*size)
+        if transform.clips(box):
+            clipped += 1
+            continue
         own = [h for h in heatmaps.get(item_id, []) if h.target_class == target]
         unexplained += not own
-        jobs.extend((h, box, size) for h in own)
+        jobs.extend((h, box, transform) for h in own)
     storage = _storage(run, endpoint_url, region)
     per_method: dict[tuple[str, str], _Tally] = defaultdict(_Tally)
     per_class: dict[tuple[str, str, int], _Tally] = defaultdict(_Tally)
     with ThreadPoolExecutor(READERS, "quality-read") as pool:
         maps = pool.map(lambda job: _read_png(storage, job[0].object_key), jobs)
-        for (heatmap, box, size), levels in zip(jobs, maps, strict=True):
-            mask = box_mask(box, size, levels.shape)
+        for (heatmap, box, transform), levels in zip(jobs, maps, strict=True):
+            if levels.shape != (transform.input[1], transform.input[0]):
+                raise QualityError(
+                    f"stored map {heatmap.object_key} is {levels.shape[1]}x{levels.shape[0]}, "
+                    f"not the run's input size {transform.input[0]}x{transform.input[1]}"
+                )
+            mask = box_mask(box, transform)
             hit, energy = point_and_energy(levels, mask)
             fraction = float(mask.mean())
             per_method[heatmap.method, heatmap.layer].add(hit, energy, fraction)
@@ -326,6 +341,7 @@ def localisation(
     return LocalisationReport(
         boxed_items=len(boxed),
         unexplained=unexplained,
+        clipped=clipped,
         methods=[row(m, layer, None, t) for (m, layer), t in sorted(per_method.items())],
         classes=[row(m, layer, c, t) for (m, layer, c), t in sorted(per_class.items())],
     )
@@ -373,17 +389,14 @@ def _load_sample(
     usable = [i for i in candidates if heatmaps.get(i.id)]
     first = _spread(usable, sample)
     first_ids = {i.id for i in first}
-    pre = run.preprocess
-    size = (int(pre["size"][0]), int(pre["size"][1]))
-    mean = (float(pre["mean"][0]), float(pre["mean"][1]), float(pre["mean"][2]))
-    std = (float(pre["std"][0]), float(pre["std"][1]), float(pre["std"][2]))
+    pre = Preprocess.from_dict(run.preprocess)
     chosen: list[tuple[Item, int, torch.Tensor, list[Heatmap]]] = []
     for item in first + [i for i in usable if i.id not in first_ids]:
         if len(chosen) == sample:
             break
         try:
             data = read_item_source(run, item.source_uri, endpoint_url=endpoint_url, region=region)
-            decoded = decode_image(data, size, mean, std, name=item.source_uri)
+            decoded = decode_image(data, pre, pre.mean, pre.std, name=item.source_uri)
         except (OSError, ValueError):  # ImageDecodeError and SourceRefused are ValueErrors
             continue  # the source changed since the run; another item stands in
         own = heatmaps[item.id]
@@ -595,8 +608,13 @@ def _sanity(
 ) -> list[SanityCheck]:
     methods, layers = list(run.methods), list(run.layers)
     random_model, picked = randomised_copy(loaded.model, randomise, seed)
-    trained = _raw_maps(CamEngine(loaded.model, layers=layers, methods=methods, amp=False), sample, batch)
-    scrambled = _raw_maps(CamEngine(random_model, layers=layers, methods=methods, amp=False), sample, batch)
+    reshape = loaded.reshape
+    trained = _raw_maps(
+        CamEngine(loaded.model, layers=layers, methods=methods, amp=False, reshape=reshape), sample, batch
+    )
+    scrambled = _raw_maps(
+        CamEngine(random_model, layers=layers, methods=methods, amp=False, reshape=reshape), sample, batch
+    )
     checks = []
     for key in sorted(trained):
         values = [pearson(a, b) for a, b in zip(trained[key], scrambled[key], strict=True)]

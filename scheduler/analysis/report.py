@@ -363,7 +363,8 @@ def _quality_section(quality: QualityReport, model_error: str | None = None) -> 
         _note(
             f"{local.boxed_items} items carry a label and an object box; {local.unexplained} of them "
             "have no map of their labelled class (their top-1 prediction was another class) and are not "
-            "scored. Pointing game: the map's maximum lies in the box. Energy-in-box: the map's mass "
+            f"scored; {local.clipped} have a box that reaches outside the model's centre crop and are not "
+            "scored either. Pointing game: the map's maximum lies in the box. Energy-in-box: the map's mass "
             "inside the box; box fraction is its chance level."
         )
     ]

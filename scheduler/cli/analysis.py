@@ -118,7 +118,8 @@ def _quality_tables(report: Any) -> None:
     local = report.localisation
     console.print(
         f"localisation: {local.boxed_items} items with a label and a box, "
-        f"{local.unexplained} without a map of their labelled class"
+        f"{local.unexplained} without a map of their labelled class, "
+        f"{local.clipped} whose box the crop cut (not scored)"
     )
     table = Table(
         title="localisation (pointing game, energy in box, and its chance level: the box's area share)"

@@ -166,7 +166,11 @@ def show_status(status: dict[str, Any], as_json: bool = False) -> None:
 def run(
     source: Annotated[str, typer.Option(help="folder, manifest .jsonl/.csv, or s3://bucket/prefix")],
     model: Annotated[
-        str, typer.Option(help="demo, torchvision:NAME, torchscript:PATH or python:mod:fn")
+        str,
+        typer.Option(
+            help="demo, torchvision:NAME[@WEIGHTS], timm:NAME[.TAG], hf:PATH_OR_NAME, "
+            "torchscript:PATH or python:mod:fn"
+        ),
     ] = "demo",
     checkpoint: Annotated[str | None, typer.Option(help="weights file for the model")] = None,
     methods: Annotated[str, typer.Option(help="comma-separated CAM methods")] = "gradcam,cam",
@@ -185,6 +189,13 @@ def run(
     ] = None,
     name: str | None = None,
     overlay: Annotated[bool, typer.Option(help="also store a JET overlay JPEG at source size")] = False,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(help="override the model's preprocessing: stretch, center-crop[:CROP_PCT] or letterbox"),
+    ] = None,
+    input_size: Annotated[
+        str | None, typer.Option(help="override the model's input size: H,W or one side (e.g. 384)")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="with a broker: wait and show progress")] = False,
     database_url: DatabaseUrl = None,
     storage_url: StorageUrl = None,
@@ -219,6 +230,8 @@ def run(
             score_batch_size=score_batch_size,
             name=name,
             overlay=overlay,
+            preprocess=preprocess,
+            input_size=input_size,
         )
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
