@@ -66,12 +66,13 @@ def export_rois_command(
 ) -> None:
     """Crop each map's top patches from the source image, at source resolution, with a manifest."""
     from scheduler.exports.common import ExportError, choose_maps, open_destination
-    from scheduler.exports.rois import export_rois
+    from scheduler.exports.rois import check_options, export_rois
     from workers.storage import StorageError
 
     settings = make_settings(database_url=database_url, s3_endpoint_url=s3_endpoint_url)
     with failing_on(ExportError, StorageError):
         choice = choose_maps(settings.database_url, run_id, method, layer=layer, class_=class_)
+        check_options(choice, top, size)
         storage = open_destination(out, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
         report = export_rois(
             settings.database_url,
@@ -83,3 +84,43 @@ def export_rois_command(
             region=settings.s3_region,
         )
     _finish(report, json_out, "crops")
+
+
+@export_app.command("masks")
+def export_masks_command(
+    run_id: RunIdArg,
+    out: OutOpt,
+    method: ExportMethod = "gradcam",
+    threshold: Annotated[
+        float,
+        typer.Option(help="share of each map's peak, within (0, 1), above which a pixel is in the mask"),
+    ] = 0.3,
+    min_area: Annotated[int, typer.Option(help="smallest connected component kept, in source pixels")] = 16,
+    fmt: Annotated[str, typer.Option("--format", help="png (one mask per item and class) or coco")] = "png",
+    layer: ExportLayer = None,
+    class_: ExportClass = None,
+    json_out: JsonOut = False,
+    database_url: DatabaseUrl = None,
+    s3_endpoint_url: S3Endpoint = None,
+) -> None:
+    """Threshold each map at source size into a mask, with boxes of its connected components."""
+    from scheduler.exports.common import ExportError, choose_maps, open_destination
+    from scheduler.exports.masks import check_options, export_masks
+    from workers.storage import StorageError
+
+    settings = make_settings(database_url=database_url, s3_endpoint_url=s3_endpoint_url)
+    with failing_on(ExportError, StorageError):
+        check_options(threshold, min_area, fmt.strip().lower())
+        choice = choose_maps(settings.database_url, run_id, method, layer=layer, class_=class_)
+        storage = open_destination(out, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        report = export_masks(
+            settings.database_url,
+            choice,
+            storage,
+            threshold=threshold,
+            min_area=min_area,
+            fmt=fmt.strip().lower(),
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+    _finish(report, json_out, "masks")

@@ -29,7 +29,7 @@ from schema.db import session_scope
 from schema.models import Heatmap, Item, PatchScore
 from workers.storage import Storage
 
-__all__ = ["MANIFEST_KEY", "MAX_SIZE", "crop_key", "export_rois"]
+__all__ = ["MANIFEST_KEY", "MAX_SIZE", "check_options", "crop_key", "export_rois"]
 
 MANIFEST_KEY = "rois.jsonl"
 MAX_SIZE = 4096
@@ -60,7 +60,7 @@ def _patches(database_url: str, heatmap_ids: list[int], top: int) -> dict[int, l
     return found
 
 
-def _check(choice: MapChoice, top: int, size: int | None) -> None:
+def check_options(choice: MapChoice, top: int, size: int | None) -> None:
     stored = choice.run.top_patches
     if not 1 <= top <= stored:
         raise ExportError(
@@ -81,7 +81,7 @@ def export_rois(
     region: str | None = None,
 ) -> ExportReport:
     """Write the top ``top`` crops of every chosen map, then the manifest; skip crops already there."""
-    _check(choice, top, size)
+    check_options(choice, top, size)
     start_export(
         storage,
         {
