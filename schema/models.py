@@ -145,6 +145,9 @@ class Heatmap(Base):
     __table_args__ = (
         UniqueConstraint("item_id", "method", "layer", "target_class"),
         Index("ix_heatmaps_run_method_class", "run_id", "method", "target_class"),
+        Index("ix_heatmaps_box_energy", "run_id", "method", "target_class", "box_energy"),
+        Index("ix_heatmaps_outside_mass", "run_id", "method", "target_class", "outside_mass"),
+        Index("ix_heatmaps_border_share", "run_id", "method", "target_class", "border_share"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -161,6 +164,11 @@ class Heatmap(Base):
     raw_mean: Mapped[float] = mapped_column(Float)
     map_mean: Mapped[float] = mapped_column(Float)
     top_patch_fraction: Mapped[float] = mapped_column(Float)
+    # Localisation against the item's labelled box (NULL without one): workers/localisation.py.
+    box_energy: Mapped[float | None] = mapped_column(Float)
+    box_hit: Mapped[bool | None] = mapped_column(Boolean)
+    outside_mass: Mapped[float | None] = mapped_column(Float)
+    border_share: Mapped[float | None] = mapped_column(Float)
 
 
 class PatchScore(Base):

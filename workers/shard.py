@@ -62,6 +62,7 @@ class WorkItem:
     id: int
     source_uri: str
     label: str | None
+    box: list[float] | None = None
 
 
 @dataclass
@@ -122,7 +123,7 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             run.status = RunStatus.RUNNING
             run.started_at = utcnow()
         rows = session.execute(
-            select(Item.id, Item.source_uri, Item.label)
+            select(Item.id, Item.source_uri, Item.label, Item.box)
             .where(Item.shard_id == shard_id)
             .order_by(Item.ordinal)
         ).all()
@@ -142,7 +143,7 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
             overlay=bool(run.config.get("overlay", False)),
-            items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
+            items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label, box=r.box) for r in rows],
         )
 
 

@@ -19,6 +19,7 @@ from schema.models import ItemStatus
 from workers.cam import CamResult
 from workers.heatmap_io import to_uint8
 from workers.images import DecodedPixels
+from workers.localisation import localisation_columns
 from workers.patches import patch_boxes, top_patches
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class MapLayout:
     targets: list[int]
     scores: list[float]
     source_sizes: np.ndarray  # int [N, 2]: (width, height) of map n's source image
+    boxes: list[list[float] | None]  # map n's labelled box in source pixels, if its item has one
 
 
 def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -> MapLayout:
@@ -64,6 +66,7 @@ def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -
         targets=chosen.reshape(-1).tolist(),
         scores=[score for per_item in scores for score in per_item],
         source_sizes=np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0),
+        boxes=[item.box for item, _ in batch for _t in range(n_targets)],
     )
 
 
@@ -173,6 +176,7 @@ def heatmap_rows(
 ) -> list[dict[str, Any]]:
     """One row per map; ``keys[n]`` are its PNG and npy keys. ``sha256`` is filled in once encoded."""
     rows = []
+    located = localisation_columns(stats.maps_u8, stats.raw16, layout.boxes, layout.source_sizes)
     for n, (item_id, target) in enumerate(zip(layout.item_ids, layout.targets, strict=True)):
         total = stats.patch_total[n]
         rows.append(
@@ -190,6 +194,7 @@ def heatmap_rows(
                 "raw_mean": stats.raw_mean[n],
                 "map_mean": stats.map_mean[n],
                 "top_patch_fraction": stats.patch_scores[n][0] / total if total > 0 else 0.0,
+                **located[n],
             }
         )
     return rows

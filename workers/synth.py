@@ -136,10 +136,25 @@ def make_dataset(
     min_size: int = 160,
     max_size: int = 256,
     manifest_name: str = "manifest.jsonl",
+    shortcut: str | None = None,
+    shortcut_class: str = CLASS_NAMES[0],
 ) -> Path:
-    """Write ``n`` PNG images and their manifest under ``out_dir``; return the manifest path."""
+    """Write ``n`` PNG images and their manifest under ``out_dir``; return the manifest path.
+
+    ``shortcut="corner"`` stamps a mark (:mod:`workers.shortcut`) on every image of
+    ``shortcut_class``; its box is the manifest's ``mark`` field.
+    """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if shortcut is not None:
+        from workers.shortcut import SHORTCUTS
+
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut {shortcut!r}; expected one of {', '.join(SHORTCUTS)}")
+        if shortcut_class not in CLASS_NAMES:
+            raise ValueError(
+                f"unknown shortcut class {shortcut_class!r}; expected one of {', '.join(CLASS_NAMES)}"
+            )
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -147,9 +162,17 @@ def make_dataset(
     for index in range(n):
         sample = render_sample(sample_rng(seed, index), min_size=min_size, max_size=max_size)
         rel = f"images/{index:06d}.png"
+        pixels = sample.image
+        row: dict[str, object] = {"uri": rel, "label": sample.label, "box": list(sample.box)}
+        if shortcut is not None and sample.label == shortcut_class:
+            from workers.shortcut import mark_box, stamp_mark
+
+            height, width = pixels.shape[:2]
+            mark = mark_box(width, height, sample.box, np.random.default_rng([seed, index, 1]))
+            pixels = stamp_mark(pixels, mark)
+            row["mark"] = list(mark)
         # Fixed PNG options keep the bytes identical across runs for the same seed.
-        Image.fromarray(sample.image, mode="RGB").save(out_dir / rel, format="PNG", optimize=False)
-        row = {"uri": rel, "label": sample.label, "box": list(sample.box)}
+        Image.fromarray(pixels, mode="RGB").save(out_dir / rel, format="PNG", optimize=False)
         lines.append(json.dumps(row))
     manifest = out_dir / manifest_name
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")

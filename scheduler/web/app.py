@@ -26,6 +26,7 @@ from scheduler.web import data
 from scheduler.web.auth import token_guard
 from scheduler.web.compare import DriftUnavailableError, drift_view
 from scheduler.web.images import Crop, ImageService, JpegImage
+from scheduler.web.orders import ORDERS, ordered_cards
 from schema.db import normalise_url
 
 __all__ = ["create_app"]
@@ -162,6 +163,7 @@ def create_app(
         correct: str | None = None,
         after: str | None = None,
         page_no: int = Query(1, alias="page", ge=1),
+        order: str = "",
     ) -> HTMLResponse:
         try:
             run = get_run(database_url, run_id)
@@ -180,6 +182,8 @@ def create_app(
                 "label": label or "",
             },
             "correct": correct or "",
+            "order": order,
+            "orders": ORDERS,
             "cards": [],
             "next_cursor": None,
             "scanned": None,
@@ -190,8 +194,15 @@ def create_app(
             query = data.GalleryQuery.from_params(
                 run, class_=class_, method=method, layer=layer, label=label, correct=correct
             )
-            cursor = data.Cursor.parse(after) if after else None
-            found = data.gallery(database_url, run, query, after=cursor, size=page_size, window=scan_window)
+            if order:
+                found = data.GalleryPage(
+                    list(ordered_cards(database_url, run, query, order, page_size)), None
+                )
+            else:
+                cursor = data.Cursor.parse(after) if after else None
+                found = data.gallery(
+                    database_url, run, query, after=cursor, size=page_size, window=scan_window
+                )
         except QueryError as exc:
             context["error"] = str(exc)
             return page(request, "run.html", 400, **context)
