@@ -16,7 +16,7 @@ ROWS = (
     "n_done, n_failed, shards_done, shards_failed, created_at) VALUES ('r', 'finished', "
     "'demo', '[]', '[]', 'top1', 's', 'o', '{}', 32, 5, '{}', '{}', 0, 0, 0, 0, 0, 0, "
     "CURRENT_TIMESTAMP)",
-    "INSERT INTO shards (id, run_id, \"index\", status, n_items, n_done, n_failed, attempts) "
+    'INSERT INTO shards (id, run_id, "index", status, n_items, n_done, n_failed, attempts) '
     "VALUES (1, 'r', 0, 'done', 1, 1, 0, 1)",
     "INSERT INTO items (id, run_id, shard_id, ordinal, source_uri, status) "
     "VALUES (1, 'r', 1, 0, 'a.png', 'done')",
