@@ -40,7 +40,7 @@ def _finish(report: object, json_out: bool, what: str) -> None:
         manifest = "written" if report.manifest_written else "unchanged"
         console.print(
             f"{what}: {report.written} written, {report.kept} already there; "
-            f"{report.rows} manifest rows ({manifest}) in {report.manifest}"
+            f"{report.rows} {report.rows_are} ({manifest}) in {report.manifest}"
         )
     for item_id, reason in sorted(report.failed.items())[:20]:
         err.print(f"  item {item_id} left out: {reason}")

@@ -73,6 +73,7 @@ class ExportReport:
     rows: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     manifest_written: bool = False
+    rows_are: str = "manifest rows"
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -232,6 +232,7 @@ def export_masks(
     }
     _write_if_changed(storage, COCO_KEY, (json.dumps(coco) + "\n").encode(), report)
     report.rows = len(annotations)
+    report.rows_are = "annotations"
     return report
 
 
