@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 import platform
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 
 import torch
 from sqlalchemy import insert, select
 
+from scheduler.grouping import cut_shards
 from scheduler.sources import SourceItem, list_source
 from schema.db import session_scope, upgrade
 from schema.models import Item, Run, RunStatus, Shard, ShardStatus
@@ -81,7 +83,9 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
     loaded, layers, items = validate(spec, settings)
     upgrade(settings.database_url)
     run_id = uuid.uuid4().hex[:16]
-    shard_count = (len(items) + spec.shard_size - 1) // spec.shard_size
+    shard_of = cut_shards([item.group_id for item in items], spec.shard_size)
+    shard_sizes = Counter(shard_of)
+    shard_count = len(shard_sizes)
     with session_scope(settings.database_url) as session:
         session.add(
             Run(
@@ -115,7 +119,7 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
                     {
                         "run_id": run_id,
                         "index": i,
-                        "n_items": min(spec.shard_size, len(items) - i * spec.shard_size),
+                        "n_items": shard_sizes[i],
                     }
                     for i in range(shard_count)
                 ],
@@ -124,7 +128,7 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
         rows = [
             {
                 "run_id": run_id,
-                "shard_id": shard_ids[n // spec.shard_size],
+                "shard_id": shard_ids[shard_of[n]],
                 "ordinal": n,
                 "source_uri": item.uri,
                 "label": item.label,

@@ -312,3 +312,31 @@ def _place(
 ) -> list[tuple[float, float]]:
     cos, sin = math.cos(angle), math.sin(angle)
     return [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in points]
+
+
+def make_view_dataset(out_dir: Path, n_cases: int, seed: int, *, views: int = 2) -> Path:
+    """``n_cases`` cases of ``views`` images each: one object class per case, seen in every view.
+
+    Each view is its own image (own background, position and size of the object, own box); the
+    manifest gives every view its case as ``group_id`` and its name (``V0``, ``V1``, ...) as
+    ``view``, one line per image, a case's views together. Case ``c``'s view ``v`` is drawn from
+    a stream seeded by ``(seed, c, v)``.
+    """
+    if n_cases < 1:
+        raise ValueError(f"need at least one case, got {n_cases}")
+    if not 2 <= views <= 8:
+        raise ValueError(f"views must be within 2..8, got {views}")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for case in range(n_cases):
+        label = CLASS_NAMES[int(sample_rng(seed, case).integers(len(CLASS_NAMES)))]
+        for view in range(views):
+            sample = render_sample(np.random.default_rng([seed, case, view]), label=label)
+            rel = f"images/{case:06d}_v{view}.png"
+            Image.fromarray(sample.image, mode="RGB").save(out_dir / rel, format="PNG", optimize=False)
+            row = {"uri": rel, "label": label, "box": list(sample.box), "group_id": f"case{case:06d}"}
+            lines.append(json.dumps({**row, "view": f"V{view}"}))
+    manifest = out_dir / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
