@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,3 +213,39 @@ def test_a_missing_map_leaves_out_that_item_only(mask_run: MaskRun, tmp_path: Pa
     report = json.loads(result.stdout)
     assert list(report["failed"]) == [str(item_id)] and "missing" in report["failed"][str(item_id)]
     assert report["rows"] == N_IMAGES - 1
+
+
+def test_a_run_entirely_on_s3_exports_to_s3(
+    tmp_path: Path, s3_endpoint_url: str, s3_bucket: str, s3_client: Any
+) -> None:
+    """Sources, heatmaps and exports all in a bucket: the source crops and maps are read from S3."""
+    from scheduler.sources import read_manifest
+
+    manifest = make_dataset(tmp_path / "data", 4, seed=SEED)
+    for path in (tmp_path / "data").rglob("*.*"):
+        key = f"data/{path.relative_to(tmp_path / 'data').as_posix()}"
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
+    assert manifest.exists()
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    endpoint = ["--s3-endpoint-url", s3_endpoint_url]
+    source = f"s3://{s3_bucket}/data/manifest.jsonl"
+    run = runner.invoke(
+        app,
+        ["run", "--source", source, "--methods", "gradcam", "--database-url", db,
+         "--storage-url", f"s3://{s3_bucket}/maps", "--json", *endpoint],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    run_id = json.loads(run.stdout)["run_id"]
+    common = [run_id, "--database-url", db, "--json", *endpoint]
+    masks = runner.invoke(app, ["export", "masks", *common, "--out", f"s3://{s3_bucket}/masks"])
+    assert masks.exit_code == 0, masks.output
+    assert json.loads(masks.stdout)["rows"] == 4
+    rois = runner.invoke(app, ["export", "rois", *common, "--top", "2", "--out", f"s3://{s3_bucket}/rois"])
+    assert rois.exit_code == 0, rois.output
+    items = read_manifest(f"s3://{s3_bucket}/rois/rois.jsonl", endpoint_url=s3_endpoint_url)
+    assert len(items) == 8 and all(i.uri.startswith(f"s3://{s3_bucket}/rois/crops/") for i in items)
+    storage = open_storage(f"s3://{s3_bucket}/masks", endpoint_url=s3_endpoint_url)
+    first = json.loads(storage.get("masks.jsonl").decode().splitlines()[0])
+    assert first["uri"].startswith(f"s3://{s3_bucket}/data/images/")
+    with Image.open(io.BytesIO(storage.get(first["mask"]))) as png:
+        assert png.mode == "1" and png.size[0] >= 160
