@@ -243,3 +243,29 @@ class RunQuality(Base):
     pointing_game: Mapped[float] = mapped_column(Float)
     energy_in_box: Mapped[float] = mapped_column(Float)
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Group(Base):
+    """One case of a run whose items share a ``group_id``: its views' predictions fused into one.
+
+    Written when the run is finalised (``scheduler/groups.py``); ``status`` is ``failed`` when
+    any of its items failed, with the reason in ``error``.
+    """
+
+    __tablename__ = "groups"
+    __table_args__ = (
+        UniqueConstraint("run_id", "group_id"),
+        Index("ix_groups_run_pred_score", "run_id", "pred_class", "score"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    group_id: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str | None] = mapped_column(String(200))
+    n_items: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    fusion: Mapped[str] = mapped_column(String(8))
+    pred_class: Mapped[int | None] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float)
+    correct: Mapped[bool | None] = mapped_column(Boolean)

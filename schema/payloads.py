@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,6 +29,7 @@ class RunSpec(BaseModel):
     name: str | None = None
     audit_name: str | None = None
     overlay: bool = False
+    group_fusion: Literal["mean", "max"] = "mean"
 
     @field_validator("methods")
     @classmethod

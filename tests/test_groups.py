@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import select
 
 from scheduler.grouping import cut_shards
+from scheduler.groups import fuse
 from schema.db import session_scope
-from schema.models import Item, Shard
+from schema.models import Group, Item, Shard
 from tests.test_e2e_embedded import run_cli
 
 
@@ -40,14 +41,35 @@ def test_synth_views_run_keeps_each_case_in_one_shard(tmp_path: Path) -> None:
     for first, second in zip(rows[::2], rows[1::2], strict=True):
         assert first["group_id"] == second["group_id"] and first["label"] == second["label"]
         assert first["box"] != second["box"]  # two views, two images
+    broken = tmp_path / "data" / rows[9]["uri"]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")  # case 4 loses its second view
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     proc = run_cli(
         "run", "--source", str(manifest), "--methods", "gradcam", "--shard-size", "3",
-        "--database-url", db, "--storage-url", str(tmp_path / "maps"), "--json",
+        "--database-url", db, "--storage-url", str(tmp_path / "maps"), "--json", "--group-fusion", "max",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
-    assert status["status"] == "finished" and status["done"] == 10
+    assert status["status"] == "finished" and status["done"] == 9
+    assert (status["groups"], status["groups_done"], status["groups_failed"]) == (5, 4, 1)
+    with session_scope(db) as session:
+        groups = {g.group_id: g for g in session.execute(select(Group)).scalars()}
+        session.expunge_all()
+    failed = groups["case000004"]
+    assert failed.status == "failed" and broken.name in (failed.error or "") and failed.pred_class is None
+    for case, first in zip(sorted(groups)[:4], rows[::2], strict=False):
+        group = groups[case]
+        assert group.fusion == "max" and group.n_items == 2 and group.label == first["label"]
+        assert group.score is not None and 0 < group.score <= 1 and group.pred_class is not None
+    listed = run_cli(
+        "top", "--run", status["run_id"], "--class", "0", "--method", "gradcam", "--by", "group",
+        "--limit", "10", "--json", "--database-url", db,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    cases = json.loads(listed.stdout)
+    assert len({c["group_id"] for c in cases}) == len(cases) >= 1
+    scores = [c["score"] for c in cases]
+    assert scores == sorted(scores, reverse=True)
     with session_scope(db) as session:
         items = session.execute(
             select(Item.group_id, Item.shard_id, Item.ordinal).order_by(Item.ordinal)
@@ -59,6 +81,17 @@ def test_synth_views_run_keeps_each_case_in_one_shard(tmp_path: Path) -> None:
     assert all(len(shards) == 1 for shards in by_group.values()) and len(by_group) == 5
     assert [ordinal for *_, ordinal in items] == list(range(10))
     assert sorted(counts.values()) == [2] * 5  # a third view would split a case: shards of 2, not 3
+
+
+def test_fusion_of_view_probabilities() -> None:
+    views = [
+        [{"class": 0, "prob": 0.6}, {"class": 1, "prob": 0.4}],
+        [{"class": 1, "prob": 0.9}, {"class": 2, "prob": 0.1}],
+    ]
+    assert fuse(views, "mean") == pytest.approx({0: 0.3, 1: 0.65, 2: 0.05})
+    assert fuse(views, "max") == pytest.approx({0: 0.6, 1: 0.9, 2: 0.1})
+    with pytest.raises(ValueError, match="mean, max"):
+        fuse(views, "median")
 
 
 def test_bad_views_are_refused(tmp_path: Path) -> None:

@@ -81,6 +81,9 @@ def top(
     border: Annotated[
         bool, typer.Option("--border", help="maps with the most mass on the image border")
     ] = False,
+    by: Annotated[
+        str | None, typer.Option("--by", help="group: one row per case, its best region across its views")
+    ] = None,
     json_out: JsonOut = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="print CSV with a header row")] = False,
     database_url: DatabaseUrl = None,
@@ -93,6 +96,24 @@ def top(
     if worst + outside_box + border > 1:
         fail("choose one order: --worst, --outside-box or --border")
     settings = make_settings(database_url=database_url)
+    if by is not None:
+        from scheduler.cli.worst import show_groups
+
+        if by != "group":
+            fail(f"--by takes 'group', got {by!r}")
+        if (
+            worst
+            or outside_box
+            or border
+            or label
+            or predicted
+            or correct is not None
+            or min_score
+            or max_score
+        ):
+            fail("--by group lists each case's best region; it takes --layer and --limit only")
+        show_groups(settings.database_url, run_id, class_, method, layer=layer, limit=limit, as_json=json_out)
+        return
     if worst or outside_box or border:
         from scheduler.cli.worst import show_worst
 

@@ -38,6 +38,7 @@ from schema.settings import Settings
 
 
 def run_status(database_url: str, run_id: str) -> dict[str, Any]:
+    from scheduler.groups import group_counts
     from scheduler.query import QueryError, get_run
 
     with failing_on(QueryError):
@@ -55,6 +56,7 @@ def run_status(database_url: str, run_id: str) -> dict[str, Any]:
         "output": run.output_uri,
         "methods": run.methods,
         "layers": run.layers,
+        **group_counts(database_url, run.id),
     }
 
 
@@ -132,6 +134,9 @@ def show_status(status: dict[str, Any], as_json: bool = False) -> None:
         "output",
     ):
         table.add_row(key, str(status[key]))
+    if status.get("groups"):
+        for key in ("groups", "groups_done", "groups_failed"):
+            table.add_row(key, str(status[key]))
     console.print(table)
 
 
@@ -151,6 +156,9 @@ def run(
     shard_size: int = 256,
     name: str | None = None,
     overlay: Annotated[bool, typer.Option(help="also store a JET overlay JPEG at source size")] = False,
+    group_fusion: Annotated[
+        str, typer.Option(help="mean or max: how a case's views' class probabilities combine")
+    ] = "mean",
     wait: Annotated[bool, typer.Option(help="with a broker: wait and show progress")] = False,
     database_url: DatabaseUrl = None,
     storage_url: StorageUrl = None,
@@ -184,6 +192,7 @@ def run(
             shard_size=shard_size,
             name=name,
             overlay=overlay,
+            group_fusion=group_fusion,
         )
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))

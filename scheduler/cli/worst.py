@@ -82,3 +82,28 @@ def show_worst(
             _fmt(m.border_share),
         )
     console.print(table)
+
+
+def show_groups(
+    database_url: str, run_id: str, class_: str, method: str, *, layer: str | None, limit: int, as_json: bool
+) -> None:
+    from scheduler.groups import top_groups
+    from scheduler.query import QueryError
+
+    with failing_on(QueryError):
+        found = top_groups(database_url, run_id, class_, method, layer=layer, limit=limit)
+    if as_json:
+        console.print_json(json.dumps([g.as_dict() for g in found]))
+        return
+    table = Table(title=f"top {len(found)} cases")
+    for col in ("#", "case", "label", "case prediction", "item", "source", "box (x0,y0,x1,y1)", "score"):
+        table.add_column(col, justify="right" if col in ("#", "item", "score") else "left")
+    for n, g in enumerate(found, start=1):
+        r = g.region
+        source = r.source_uri if r.source_uri.startswith("s3://") else Path(r.source_uri).name
+        verdict = "-" if g.group_pred is None else f"{g.group_pred} ({_fmt(g.group_score)})"
+        table.add_row(
+            str(n), g.group_id, g.group_label or "-", verdict, str(r.item_id), source,
+            f"{r.x0},{r.y0},{r.x1},{r.y1}", f"{r.score:.5f}",
+        )  # fmt: skip
+    console.print(table)
