@@ -18,6 +18,9 @@ Manifest line format (keys in this order)::
 
     {"uri": "images/000000.png", "label": "circle", "box": [x0, y0, x1, y1]}
 
+With ``shortcut="corner"`` the lines of the marked class also carry ``"mark": [x0, y0, x1, y1]``,
+the box of the planted corner mark; :func:`make_view_dataset` adds ``group_id`` and ``view``.
+
 ``uri`` is relative to the manifest's directory. ``box`` is the tight bounding box of the
 object's pixels in source-image pixel coordinates; ``x0``/``y0`` are inclusive and ``x1``/``y1``
 exclusive, so the box width is ``x1 - x0``.
