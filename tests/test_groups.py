@@ -6,14 +6,17 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
 from scheduler.grouping import cut_shards
 from scheduler.groups import fuse
 from schema.db import session_scope
-from schema.models import Group, Item, Shard
+from schema.models import Group, Heatmap, Item, Shard
 from tests.test_e2e_embedded import run_cli
+from workers.heatmap_io import decode_npy, overlay_rgb
+from workers.storage import open_storage
 
 
 def test_groups_are_never_split_and_singles_fill_the_gaps() -> None:
@@ -101,3 +104,72 @@ def test_bad_views_are_refused(tmp_path: Path) -> None:
     ):
         proc = run_cli("synth", "--out", str(tmp_path / "x"), "--n", "2", *args)
         assert proc.returncode == 2 and reason in proc.stderr, proc.stderr
+
+
+def test_web_shows_a_case_side_by_side_on_one_colour_scale(tmp_path: Path) -> None:
+    import io
+    import re
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from scheduler.web.app import create_app
+
+    assert (
+        run_cli("synth", "--out", str(tmp_path / "d"), "--n", "2", "--seed", "4", "--views", "2").returncode
+        == 0
+    )
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    proc = run_cli(
+        "run", "--source", str(tmp_path / "d" / "manifest.jsonl"), "--methods", "gradcam",
+        "--database-url", db, "--storage-url", str(tmp_path / "maps"), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(proc.stdout)["run_id"]
+    client = TestClient(create_app(db))
+    page = client.get(f"/runs/{run_id}/groups/case000000")
+    assert page.status_code == 200, page.text
+    sources = re.findall(r'src="(/heatmaps/\d+/shared\.jpg\?vmax=[^"]+)"', page.text)
+    assert len(sources) == 2 and len({s.split("?")[1] for s in sources}) == 1  # one vmax for both views
+    with session_scope(db) as session:
+        peaks = dict(
+            session.execute(
+                select(Item.id, Heatmap.raw_max)
+                .join(Heatmap, Heatmap.item_id == Item.id)
+                .where(Item.group_id == "case000000")
+            ).all()
+        )
+    vmax = float(re.search(r'data-vmax="([^"]+)"', page.text).group(1))  # type: ignore[union-attr]
+    assert vmax == pytest.approx(max(peaks.values()))
+    storage = open_storage(str(tmp_path / "maps"))
+    with session_scope(db) as session:
+        shown = {
+            h.id: (h.raw_key, h.raw_max, uri)
+            for h, uri in session.execute(
+                select(Heatmap, Item.source_uri).join(Item, Item.id == Heatmap.item_id)
+                .where(Item.group_id == "case000000")
+            ).all()
+        }  # fmt: skip
+    for src in sources:
+        image = client.get(src.replace("&amp;", "&"))
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+        with Image.open(io.BytesIO(image.content)) as jpeg:
+            got = np.asarray(jpeg.convert("RGB"), dtype=np.float64)
+        raw_key, own_max, uri = shown[int(src.split("/")[2])]
+        raw = decode_npy(storage.get(raw_key)).astype(np.float32)
+        with Image.open(uri) as source:
+            base = source.convert("RGB")
+            base.thumbnail((512, 512), Image.Resampling.BILINEAR)
+        shared = overlay_rgb(base, np.clip(raw / vmax, 0, 1)).astype(np.float64)
+        own = overlay_rgb(base, np.clip(raw / own_max, 0, 1)).astype(np.float64)
+        assert np.abs(got - shared).mean() < 6.0  # JPEG noise on a noisy image only
+        if own_max < vmax * 0.95:  # the weaker view: not stretched to its own peak
+            assert np.abs(got - own).mean() > np.abs(got - shared).mean() + 2.0
+    item = client.get(f"/items/{min(peaks)}")
+    assert 'id="case"' in item.text and f"/runs/{run_id}/groups/case000000" in item.text
+    missing = client.get(f"/runs/{run_id}/groups/case00000")
+    assert missing.status_code == 404 and "did you mean" in missing.text and "case000000" in missing.text
+    heatmap = sources[0].split("/")[2]
+    for vmax_text in ("0", "-1", "nan", "inf"):
+        assert client.get(f"/heatmaps/{heatmap}/shared.jpg?vmax={vmax_text}").status_code == 400
+    assert client.get("/heatmaps/999999/shared.jpg?vmax=1").status_code == 404

@@ -25,6 +25,7 @@ from scheduler.render import RenderError
 from scheduler.web import data
 from scheduler.web.auth import token_guard
 from scheduler.web.compare import DriftUnavailableError, drift_view
+from scheduler.web.group_view import group_view, shared_scale_overlay
 from scheduler.web.images import Crop, ImageService, JpegImage
 from scheduler.web.orders import ORDERS, ordered_cards
 from schema.db import normalise_url
@@ -215,6 +216,36 @@ def create_app(
         context["form"]["class"] = class_ or data.class_label(run, query.target)
         context["form"]["method"] = query.method
         return page(request, "run.html", **context)
+
+    @read("/runs/{run_id}/groups/{group_id}", response_class=HTMLResponse)
+    def group_page(
+        request: Request,
+        run_id: str,
+        group_id: str,
+        method: str | None = None,
+        class_: str | None = Query(None, alias="class"),
+    ) -> HTMLResponse:
+        try:
+            view = group_view(database_url, run_id, group_id, method, class_)
+        except LookupError as exc:
+            return problem(request, 404, str(exc))
+        except QueryError as exc:
+            return problem(request, 400, str(exc))
+        return page(request, "group.html", title=f"camaudit · case {group_id}", view=view)
+
+    @read("/heatmaps/{heatmap_id}/shared.jpg")
+    def shared_overlay(heatmap_id: int, vmax: float, max_side: int = 512) -> Response:
+        try:
+            data_ = shared_scale_overlay(
+                database_url, heatmap_id, vmax, max_side=max_side, endpoint_url=endpoint_url, region=region
+            )
+        except LookupError as exc:
+            return text(str(exc), 404)
+        except RenderError as exc:
+            return text(str(exc), 404)
+        except QueryError as exc:
+            return text(str(exc), 400)
+        return Response(data_, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
 
     @read("/items/{item_id}", response_class=HTMLResponse)
     def item_page(request: Request, item_id: int) -> HTMLResponse:
