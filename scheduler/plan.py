@@ -67,7 +67,8 @@ def resolve_layers(loaded: LoadedModel, spec: RunSpec) -> list[str]:
     engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False)
     device = next(loaded.model.parameters()).device
     height, width = loaded.preprocess.size
-    result = engine(torch.zeros(1, 3, height, width, device=device), targets=None)
+    shape = (1, len(spec.views), 3, height, width) if spec.views else (1, 3, height, width)
+    result = engine(torch.zeros(*shape, device=device), targets=None)
     return list(result.layers)
 
 
@@ -134,6 +135,7 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
                 "label": item.label,
                 "box": item.box,
                 "group_id": item.group_id,
+                "view": item.view,
             }
             for n, item in enumerate(items)
         ]

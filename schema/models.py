@@ -131,6 +131,7 @@ class Item(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     box: Mapped[list[Any] | None] = mapped_column(JSON)
     group_id: Mapped[str | None] = mapped_column(String(200))
+    view: Mapped[str | None] = mapped_column(String(100))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING)

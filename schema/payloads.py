@@ -30,6 +30,18 @@ class RunSpec(BaseModel):
     audit_name: str | None = None
     overlay: bool = False
     group_fusion: Literal["mean", "max"] = "mean"
+    views: list[str] | None = None
+    missing_view: Literal["fail", "zeros"] = "fail"
+
+    @field_validator("views")
+    @classmethod
+    def _views_distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        value = [v.strip() for v in value if v.strip()]
+        if len(value) < 2 or len(set(value)) != len(value):
+            raise ValueError(f"views must name at least two distinct views in input order, got {value}")
+        return value
 
     @field_validator("methods")
     @classmethod

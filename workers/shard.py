@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from workers.images import (
     stack_pixels,
 )
 from workers.models import LoadedModel
+from workers.multiview import case_batches, explain_cases, order_cases
 from workers.pools import pool_sizes
 from workers.runtime import engine_for, model_for, storage_for
 from workers.shard_rows import (
@@ -63,6 +64,8 @@ class WorkItem:
     source_uri: str
     label: str | None
     box: list[float] | None = None
+    group_id: str | None = None
+    view: str | None = None
 
 
 @dataclass
@@ -83,6 +86,8 @@ class ShardWork:
     class_names: list[str] | None
     items: list[WorkItem]
     overlay: bool = False
+    views: list[str] | None = None  # a multi-view model's views in input order: workers/multiview.py
+    missing_view: str = "fail"
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             run.status = RunStatus.RUNNING
             run.started_at = utcnow()
         rows = session.execute(
-            select(Item.id, Item.source_uri, Item.label, Item.box)
+            select(Item.id, Item.source_uri, Item.label, Item.box, Item.group_id, Item.view)
             .where(Item.shard_id == shard_id)
             .order_by(Item.ordinal)
         ).all()
@@ -143,7 +148,11 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
             overlay=bool(run.config.get("overlay", False)),
-            items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label, box=r.box) for r in rows],
+            items=[
+                WorkItem(r.id, r.source_uri, r.label, r.box, group_id=r.group_id, view=r.view) for r in rows
+            ],
+            views=list(run.config.get("views") or []) or None,
+            missing_view=str(run.config.get("missing_view") or "fail"),
         )
 
 
@@ -296,8 +305,11 @@ def _explain_batch(
     targets, batch = _batch_targets(work, batch, rows, device)
     if not batch:
         return
-    pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
-    result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    if work.views:
+        result = explain_cases(engine, batch, work.views, tuple(pre.mean), tuple(pre.std), targets, device)
+    else:
+        pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
+        result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
     rows.items.extend(prediction_rows(work, batch, result))
 
     layout = map_layout(batch, result)
@@ -331,7 +343,16 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
     ):
         batch: list[tuple[WorkItem, DecodedPixels]] = []
         sources: dict[int, bytes] = {}
-        for item, opened in _decoded_stream(work, settings, loaded.preprocess.size, sizes.decode):
+        if work.views:
+            work = replace(work, items=order_cases(work.items))
+            stream = _decoded_stream(work, settings, loaded.preprocess.size, sizes.decode)
+            for cases, failed in case_batches(work, stream):
+                rows.items.extend(failed)
+                if cases:
+                    _explain_batch(work, loaded, engine, cases, writer, encoder, rows, {})
+        for item, opened in (
+            () if work.views else _decoded_stream(work, settings, loaded.preprocess.size, sizes.decode)
+        ):
             if isinstance(opened, str):
                 log.warning(
                     "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened

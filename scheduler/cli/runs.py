@@ -159,6 +159,15 @@ def run(
     group_fusion: Annotated[
         str, typer.Option(help="mean or max: how a case's views' class probabilities combine")
     ] = "mean",
+    views: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated views a multi-view model takes per case, in order, e.g. L-CC,L-MLO"
+        ),
+    ] = None,
+    missing_view: Annotated[
+        str, typer.Option(help="fail (the whole case) or zeros (a black image) for a case lacking a view")
+    ] = "fail",
     wait: Annotated[bool, typer.Option(help="with a broker: wait and show progress")] = False,
     database_url: DatabaseUrl = None,
     storage_url: StorageUrl = None,
@@ -193,6 +202,8 @@ def run(
             name=name,
             overlay=overlay,
             group_fusion=group_fusion,
+            views=views.split(",") if views else None,
+            missing_view=missing_view,
         )
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))

@@ -1,4 +1,4 @@
-"""groups: per-case rows fused from the predictions of a group's items
+"""groups: per-case rows fused from the predictions of a group's items, and each item's view
 
 Revision ID: 0008_groups
 Revises: 0007_heatmap_localisation
@@ -39,8 +39,12 @@ def upgrade() -> None:
         sa.UniqueConstraint("run_id", "group_id", name=op.f("uq_groups_run_id_group_id")),
     )
     op.create_index("ix_groups_run_pred_score", "groups", ["run_id", "pred_class", "score"])
+    with op.batch_alter_table("items") as batch:
+        batch.add_column(sa.Column("view", sa.String(length=100), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("items") as batch:
+        batch.drop_column("view")
     op.drop_index("ix_groups_run_pred_score", table_name="groups")
     op.drop_table("groups")
