@@ -64,6 +64,8 @@ def resolve_layers(loaded: LoadedModel, spec: RunSpec) -> list[str]:
     for name in layers or []:
         resolve_layer(loaded.model, name)
     probe_methods = [m for m in spec.methods if m not in EXPENSIVE_METHODS] or ["gradcam"]
+    if spec.views:  # the engine refuses perturbation methods on multi-view input before computing
+        probe_methods = list(spec.methods)
     engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False)
     device = next(loaded.model.parameters()).device
     height, width = loaded.preprocess.size

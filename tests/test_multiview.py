@@ -87,3 +87,13 @@ def test_views_are_checked_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "at least two distinct views" in proc.stderr
     proc = run_cli("run", "--source", str(tmp_path), "--views", "V0,V1", "--missing-view", "skip")
     assert proc.returncode == 2 and "fail" in proc.stderr and "zeros" in proc.stderr
+    assert run_cli("synth", "--out", str(tmp_path / "d"), "--n", "1", "--views", "2").returncode == 0
+    checkpoint = write_checkpoint(tmp_path / "multiview.pt")
+    source = str(tmp_path / "d" / "manifest.jsonl")
+    proc = run_cli(
+        "run", "--source", source, "--model", "python:workers.demo.multiview:build",
+        "--checkpoint", str(checkpoint), "--layer", "features", "--methods", "gradcam,scorecam",
+        "--views", "V0,V1", "--database-url", f"sqlite:///{tmp_path / 'r.db'}",
+        "--storage-url", str(tmp_path / "m"),
+    )  # fmt: skip
+    assert proc.returncode == 2 and "do not support multi-view input" in proc.stderr
