@@ -158,6 +158,10 @@ def make_shard(run_id: str, item_ids: list[int], patches: int, seed: int) -> Sha
                     "raw_mean": rng.random(),
                     "map_mean": rng.random(),
                     "top_patch_fraction": rng.random(),
+                    "box_energy": rng.random(),
+                    "box_hit": rng.random() < 0.5,
+                    "outside_mass": rng.random(),
+                    "border_share": rng.random(),
                 }
             )
             scores = sorted((rng.random() for _ in range(patches)), reverse=True)

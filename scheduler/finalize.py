@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from scheduler.alerts import RunFacts, run_facts
 from scheduler.analysis.drift import RunDiff, diff_runs
 from scheduler.analysis.quality import LocalisationReport, localisation
+from scheduler.groups import write_groups
 from scheduler.notify import RaisedAlerts, raise_alerts
 from scheduler.query import DELETING, get_run
 from schema.db import dialect_name, session_scope
@@ -138,6 +139,9 @@ def finalize_run(
             f"run {run_id} is {run.status}; finalise it once every shard is done or failed "
             f"({run.shards_done + run.shards_failed} of {run.n_shards} so far)"
         )
+    groups = write_groups(database_url, run_id)
+    if groups:
+        log.info("run=%s: %d groups", run_id, groups)
     report = localisation(
         database_url, run_id, endpoint_url=endpoint_url, region=region, max_items=QUALITY_ITEMS
     )

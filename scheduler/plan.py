@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 import platform
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 
 import torch
 from sqlalchemy import insert, select
 
+from scheduler.grouping import cut_shards
 from scheduler.sources import SourceItem, list_source
 from schema.db import session_scope, upgrade
 from schema.models import Item, Run, RunStatus, Shard, ShardStatus
@@ -76,10 +78,13 @@ def resolve_layers(loaded: LoadedModel, spec: RunSpec, size: tuple[int, int] | N
     for name in layers or []:
         resolve_layer(loaded.model, name)
     probe_methods = [m for m in spec.methods if m not in EXPENSIVE_METHODS] or ["gradcam"]
+    if spec.views:  # the engine refuses perturbation methods on multi-view input before computing
+        probe_methods = list(spec.methods)
     engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False, reshape=loaded.reshape)
     device = next(loaded.model.parameters()).device
     height, width = size or loaded.preprocess.size
-    result = engine(torch.zeros(1, 3, height, width, device=device), targets=None)
+    shape = (1, len(spec.views), 3, height, width) if spec.views else (1, 3, height, width)
+    result = engine(torch.zeros(*shape, device=device), targets=None)
     return list(result.layers)
 
 
@@ -108,7 +113,9 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
     if spec.shard_size is None:
         spec = spec.model_copy(update={"shard_size": defaults_for(settings.device).shard_size})
     assert spec.shard_size is not None
-    shard_count = (len(items) + spec.shard_size - 1) // spec.shard_size
+    shard_of = cut_shards([item.group_id for item in items], spec.shard_size)
+    shard_sizes = Counter(shard_of)
+    shard_count = len(shard_sizes)
     with session_scope(settings.database_url) as session:
         session.add(
             Run(
@@ -147,7 +154,7 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
                     {
                         "run_id": run_id,
                         "index": i,
-                        "n_items": min(spec.shard_size, len(items) - i * spec.shard_size),
+                        "n_items": shard_sizes[i],
                     }
                     for i in range(shard_count)
                 ],
@@ -156,12 +163,13 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
         rows = [
             {
                 "run_id": run_id,
-                "shard_id": shard_ids[n // spec.shard_size],
+                "shard_id": shard_ids[shard_of[n]],
                 "ordinal": n,
                 "source_uri": item.uri,
                 "label": item.label,
                 "box": item.box,
                 "group_id": item.group_id,
+                "view": item.view,
             }
             for n, item in enumerate(items)
         ]

@@ -35,7 +35,7 @@ MANIFEST_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES
 URI_FIELDS = ("uri", "path")
 CORNER_FIELDS = ("x0", "y0", "x1", "y1")
 GROUP_FIELDS = ("group_id", "group")
-MANIFEST_FIELDS = (*URI_FIELDS, "label", "box", *CORNER_FIELDS, *GROUP_FIELDS)
+MANIFEST_FIELDS = (*URI_FIELDS, "label", "box", *CORNER_FIELDS, *GROUP_FIELDS, "view")
 MAX_REPORTED_ERRORS = 20
 
 
@@ -49,6 +49,7 @@ class SourceItem:
     label: str | None = None
     box: list[float] | None = None  # [x0, y0, x1, y1] in source pixels
     group_id: str | None = None
+    view: str | None = None  # the view's name within its group, e.g. L-CC
 
 
 def list_source(
@@ -311,6 +312,7 @@ def _item(fields: dict[str, object], base: str) -> SourceItem:
         label=_scalar(row.get("label"), "label"),
         box=_box(row),
         group_id=_scalar(next((row[f] for f in GROUP_FIELDS if _present(row.get(f))), None), "group_id"),
+        view=_scalar(row.get("view"), "view"),
     )
 
 

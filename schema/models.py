@@ -148,6 +148,7 @@ class Item(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     box: Mapped[list[Any] | None] = mapped_column(JSON)
     group_id: Mapped[str | None] = mapped_column(String(200))
+    view: Mapped[str | None] = mapped_column(String(100))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING)
@@ -162,6 +163,9 @@ class Heatmap(Base):
     __table_args__ = (
         UniqueConstraint("item_id", "method", "layer", "target_class"),
         Index("ix_heatmaps_run_method_class", "run_id", "method", "target_class"),
+        Index("ix_heatmaps_box_energy", "run_id", "method", "target_class", "box_energy"),
+        Index("ix_heatmaps_outside_mass", "run_id", "method", "target_class", "outside_mass"),
+        Index("ix_heatmaps_border_share", "run_id", "method", "target_class", "border_share"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -178,6 +182,11 @@ class Heatmap(Base):
     raw_mean: Mapped[float] = mapped_column(Float)
     map_mean: Mapped[float] = mapped_column(Float)
     top_patch_fraction: Mapped[float] = mapped_column(Float)
+    # Localisation against the item's labelled box (NULL without one): workers/localisation.py.
+    box_energy: Mapped[float | None] = mapped_column(Float)
+    box_hit: Mapped[bool | None] = mapped_column(Boolean)
+    outside_mass: Mapped[float | None] = mapped_column(Float)
+    border_share: Mapped[float | None] = mapped_column(Float)
 
 
 class PatchScore(Base):
@@ -285,3 +294,29 @@ class Alert(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Group(Base):
+    """One case of a run whose items share a ``group_id``: its views' predictions fused into one.
+
+    Written when the run is finalised (``scheduler/groups.py``); ``status`` is ``failed`` when
+    any of its items failed, with the reason in ``error``.
+    """
+
+    __tablename__ = "groups"
+    __table_args__ = (
+        UniqueConstraint("run_id", "group_id"),
+        Index("ix_groups_run_pred_score", "run_id", "pred_class", "score"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    group_id: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str | None] = mapped_column(String(200))
+    n_items: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    fusion: Mapped[str] = mapped_column(String(8))
+    pred_class: Mapped[int | None] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float)
+    correct: Mapped[bool | None] = mapped_column(Boolean)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -39,6 +40,19 @@ class RunSpec(BaseModel):
     # An audit's rules travel with its runs to the finalisation that evaluates them.
     alerts: AlertRules | None = None
     notify: list[WebhookTarget] = Field(default_factory=list)
+    group_fusion: Literal["mean", "max"] = "mean"
+    views: list[str] | None = None
+    missing_view: Literal["fail", "zeros"] = "fail"
+
+    @field_validator("views")
+    @classmethod
+    def _views_distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        value = [v.strip() for v in value if v.strip()]
+        if len(value) < 2 or len(set(value)) != len(value):
+            raise ValueError(f"views must name at least two distinct views in input order, got {value}")
+        return value
 
     @field_validator("methods")
     @classmethod

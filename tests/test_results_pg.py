@@ -163,6 +163,10 @@ def shard_rows(
                             "raw_mean": rng.random(),
                             "map_mean": rng.random(),
                             "top_patch_fraction": rng.random(),
+                            "box_energy": rng.random(),
+                            "box_hit": rng.random() < 0.5,
+                            "outside_mass": rng.random(),
+                            "border_share": rng.random(),
                         }
                     )
                     scores = sorted((rng.random() / 3 for _ in range(top_patches)), reverse=True)

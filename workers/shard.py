@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -55,6 +55,7 @@ from workers.lease import (
     short_error,
 )
 from workers.models import LoadedModel
+from workers.multiview import case_batches, explain_cases, order_cases
 from workers.packed_statistics import PackedBatch, pack, unpack
 from workers.pools import PoolSizes, pool_sizes
 from workers.preprocess import ImageTransform, Preprocess
@@ -86,6 +87,9 @@ class WorkItem:
     id: int
     source_uri: str
     label: str | None
+    box: list[float] | None = None
+    group_id: str | None = None
+    view: str | None = None
 
 
 @dataclass
@@ -110,7 +114,8 @@ class ShardWork:
     overlay: bool = False
     # Real folders local items may be read from; empty for a source on S3 (objects only).
     source_roots: list[str] = field(default_factory=list)
-
+    views: list[str] | None = None  # a multi-view model's views in input order: workers/multiview.py
+    missing_view: str = "fail"
     attempt: int = 0  # the fencing token: only this attempt's holder may commit
     worker: str = ""
     score_batch_size: int | None = None  # None: by the worker's device
@@ -241,7 +246,7 @@ def claim_shard(
             run.status = RunStatus.RUNNING
             run.started_at = now
         rows = session.execute(
-            select(Item.id, Item.source_uri, Item.label)
+            select(Item.id, Item.source_uri, Item.label, Item.box, Item.group_id, Item.view)
             .where(Item.shard_id == shard_id)
             .order_by(Item.ordinal)
         ).all()
@@ -265,7 +270,11 @@ def claim_shard(
             preprocess_record=dict(run.preprocess),
             overlay=bool(run.config.get("overlay", False)),
             source_roots=run_roots(run.config, run.source_uri, extra_roots),
-            items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
+            items=[
+                WorkItem(r.id, r.source_uri, r.label, r.box, group_id=r.group_id, view=r.view) for r in rows
+            ],
+            views=list(run.config.get("views") or []) or None,
+            missing_view=str(run.config.get("missing_view") or "fail"),
             attempt=attempt,
             worker=me,
         )
@@ -490,31 +499,34 @@ def _explain_batch(
     targets, batch = _batch_targets(work, batch, rows)
     if not batch:
         return
-    pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
-    try:
-        result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
-    except Exception as exc:
-        if not is_out_of_memory(exc) or len(batch) == 1:
-            raise
-        result = None  # split outside the handler: its traceback holds the batch's tensors
-    if result is None:
-        half = len(batch) // 2
-        log.warning(
-            "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
-            work.run_id,
-            work.shard_index,
-            len(batch),
-            half,
-            len(batch) - half,
-        )
-        del pixels, targets
-        release_cached_memory(device)
-        for part in (batch[:half], batch[half:]):
-            _explain_batch(work, loaded, engine, part, writer, encoder, rows, sources)
-        return
-    batch, result = _drop_non_finite(work, batch, result, rows.items)
-    if not batch:
-        return
+    if work.views:
+        result = explain_cases(engine, batch, work.views, tuple(pre.mean), tuple(pre.std), targets, device)
+    else:
+        pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
+        try:
+            result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or len(batch) == 1:
+                raise
+            result = None  # split outside the handler: its traceback holds the batch's tensors
+        if result is None:
+            half = len(batch) // 2
+            log.warning(
+                "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
+                work.run_id,
+                work.shard_index,
+                len(batch),
+                half,
+                len(batch) - half,
+            )
+            del pixels, targets
+            release_cached_memory(device)
+            for part in (batch[:half], batch[half:]):
+                _explain_batch(work, loaded, engine, part, writer, encoder, rows, sources)
+            return
+        batch, result = _drop_non_finite(work, batch, result, rows.items)
+        if not batch:
+            return
     rows.items.extend(prediction_rows(work, batch, result))
 
     layout = map_layout(batch, result)
@@ -754,15 +766,23 @@ def compute_shard(
         ConcurrentWriter(storage, max_workers=sizes.upload) as writer,
         ThreadPoolExecutor(max_workers=sizes.encode, thread_name_prefix="encode") as encoder,
     ):
-        stream = _decoded_stream(work, settings, sizes)
+        if work.views:
+            work = replace(work, items=order_cases(work.items))
+            for cases, failed in case_batches(work, _decoded_stream(work, settings, sizes)):
+                rows.items.extend(failed)
+                if cases:
+                    check()
+                    _explain_batch(work, loaded, engine, cases, writer, encoder, rows, {})
+        else:
+            stream = _decoded_stream(work, settings, sizes)
 
-        def batches(
-            failed: Callable[[dict[str, Any]], None],
-        ) -> Iterator[tuple[Batch, dict[int, bytes]]]:
-            return _batches(work, stream, failed, check)
+            def batches(
+                failed: Callable[[dict[str, Any]], None],
+            ) -> Iterator[tuple[Batch, dict[int, bytes]]]:
+                return _batches(work, stream, failed, check)
 
-        compute = _compute_overlapped if overlap else _compute_serial
-        compute(work, loaded, engine, batches, writer, encoder, rows)
+            compute = _compute_overlapped if overlap else _compute_serial
+            compute(work, loaded, engine, batches, writer, encoder, rows)
         for heatmap_rows, shas in rows.encoded:
             for row, sha in zip(heatmap_rows, shas.result(), strict=True):
                 row["sha256"] = sha

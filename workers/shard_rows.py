@@ -19,6 +19,7 @@ from schema.models import ItemStatus
 from workers.cam import CamResult
 from workers.heatmap_io import to_uint8
 from workers.images import DecodedPixels
+from workers.localisation import localisation_columns
 from workers.patches import distinct_ranks, patch_boxes, top_patches
 from workers.preprocess import ImageTransform
 
@@ -56,6 +57,7 @@ class MapLayout:
     targets: list[int]
     scores: list[float]
     transforms: list[ImageTransform]  # how map n's source image went into the input
+    boxes: list[list[float] | None]  # map n's labelled box in source pixels, if its item has one
 
 
 def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -> MapLayout:
@@ -74,6 +76,7 @@ def layout_of(
         targets=targets,
         scores=scores,
         transforms=map_transforms(batch, n_targets),
+        boxes=[item.box for item, _ in batch for _t in range(n_targets)],
     )
 
 
@@ -243,6 +246,7 @@ def heatmap_rows(
 ) -> list[dict[str, Any]]:
     """One row per map; ``keys[n]`` are its PNG and npy keys. ``sha256`` is filled in once encoded."""
     rows = []
+    located = localisation_columns(stats.maps_u8, stats.raw16, layout.boxes, layout.transforms)
     for n, (item_id, target) in enumerate(zip(layout.item_ids, layout.targets, strict=True)):
         total = stats.patch_total[n]
         rows.append(
@@ -260,6 +264,7 @@ def heatmap_rows(
                 "raw_mean": stats.raw_mean[n],
                 "map_mean": stats.map_mean[n],
                 "top_patch_fraction": stats.patch_scores[n][0] / total if total > 0 else 0.0,
+                **located[n],
             }
         )
     return rows

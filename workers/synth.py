@@ -18,6 +18,9 @@ Manifest line format (keys in this order)::
 
     {"uri": "images/000000.png", "label": "circle", "box": [x0, y0, x1, y1]}
 
+With ``shortcut="corner"`` the lines of the marked class also carry ``"mark": [x0, y0, x1, y1]``,
+the box of the planted corner mark; :func:`make_view_dataset` adds ``group_id`` and ``view``.
+
 ``uri`` is relative to the manifest's directory. ``box`` is the tight bounding box of the
 object's pixels in source-image pixel coordinates; ``x0``/``y0`` are inclusive and ``x1``/``y1``
 exclusive, so the box width is ``x1 - x0``.
@@ -136,10 +139,25 @@ def make_dataset(
     min_size: int = 160,
     max_size: int = 256,
     manifest_name: str = "manifest.jsonl",
+    shortcut: str | None = None,
+    shortcut_class: str = CLASS_NAMES[0],
 ) -> Path:
-    """Write ``n`` PNG images and their manifest under ``out_dir``; return the manifest path."""
+    """Write ``n`` PNG images and their manifest under ``out_dir``; return the manifest path.
+
+    ``shortcut="corner"`` stamps a mark (:mod:`workers.shortcut`) on every image of
+    ``shortcut_class``; its box is the manifest's ``mark`` field.
+    """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if shortcut is not None:
+        from workers.shortcut import SHORTCUTS
+
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut {shortcut!r}; expected one of {', '.join(SHORTCUTS)}")
+        if shortcut_class not in CLASS_NAMES:
+            raise ValueError(
+                f"unknown shortcut class {shortcut_class!r}; expected one of {', '.join(CLASS_NAMES)}"
+            )
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -147,9 +165,17 @@ def make_dataset(
     for index in range(n):
         sample = render_sample(sample_rng(seed, index), min_size=min_size, max_size=max_size)
         rel = f"images/{index:06d}.png"
+        pixels = sample.image
+        row: dict[str, object] = {"uri": rel, "label": sample.label, "box": list(sample.box)}
+        if shortcut is not None and sample.label == shortcut_class:
+            from workers.shortcut import mark_box, stamp_mark
+
+            height, width = pixels.shape[:2]
+            mark = mark_box(width, height, sample.box, np.random.default_rng([seed, index, 1]))
+            pixels = stamp_mark(pixels, mark)
+            row["mark"] = list(mark)
         # Fixed PNG options keep the bytes identical across runs for the same seed.
-        Image.fromarray(sample.image, mode="RGB").save(out_dir / rel, format="PNG", optimize=False)
-        row = {"uri": rel, "label": sample.label, "box": list(sample.box)}
+        Image.fromarray(pixels, mode="RGB").save(out_dir / rel, format="PNG", optimize=False)
         lines.append(json.dumps(row))
     manifest = out_dir / manifest_name
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -289,3 +315,31 @@ def _place(
 ) -> list[tuple[float, float]]:
     cos, sin = math.cos(angle), math.sin(angle)
     return [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in points]
+
+
+def make_view_dataset(out_dir: Path, n_cases: int, seed: int, *, views: int = 2) -> Path:
+    """``n_cases`` cases of ``views`` images each: one object class per case, seen in every view.
+
+    Each view is its own image (own background, position and size of the object, own box); the
+    manifest gives every view its case as ``group_id`` and its name (``V0``, ``V1``, ...) as
+    ``view``, one line per image, a case's views together. Case ``c``'s view ``v`` is drawn from
+    a stream seeded by ``(seed, c, v)``.
+    """
+    if n_cases < 1:
+        raise ValueError(f"need at least one case, got {n_cases}")
+    if not 2 <= views <= 8:
+        raise ValueError(f"views must be within 2..8, got {views}")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for case in range(n_cases):
+        label = CLASS_NAMES[int(sample_rng(seed, case).integers(len(CLASS_NAMES)))]
+        for view in range(views):
+            sample = render_sample(np.random.default_rng([seed, case, view]), label=label)
+            rel = f"images/{case:06d}_v{view}.png"
+            Image.fromarray(sample.image, mode="RGB").save(out_dir / rel, format="PNG", optimize=False)
+            row = {"uri": rel, "label": label, "box": list(sample.box), "group_id": f"case{case:06d}"}
+            lines.append(json.dumps({**row, "view": f"V{view}"}))
+    manifest = out_dir / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest

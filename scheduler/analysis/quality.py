@@ -54,8 +54,9 @@ from schema.models import Heatmap, Item, ItemStatus, Run
 from workers.cam import CamEngine
 from workers.heatmap_io import decode_png_gray
 from workers.images import decode_image
+from workers.localisation import box_mask
 from workers.models import LoadedModel, ModelLoadError, load_model
-from workers.preprocess import ImageTransform, Preprocess
+from workers.preprocess import Preprocess
 from workers.runtime import pick_device
 from workers.storage import ObjectNotFoundError, Storage, open_storage
 
@@ -237,18 +238,6 @@ def _class_name(run: Run, target: int | None) -> str | None:
 
 
 # --------------------------------------------------------------------------- localisation
-
-
-def box_mask(box: Sequence[float], transform: ImageTransform) -> np.ndarray:
-    """Input pixels [H, W] whose centres, mapped back to the source, fall inside a source-pixel box."""
-    cols, rows = transform.input
-    x0, y0, x1, y1 = (float(v) for v in box)
-    (width, height), (new_w, new_h), (ox, oy) = transform.source, transform.resized, transform.offset
-    xs = (np.arange(cols) + 0.5 - ox) * (width / new_w)
-    ys = (np.arange(rows) + 0.5 - oy) * (height / new_h)
-    inside_x = (xs >= x0) & (xs <= x1)
-    inside_y = (ys >= y0) & (ys <= y1)
-    return inside_y[:, None] & inside_x[None, :]
 
 
 def point_and_energy(levels: np.ndarray, mask: np.ndarray) -> tuple[bool, float]:

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from scheduler.alerts import run_alerts
 from scheduler.analysis.drift import RunDiff, diff_runs, drift_rule
 from scheduler.analysis.quality import QualityError, QualityReport, assess_quality
+from scheduler.analysis.worst_section import worst_section
 from scheduler.query import DELETING, QueryError, Region, get_run, top_regions
 from scheduler.render import RenderError, render_overlay
 from schema.db import session_scope
@@ -495,6 +496,7 @@ def build_report(
             ("summary", "Summary"),
             ("alerts", "Alerts"),
             ("regions", "Top regions"),
+            ("worst", "Worst 20"),
             ("drift", "Drift"),
             ("quality", "Quality"),
         )
@@ -504,6 +506,7 @@ def build_report(
             _summary_section(run),
             _alerts_section(run_alerts(database_url, run_id)),
             _regions_section(database_url, run, options, endpoint_url, region),
+            worst_section(database_url, run, max_classes=options.max_classes),
             _drift_section(diff, baseline),
             _quality_section(quality, model_error),
         ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 # isort: off
-from scheduler.cli import runs, results, workers, demo, audits, serve, analysis, db  # noqa: F401
+from scheduler.cli import runs, results, exports, workers, demo, audits, serve, analysis, db  # noqa: F401
 
 # isort: on
 from scheduler.cli.root import app

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from scheduler.cli.options import console, err, make_settings, setup_logging
+from scheduler.cli.options import console, err, fail, failing_on, make_settings, setup_logging
 from scheduler.cli.results import print_regions
 from scheduler.cli.root import app
 from scheduler.cli.runs import run_status, start_run
@@ -20,11 +20,27 @@ def synth(
     out: Annotated[Path, typer.Option(help="folder for the images and manifest.jsonl")],
     n: Annotated[int, typer.Option(help="number of images")] = 64,
     seed: int = 0,
+    shortcut: Annotated[
+        str | None, typer.Option(help="corner: a small mark in a corner of every image of --shortcut-class")
+    ] = None,
+    shortcut_class: Annotated[str, typer.Option(help="the class whose images carry the mark")] = "circle",
+    views: Annotated[
+        int, typer.Option(help="views per case (2..8): N cases of one object each, grouped by group_id")
+    ] = 1,
 ) -> None:
     """Write a synthetic dataset of shapes with known object boxes."""
-    from workers.synth import make_dataset
+    from workers.synth import make_dataset, make_view_dataset
 
-    manifest = make_dataset(out, n, seed)
+    if not 1 <= n <= 1_000_000:
+        fail(f"--n must be within 1..1000000, got {n}")
+    if views != 1 and shortcut is not None:
+        fail("--views and --shortcut do not combine; choose one")
+    with failing_on(ValueError):
+        if views != 1:
+            manifest = make_view_dataset(out, n, seed, views=views)
+            err.print(f"wrote {n} cases of {views} views and {manifest}")
+            return
+        manifest = make_dataset(out, n, seed, shortcut=shortcut, shortcut_class=shortcut_class)
     err.print(f"wrote {n} images and {manifest}")
 
 

@@ -72,16 +72,68 @@ def top(
     ] = None,
     min_score: Annotated[float | None, typer.Option(help="only patches scoring at least this")] = None,
     max_score: Annotated[float | None, typer.Option(help="only patches scoring at most this")] = None,
+    worst: Annotated[
+        bool, typer.Option("--worst", help="maps with the least energy in the labelled box first")
+    ] = False,
+    outside_box: Annotated[
+        bool, typer.Option("--outside-box", help="top patches that do not overlap the labelled box")
+    ] = False,
+    border: Annotated[
+        bool, typer.Option("--border", help="maps with the most mass on the image border")
+    ] = False,
+    by: Annotated[
+        str | None, typer.Option("--by", help="group: one row per case, its best region across its views")
+    ] = None,
     json_out: JsonOut = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="print CSV with a header row")] = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """List the top-activated patches of a class across a run."""
+    """List the top-activated patches of a class across a run, or its worst maps."""
     from scheduler.query import QueryError, top_regions
 
     if json_out and csv_out:
         fail("choose one output format: --json or --csv")
+    if worst + outside_box + border > 1:
+        fail("choose one order: --worst, --outside-box or --border")
     settings = make_settings(database_url=database_url)
+    if by is not None:
+        from scheduler.cli.worst import show_groups
+
+        if by != "group":
+            fail(f"--by takes 'group', got {by!r}")
+        if (
+            worst
+            or outside_box
+            or border
+            or label
+            or predicted
+            or correct is not None
+            or min_score
+            or max_score
+        ):
+            fail("--by group lists each case's best region; it takes --layer and --limit only")
+        show_groups(settings.database_url, run_id, class_, method, layer=layer, limit=limit, as_json=json_out)
+        return
+    if worst or outside_box or border:
+        from scheduler.cli.worst import show_worst
+
+        if predicted is not None or min_score is not None or max_score is not None:
+            fail("--predicted, --min-score and --max-score go with the plain top order only")
+        order = "worst" if worst else "border" if border else "outside-box"
+        show_worst(
+            settings.database_url,
+            order,
+            run_id,
+            class_,
+            method,
+            layer=layer,
+            limit=limit,
+            label=label,
+            correct=correct,
+            as_json=json_out,
+            as_csv=csv_out,
+        )
+        return
     with failing_on(QueryError):
         regions = top_regions(
             settings.database_url,

@@ -39,6 +39,7 @@ from schema.settings import Settings
 
 
 def run_status(database_url: str, run_id: str, *, leases: bool = False) -> dict[str, Any]:
+    from scheduler.groups import group_counts
     from scheduler.query import QueryError, get_run, shard_leases
 
     with failing_on(QueryError):
@@ -58,6 +59,7 @@ def run_status(database_url: str, run_id: str, *, leases: bool = False) -> dict[
         "methods": run.methods,
         "layers": run.layers,
         **extra,
+        **group_counts(database_url, run.id),
     }
 
 
@@ -159,6 +161,9 @@ def show_status(status: dict[str, Any], as_json: bool = False) -> None:
         table.add_row(key, str(status[key]))
     for key, line in _lease_lines(status.get("leases") or {"expired": [], "lost": [], "running": []}):
         table.add_row(key, line)
+    if status.get("groups"):
+        for key in ("groups", "groups_done", "groups_failed"):
+            table.add_row(key, str(status[key]))
     console.print(table)
 
 
@@ -196,6 +201,18 @@ def run(
     input_size: Annotated[
         str | None, typer.Option(help="override the model's input size: H,W or one side (e.g. 384)")
     ] = None,
+    group_fusion: Annotated[
+        str, typer.Option(help="mean or max: how a case's views' class probabilities combine")
+    ] = "mean",
+    views: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated views a multi-view model takes per case, in order, e.g. L-CC,L-MLO"
+        ),
+    ] = None,
+    missing_view: Annotated[
+        str, typer.Option(help="fail (the whole case) or zeros (a black image) for a case lacking a view")
+    ] = "fail",
     wait: Annotated[bool, typer.Option(help="with a broker: wait and show progress")] = False,
     database_url: DatabaseUrl = None,
     storage_url: StorageUrl = None,
@@ -232,6 +249,9 @@ def run(
             overlay=overlay,
             preprocess=preprocess,
             input_size=input_size,
+            group_fusion=group_fusion,
+            views=views.split(",") if views else None,
+            missing_view=missing_view,
         )
     except ValidationError as exc:
         fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))

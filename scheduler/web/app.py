@@ -27,7 +27,9 @@ from scheduler.render import RenderError
 from scheduler.web import data
 from scheduler.web.auth import token_guard
 from scheduler.web.compare import DriftUnavailableError, drift_view, stored_drift_view
+from scheduler.web.group_view import group_view, shared_scale_overlay
 from scheduler.web.images import Crop, ImageService, JpegImage
+from scheduler.web.orders import ORDERS, ordered_cards
 from schema.db import normalise_url
 
 __all__ = ["create_app"]
@@ -168,6 +170,7 @@ def create_app(
         correct: str | None = None,
         after: str | None = None,
         page_no: int = Query(1, alias="page", ge=1, le=MAX_PAGE),
+        order: str = "",
     ) -> HTMLResponse:
         try:
             run = get_run(database_url, run_id)
@@ -187,6 +190,8 @@ def create_app(
                 "label": label or "",
             },
             "correct": correct or "",
+            "order": order,
+            "orders": ORDERS,
             "cards": [],
             "next_cursor": None,
             "scanned": None,
@@ -197,8 +202,15 @@ def create_app(
             query = data.GalleryQuery.from_params(
                 run, class_=class_, method=method, layer=layer, label=label, correct=correct
             )
-            cursor = data.Cursor.parse(after) if after else None
-            found = data.gallery(database_url, run, query, after=cursor, size=page_size, window=scan_window)
+            if order:
+                found = data.GalleryPage(
+                    list(ordered_cards(database_url, run, query, order, page_size)), None
+                )
+            else:
+                cursor = data.Cursor.parse(after) if after else None
+                found = data.gallery(
+                    database_url, run, query, after=cursor, size=page_size, window=scan_window
+                )
         except QueryError as exc:
             context["error"] = str(exc)
             return page(request, "run.html", 400, **context)
@@ -211,6 +223,36 @@ def create_app(
         context["form"]["class"] = class_ or data.class_label(run, query.target)
         context["form"]["method"] = query.method
         return page(request, "run.html", **context)
+
+    @read("/runs/{run_id}/groups/{group_id}", response_class=HTMLResponse)
+    def group_page(
+        request: Request,
+        run_id: str,
+        group_id: str,
+        method: str | None = None,
+        class_: str | None = Query(None, alias="class"),
+    ) -> HTMLResponse:
+        try:
+            view = group_view(database_url, run_id, group_id, method, class_)
+        except LookupError as exc:
+            return problem(request, 404, str(exc))
+        except QueryError as exc:
+            return problem(request, 400, str(exc))
+        return page(request, "group.html", title=f"camaudit · case {group_id}", view=view)
+
+    @read("/heatmaps/{heatmap_id}/shared.jpg")
+    def shared_overlay(heatmap_id: int, vmax: float, max_side: int = 512) -> Response:
+        try:
+            data_ = shared_scale_overlay(
+                database_url, heatmap_id, vmax, max_side=max_side, endpoint_url=endpoint_url, region=region
+            )
+        except LookupError as exc:
+            return text(str(exc), 404)
+        except RenderError as exc:
+            return text(str(exc), 404)
+        except QueryError as exc:
+            return text(str(exc), 400)
+        return Response(data_, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
 
     @read("/items/{item_id}", response_class=HTMLResponse)
     def item_page(request: Request, item_id: int = PathParam(ge=0, le=MAX_ID)) -> HTMLResponse:
