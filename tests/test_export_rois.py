@@ -181,8 +181,6 @@ def test_bad_requests_fail_before_writing_with_the_reason(export_run: ExportRun,
 
 
 def test_an_unreadable_source_leaves_out_that_item_only(export_run: ExportRun, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(export_run.data, data)
     db_file = Path(export_run.db.removeprefix("sqlite:///"))
     db = f"sqlite:///{tmp_path / 'copy.db'}"
     with sqlite3.connect(db_file) as source, sqlite3.connect(tmp_path / "copy.db") as copy:
@@ -195,9 +193,14 @@ def test_an_unreadable_source_leaves_out_that_item_only(export_run: ExportRun, t
     with session_scope(db) as session:
         items = session.query(Item).filter(Item.run_id == export_run.run_id).order_by(Item.id).all()
         first, second = items[0].id, items[1].id
-        session.execute(update(Item).where(Item.id == first).values(source_uri=str(data / "gone.png")))
-        Image.new("RGB", (10, 10)).save(data / "small.png")
-        session.execute(update(Item).where(Item.id == second).values(source_uri=str(data / "small.png")))
+        # Both stay below the run's source folder: a path outside it is refused before any read.
+        root = Path(export_run.data)
+        session.execute(update(Item).where(Item.id == first).values(source_uri=str(root / "gone.png")))
+        (root / "changed").mkdir(exist_ok=True)
+        Image.new("RGB", (10, 10)).save(root / "changed" / "small.png")
+        session.execute(
+            update(Item).where(Item.id == second).values(source_uri=str(root / "changed" / "small.png"))
+        )
     result = runner.invoke(
         app,
         ["export", "rois", export_run.run_id, "--out", str(tmp_path / "o"), "--database-url", db, "--json"],

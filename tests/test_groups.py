@@ -126,7 +126,7 @@ def test_web_shows_a_case_side_by_side_on_one_colour_scale(tmp_path: Path) -> No
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     run_id = json.loads(proc.stdout)["run_id"]
-    client = TestClient(create_app(db))
+    client = TestClient(create_app(db), base_url="http://localhost")
     page = client.get(f"/runs/{run_id}/groups/case000000")
     assert page.status_code == 200, page.text
     sources = re.findall(r'src="(/heatmaps/\d+/shared\.jpg\?vmax=[^"]+)"', page.text)

@@ -176,7 +176,7 @@ def test_gallery_orders_and_report_section(runs: ShortcutRuns, tmp_path: Path) -
     from scheduler.analysis.report import build_report
     from scheduler.web.app import create_app
 
-    client = TestClient(create_app(runs.db, page_size=6))
+    client = TestClient(create_app(runs.db, page_size=6), base_url="http://localhost")
     page = client.get(f"/runs/{runs.demo_run}", params={"class": "square", "order": "worst"})
     assert page.status_code == 200 and "least energy in the labelled box first" in page.text
     shown = [int(i) for i in re.findall(r'data-item="(\d+)"', page.text)]
