@@ -84,3 +84,19 @@ def test_patch_boxes_match_the_plain_python_box_for_every_patch() -> None:
             for n in range(4)
         ]
         assert [[tuple(box) for box in per_map] for per_map in boxes.tolist()] == expected
+
+
+def test_top_patches_index_rows_and_columns_of_a_wide_and_a_tall_grid() -> None:
+    """On a non-square grid a flat index splits by the column count; a square grid hides the mix-up."""
+    for input_size, grid in (((64, 160), (2, 5)), ((160, 64), (5, 2))):
+        raw = torch.zeros(1, *grid)
+        raw[0, grid[0] - 1, 1] = 3.0  # bottom row, second column
+        raw[0, 0, grid[1] - 1] = 2.0  # top row, last column
+        top = top_patches(raw, input_size, 32, grid[0] * grid[1])
+        assert top.grid == grid
+        assert (int(top.rows[0, 0]), int(top.cols[0, 0])) == (grid[0] - 1, 1)
+        assert (int(top.rows[0, 1]), int(top.cols[0, 1])) == (0, grid[1] - 1)
+        expected = patch_grid(raw, input_size, 32)[0]
+        for k in range(grid[0] * grid[1]):
+            assert float(expected[top.rows[0, k], top.cols[0, k]]) == float(top.scores[0, k])
+        torch.testing.assert_close(top.total, expected.sum().reshape(1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,32 @@ def test_a_rerun_updates_changed_scores_in_place_and_drops_stale_ranks(database_
         assert r[0] == before[(r[1], r[7])], "an updated patch score must keep its id"
     new_scores = sorted(row["score"] for _, row in changed.patches)
     assert sorted(r[-1] for r in after) == new_scores
+
+
+def test_a_rerun_refreshes_every_heatmap_and_patch_column(database_url: str) -> None:
+    """After two writes of one shard with different values, every stored column is the second's."""
+    run = seed_run(database_url, "r1", n_items=3)
+    shard_id = run.shard_ids[0]
+    for n, mode in enumerate(_modes(database_url)):
+        write_shard(database_url, shard_rows(run, shard_id, seed=10 + 2 * n))
+        second = shard_rows(run, shard_id, seed=11 + 2 * n)
+        with session_scope(database_url) as session:
+            ids = results.upsert_heatmaps(session, second.heatmaps, mode=mode)
+            results.delete_stale_patch_scores(session, list(ids.values()), 3)
+            results.upsert_patch_scores(
+                session, [{"heatmap_id": ids[key], **row} for key, row in second.patches], mode=mode
+            )
+        with get_engine(database_url).connect() as conn:
+            heatmaps = conn.execute(select(Heatmap.__table__)).mappings().all()
+            patches = conn.execute(select(PatchScore.__table__)).mappings().all()
+        key = itemgetter("item_id", "method", "layer", "target_class")
+        stored = {key(row): {c: row[c] for c in results.HEATMAP_COLUMNS} for row in heatmaps}
+        assert stored == {key(row): row for row in second.heatmaps}, f"a rerun via {mode} left stale columns"
+        stored_patches = {(row["heatmap_id"], row["rank"]): dict(row) for row in patches}
+        assert len(stored_patches) == len(second.patches)
+        for hkey, row in second.patches:
+            got = stored_patches[(ids[hkey], row["rank"])]
+            assert {c: got[c] for c in results.PATCH_COLUMNS} == {"heatmap_id": ids[hkey], **row}
 
 
 def test_two_writes_in_one_transaction_and_a_rollback_leave_no_staged_rows(database_url: str) -> None:
