@@ -362,3 +362,122 @@ def test_mass_shift_and_centre_of_mass() -> None:
     x, y = centre_of_mass(left)
     assert (x, y) == pytest.approx((0.25, 0.5))
     assert centre_of_mass(np.zeros((3, 3))) == (0.5, 0.5)
+
+
+# --------------------------------------------------------------------------- known answers
+#
+# Two runs written directly (rows as the shard writes them, maps as float16 .npy), so every
+# map is known and the answers can be worked out by hand.
+
+
+def store_runs(
+    root: Path,
+    maps_a: list[np.ndarray],
+    maps_b: list[np.ndarray],
+    size_a: tuple[int, int],
+    size_b: tuple[int, int],
+) -> tuple[str, str, str]:
+    """Runs A and B over the same images, one gradcam map of class 0 per image; (db, a, b)."""
+    from tests.test_results_pg import seed_run
+    from workers import results
+    from workers.heatmap_io import encode_npy
+    from workers.storage import open_storage
+
+    db = f"sqlite:///{root / 'runs.db'}"
+    upgrade(db)
+    ids = []
+    for name, maps, size in (("a", maps_a, size_a), ("b", maps_b, size_b)):
+        out = root / f"maps-{name}"
+        seeded = seed_run(db, name, output_uri=str(out), n_items=len(maps), shard_size=len(maps))
+        storage = open_storage(str(out))
+        rows = []
+        for item_id, raw in zip(seeded.item_ids, maps, strict=True):
+            key = f"runs/{name}/gradcam/l/{item_id}/0"
+            storage.put(key + ".npy", encode_npy(raw), "application/octet-stream")
+            rows.append(
+                {
+                    "item_id": item_id,
+                    "run_id": name,
+                    "method": "gradcam",
+                    "layer": "l",
+                    "target_class": 0,
+                    "target_score": 1.0,
+                    "object_key": key + ".png",
+                    "raw_key": key + ".npy",
+                    "sha256": "",
+                    "raw_max": float(raw.max()),
+                    "raw_mean": float(raw.mean()),
+                    "map_mean": 0.0,
+                    "top_patch_fraction": 0.0,
+                }
+            )
+        with session_scope(db) as s:
+            s.execute(update(Run).where(Run.id == name).values(preprocess={"size": list(size)}))
+            results.update_items(s, [{"id": i, "status": "done", "pred_class": 0} for i in seeded.item_ids])
+            results.upsert_heatmaps(s, rows)
+        ids.append(name)
+    return db, ids[0], ids[1]
+
+
+def blob(shape: tuple[int, int], row: int, col: int) -> np.ndarray:
+    """A compact peak (weights 1-2-4) centred on one cell, zero elsewhere: its centre of mass is that cell."""
+    out = np.zeros(shape, dtype=np.float32)
+    out[row - 1 : row + 2, col - 1 : col + 2] = np.outer([1, 2, 1], [1, 2, 1])
+    return out
+
+
+def upsampled(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The same map seen on a finer grid (bilinear, half-pixel centres: how maps reach the input)."""
+    tensor = torch.from_numpy(arr.astype(np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()
+
+
+def test_one_blob_stored_at_7x7_and_at_14x14_has_not_moved(tmp_path: Path) -> None:
+    """Maps of another resolution are compared on the finer grid, where the same blob is the same map."""
+    coarse = [blob((7, 7), 2, 3), blob((7, 7), 4, 4), blob((7, 7), 3, 2)]
+    fine = [upsampled(m, (14, 14)) for m in coarse]
+    db, a, b = store_runs(tmp_path, coarse, fine, (112, 112), (224, 224))
+    for first, second in ((a, b), (b, a)):
+        diff = diff_runs(db, first, second, threshold=0.01)
+        assert diff.pairs == 3
+        for mover in diff.movers:
+            assert mover.correlation == pytest.approx(1.0, abs=1e-4)
+            assert mover.centre_shift_px == pytest.approx(0.0, abs=0.5)
+        (shift,) = diff.classes
+        assert shift.mean_correlation == pytest.approx(1.0, abs=1e-4) and not shift.drifted
+        assert shift.l1_shift == pytest.approx(0.0, abs=1e-3)
+        assert shift.centre_shift_px == pytest.approx(0.0, abs=0.5)
+
+
+def test_a_blob_moved_by_a_known_offset_moves_the_centre_by_it(tmp_path: Path) -> None:
+    """Three cells right and two up on a 14 x 14 map of a 224 wide, 112 high input: (48, -16) px."""
+    before = [blob((14, 14), 6, 4), blob((14, 14), 9, 5)]
+    after = [blob((14, 14), 4, 7), blob((14, 14), 7, 8)]
+    db, a, b = store_runs(tmp_path, before, after, (112, 224), (112, 224))
+    diff = diff_runs(db, a, b)
+    expected_px = float(np.hypot(3 * 224 / 14, 2 * 112 / 14))
+    assert diff.pairs == 2 and len(diff.movers) == 2
+    for mover, (x, y) in zip(
+        sorted(diff.movers, key=lambda m: m.item_a), zip(before, after, strict=True), strict=True
+    ):
+        assert mover.centre_shift_px == pytest.approx(expected_px, abs=1e-3)
+        assert mover.correlation == pytest.approx(float(np.corrcoef(x.ravel(), y.ravel())[0, 1]), abs=1e-6)
+    (shift,) = diff.classes
+    assert shift.centre_shift_px == pytest.approx(expected_px, abs=1e-3)
+    assert shift.l1_shift == pytest.approx(1.0), "the moved blobs do not overlap their old places"
+    assert shift.drifted and diff.drifted == [shift]
+
+
+def test_a_blob_moved_on_a_coarser_grid_is_measured_in_run_b_pixels(tmp_path: Path) -> None:
+    """A at 7 x 7, B at 14 x 14 one coarse cell right and down: 1/7 of B's 224 x 112 input each way."""
+    before = [blob((7, 7), 3, 3)]
+    after = [upsampled(blob((7, 7), 4, 4), (14, 14))]
+    db, a, b = store_runs(tmp_path, before, after, (64, 64), (112, 224))
+    diff = diff_runs(db, a, b)
+    expected_px = float(np.hypot(224 / 7, 112 / 7))
+    (mover,) = diff.movers
+    assert mover.centre_shift_px == pytest.approx(expected_px, abs=0.05)
+    (shift,) = diff.classes
+    assert shift.centre_shift_px == pytest.approx(expected_px, abs=0.05)
