@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -100,3 +101,26 @@ def test_top_patches_index_rows_and_columns_of_a_wide_and_a_tall_grid() -> None:
         for k in range(grid[0] * grid[1]):
             assert float(expected[top.rows[0, k], top.cols[0, k]]) == float(top.scores[0, k])
         torch.testing.assert_close(top.total, expected.sum().reshape(1))
+
+
+@pytest.mark.parametrize(
+    ("input_size", "grid"),
+    [((70, 100), (3, 4)), ((64, 100), (2, 4)), ((100, 64), (4, 2)), ((33, 33), (2, 2))],
+)
+def test_a_partial_edge_patch_is_kept_on_either_side(
+    input_size: tuple[int, int], grid: tuple[int, int]
+) -> None:
+    """Edges that need padding on one side only, or by less than half a patch, still get their patch."""
+    raw = torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(3))
+    scores = patch_grid(raw, input_size, 32)
+    assert tuple(scores.shape[1:]) == grid
+    height, width = input_size
+    up = F.interpolate(raw.unsqueeze(1), size=input_size, mode="bilinear", align_corners=False).squeeze(1)
+    last = up[:, (grid[0] - 1) * 32 : height, (grid[1] - 1) * 32 : width].sum(dim=(1, 2)) / (height * width)
+    torch.testing.assert_close(scores[:, -1, -1], last, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scores.sum(dim=(1, 2)), up.mean(dim=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_boxes_are_integers() -> None:
+    boxes = patch_boxes(np.array([[0, 1]]), np.array([[2, 0]]), 32, (96, 160), np.array([[333, 201]]))
+    assert boxes.dtype == np.int64
