@@ -172,6 +172,7 @@ def test_rerunning_a_shard_leaves_the_same_rows_and_objects(dataset: Path, tmp_p
     assert explain_shard(run_id, shard_id, settings).status == "skipped"
 
 
+@pytest.mark.slow
 def test_overlays_are_written_at_source_size_only_when_asked(dataset: Path, tmp_path: Path) -> None:
     import io
 

@@ -156,6 +156,7 @@ def test_unknown_run_and_bad_sample_are_refused(demo_run: DemoRun) -> None:
         faithfulness(demo_run.db, demo_run.run_id, sample=0, device="cpu")
 
 
+@pytest.mark.slow
 def test_cli_quality_json(demo_run: DemoRun) -> None:
     proc = run_cli(
         "quality",
@@ -188,6 +189,7 @@ def test_cli_quality_json(demo_run: DemoRun) -> None:
     assert f"{boxed} items with a label and a box" in table.stdout
 
 
+@pytest.mark.slow
 def test_quality_uses_the_sources_the_run_read(demo_run: DemoRun, tmp_path: Path) -> None:
     """Items whose source image is gone are replaced by others in the sample."""
     with session_scope(demo_run.db) as s:
