@@ -481,3 +481,31 @@ def test_a_blob_moved_on_a_coarser_grid_is_measured_in_run_b_pixels(tmp_path: Pa
     assert mover.centre_shift_px == pytest.approx(expected_px, abs=0.05)
     (shift,) = diff.classes
     assert shift.centre_shift_px == pytest.approx(expected_px, abs=0.05)
+
+
+def test_movers_are_the_least_similar_pairs_most_changed_first(tmp_path: Path) -> None:
+    """One pair unchanged, one moved a little, one moved far: the movers list the moved ones."""
+    before = [blob((14, 14), 6, 6), blob((14, 14), 6, 6), blob((14, 14), 6, 6)]
+    after = [blob((14, 14), 6, 6), blob((14, 14), 6, 7), blob((14, 14), 6, 10)]
+    db, a, b = store_runs(tmp_path, before, after, (112, 112), (112, 112))
+    expected = [float(np.corrcoef(x.ravel(), y.ravel())[0, 1]) for x, y in zip(before, after, strict=True)]
+    assert expected[0] > expected[1] > expected[2]
+    diff = diff_runs(db, a, b, limit=2)
+    with session_scope(db) as s:
+        order = {
+            item_id: n
+            for n, item_id in enumerate(
+                s.execute(select(Item.id).where(Item.run_id == a).order_by(Item.ordinal)).scalars()
+            )
+        }
+    assert [order[m.item_a] for m in diff.movers] == [2, 1]
+    assert [m.correlation for m in diff.movers] == pytest.approx([expected[2], expected[1]], abs=1e-6)
+    assert [m.centre_shift_px for m in diff.movers] == pytest.approx([32.0, 8.0], abs=1e-3)
+    assert diff.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
+    assert (diff.pairs, diff.unmatched_a, diff.unmatched_b) == (3, 0, 0)
+    assert diff_runs(db, a, b, limit=0).movers == []
+    (shift,) = diff.classes
+    assert shift.n == 3 and shift.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
+    # a class is drifted exactly when its mean correlation is below 1 - threshold
+    assert not diff_runs(db, a, b, threshold=1 - shift.mean_correlation + 1e-3).classes[0].drifted
+    assert diff_runs(db, a, b, threshold=1 - shift.mean_correlation - 1e-3).classes[0].drifted
