@@ -14,6 +14,8 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,9 +30,10 @@ from schema.models import Heatmap, Item, PatchScore, Run
 from schema.payloads import RunSpec
 from schema.settings import Settings
 from tests.test_patches import patch_box
-from workers.heatmap_io import decode_npy, decode_png_gray
+from workers.heatmap_io import decode_npy, decode_png_gray, to_uint8
 from workers.models import DEMO_CHECKPOINT
-from workers.shard import explain_shard
+from workers.shard import WorkItem, explain_shard
+from workers.shard_rows import heatmap_rows, map_layout, map_statistics, patch_rows, prediction_rows
 from workers.storage import Storage, open_storage
 from workers.synth import make_dataset
 
@@ -204,3 +207,125 @@ def test_each_item_row_and_its_targets_agree_with_the_model_output(stored: Store
             assert [h.target_class for h in maps] == classes[:2]
             logit_gap = maps[0].target_score - maps[1].target_score
             assert logit_gap == pytest.approx(math.log(probs[0] / probs[1]), rel=1e-3, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- row building alone
+#
+# The same rules on hand-made model outputs, without a model or a database: quick enough to
+# run for every mutant of workers/shard_rows.py.
+
+
+def fake_batch(sizes: list[tuple[int, int]], labels: list[str | None]) -> list[tuple[WorkItem, Any]]:
+    return [
+        (WorkItem(id=100 + n, source_uri=f"s{n}.png", label=label), SimpleNamespace(width=w, height=h))
+        for n, ((w, h), label) in enumerate(zip(sizes, labels, strict=True))
+    ]
+
+
+def test_rows_of_a_batch_follow_each_map_index_to_its_item_and_class() -> None:
+    batch = fake_batch([(333, 201), (90, 140)], ["b", None])
+    targets = torch.tensor([[2, 0], [1, 3]])
+    scores = torch.tensor([[5.0, 1.5], [-0.5, -2.0]])
+    layout = map_layout(batch, SimpleNamespace(targets=targets, scores=scores))
+    assert layout.item_ids == [100, 100, 101, 101]
+    assert layout.targets == [2, 0, 1, 3]
+    assert layout.scores == [5.0, 1.5, -0.5, -2.0]
+    assert layout.source_sizes.tolist() == [[333, 201], [333, 201], [90, 140], [90, 140]]
+
+    generator = torch.Generator().manual_seed(5)
+    raw = torch.randn(2, 2, 3, 5, generator=generator)
+    raw[1, 1] = 0.0  # a flat map: no patch stands out and its fraction is 0
+    maps = torch.rand(2, 2, *INPUT_SIZE, generator=generator)
+    stats = map_statistics(maps, raw, INPUT_SIZE, PATCH, 4, layout.source_sizes)
+    flat = raw.reshape(4, 3, 5).numpy()
+    np.testing.assert_array_equal(stats.raw16, flat.astype(np.float16))
+    np.testing.assert_array_equal(stats.maps_u8, to_uint8(maps).numpy().reshape(4, *INPUT_SIZE))
+    assert stats.raw_max == pytest.approx(flat.max(axis=(1, 2)).tolist(), rel=1e-6)
+    assert stats.raw_mean == pytest.approx(flat.mean(axis=(1, 2)).tolist(), rel=1e-5, abs=1e-7)
+    assert stats.map_mean == pytest.approx(maps.reshape(4, -1).mean(dim=1).tolist(), rel=1e-5)
+    for n in range(4):
+        expected = oracle_patch_scores(flat[n])
+        assert stats.patch_total[n] == pytest.approx(expected.sum(), abs=1e-6)
+        order = sorted(np.ndindex(*GRID), key=lambda rc, e=expected: -e[rc])[:4]
+        if n != 3:
+            assert list(zip(stats.patch_rows[n], stats.patch_cols[n], strict=True)) == order
+        assert stats.patch_scores[n] == pytest.approx([expected[rc] for rc in order], abs=1e-6)
+        width, height = layout.source_sizes[n]
+        assert stats.patch_boxes[n] == [
+            list(patch_box(r, c, PATCH, INPUT_SIZE, (int(width), int(height))))
+            for r, c in zip(stats.patch_rows[n], stats.patch_cols[n], strict=True)
+        ]
+
+    keys = [(f"k{n}.png", f"k{n}.npy") for n in range(4)]
+    heatmaps = heatmap_rows("run", "gradcam", "features", layout, stats, keys)
+    assert [(h["item_id"], h["target_class"], h["target_score"]) for h in heatmaps] == [
+        (100, 2, 5.0),
+        (100, 0, 1.5),
+        (101, 1, -0.5),
+        (101, 3, -2.0),
+    ]
+    for n, row in enumerate(heatmaps):
+        total = stats.patch_total[n]
+        assert row == {
+            "item_id": layout.item_ids[n],
+            "run_id": "run",
+            "method": "gradcam",
+            "layer": "features",
+            "target_class": layout.targets[n],
+            "target_score": layout.scores[n],
+            "object_key": f"k{n}.png",
+            "raw_key": f"k{n}.npy",
+            "sha256": "",
+            "raw_max": stats.raw_max[n],
+            "raw_mean": stats.raw_mean[n],
+            "map_mean": stats.map_mean[n],
+            "top_patch_fraction": stats.patch_scores[n][0] / total if total > 0 else 0.0,
+        }
+    assert heatmaps[3]["top_patch_fraction"] == 0.0
+
+    patches = patch_rows("run", "gradcam", "features", layout, stats)
+    assert len(patches) == 4 * 4
+    for index, (key, row) in enumerate(patches):
+        n, rank = divmod(index, 4)
+        assert key == (layout.item_ids[n], "gradcam", "features", layout.targets[n])
+        x0, y0, x1, y1 = stats.patch_boxes[n][rank]
+        assert row == {
+            "run_id": "run",
+            "item_id": layout.item_ids[n],
+            "method": "gradcam",
+            "layer": "features",
+            "target_class": layout.targets[n],
+            "rank": rank,
+            "row": stats.patch_rows[n][rank],
+            "col": stats.patch_cols[n][rank],
+            "x0": x0,
+            "y0": y0,
+            "x1": x1,
+            "y1": y1,
+            "score": stats.patch_scores[n][rank],
+        }
+
+
+def test_rows_of_predictions_name_classes_and_judge_labels() -> None:
+    batch = fake_batch([(10, 20), (30, 40), (50, 60), (70, 80)], ["b", "c", None, "a"])
+    logits = torch.tensor(
+        [[0.0, 3.0, 1.0, -1.0], [2.0, 0.5, 0.0, 1.0], [0.5, 0.2, 4.0, 0.1], [0.0, 0.3, 0.1, 5.0]]
+    )
+    result = SimpleNamespace(logits=logits)
+    work = SimpleNamespace(top_k_predictions=3, class_names=["a", "b", "c"])  # class 3 has no name
+    rows = prediction_rows(work, batch, result)  # type: ignore[arg-type]
+    probs = torch.softmax(logits, dim=1)
+    for (item, img), row, p in zip(batch, rows, probs, strict=True):
+        order = sorted(range(4), key=lambda c, p=p: -float(p[c]))[:3]
+        assert row["id"] == item.id and row["status"] == "done" and row["error"] is None
+        assert (row["width"], row["height"]) == (img.width, img.height)
+        assert [pred["class"] for pred in row["predictions"]] == order
+        assert [pred["prob"] for pred in row["predictions"]] == pytest.approx([float(p[c]) for c in order])
+        assert [pred["name"] for pred in row["predictions"]] == [
+            ["a", "b", "c"][c] if c < 3 else None for c in order
+        ]
+        assert row["pred_class"] == order[0]
+    assert [row["correct"] for row in rows] == [True, False, None, False]
+    unnamed = prediction_rows(SimpleNamespace(top_k_predictions=9, class_names=None), batch, result)  # type: ignore[arg-type]
+    assert all(len(row["predictions"]) == 4 and row["correct"] is None for row in unnamed)
+    assert all(pred["name"] is None for row in unnamed for pred in row["predictions"])

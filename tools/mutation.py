@@ -94,7 +94,7 @@ TARGETS = (
             )
         ),
     ),
-    Target("shard-rows", ("workers/shard_rows.py",), ("tests/test_shard_rows.py",)),
+    Target("shard-rows", ("workers/shard_rows.py",), ("tests/test_shard_rows.py", "-k", "rows_of")),
 )
 
 
