@@ -272,6 +272,24 @@ def test_a_rerun_updates_changed_scores_in_place_and_drops_stale_ranks(database_
     assert sorted(r[-1] for r in after) == new_scores
 
 
+def test_dropping_stale_ranks_leaves_other_heatmaps_alone(database_url: str) -> None:
+    """A shard re-run with fewer top patches trims its own heatmaps, not those of other shards."""
+    run = seed_run(database_url, "r1", n_items=6, shard_size=3)
+    first, second = run.shard_ids
+    for shard_id in (first, second):
+        write_shard(database_url, shard_rows(run, shard_id, top_patches=3))
+    write_shard(database_url, shard_rows(run, first, top_patches=2, seed=1), top_patches=2)
+    with get_engine(database_url).connect() as conn:
+        ranks = conn.execute(select(PatchScore.item_id, PatchScore.rank)).all()
+    by_shard = {
+        shard_id: sorted(rank for item, rank in ranks if item in run.items_by_shard[shard_id])
+        for shard_id in (first, second)
+    }
+    per_shard = 3 * len(run.methods) * 2  # items x methods x classes
+    assert by_shard[first] == sorted(list(range(2)) * per_shard)
+    assert by_shard[second] == sorted(list(range(3)) * per_shard)
+
+
 def test_a_rerun_refreshes_every_heatmap_and_patch_column(database_url: str) -> None:
     """After two writes of one shard with different values, every stored column is the second's."""
     run = seed_run(database_url, "r1", n_items=3)
