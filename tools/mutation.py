@@ -86,8 +86,6 @@ TARGETS = (
                 "x_centre_of_mass",
                 "x_shift_px",
                 "x_mass_shift",
-                "x_cell_iou",
-                "x_area_iou",
                 "xǁ_Groupǁadd_maps",
                 "xǁ_Comparisonǁadd",
                 "xǁ_Comparisonǁclasses",
