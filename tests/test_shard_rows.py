@@ -33,7 +33,14 @@ from tests.test_patches import patch_box
 from workers.heatmap_io import decode_npy, decode_png_gray, to_uint8
 from workers.models import DEMO_CHECKPOINT
 from workers.shard import WorkItem, explain_shard
-from workers.shard_rows import heatmap_rows, map_layout, map_statistics, patch_rows, prediction_rows
+from workers.shard_rows import (
+    failed_item_row,
+    heatmap_rows,
+    map_layout,
+    map_statistics,
+    patch_rows,
+    prediction_rows,
+)
 from workers.storage import Storage, open_storage
 from workers.synth import make_dataset
 
@@ -329,3 +336,12 @@ def test_rows_of_predictions_name_classes_and_judge_labels() -> None:
     unnamed = prediction_rows(SimpleNamespace(top_k_predictions=9, class_names=None), batch, result)  # type: ignore[arg-type]
     assert all(len(row["predictions"]) == 4 and row["correct"] is None for row in unnamed)
     assert all(pred["name"] is None for row in unnamed for pred in row["predictions"])
+
+
+def test_rows_of_failed_items_carry_only_the_reason() -> None:
+    item = WorkItem(id=7, source_uri="broken.png", label="a")
+    assert failed_item_row(item, "cannot decode image: truncated") == {
+        "id": 7,
+        "status": "failed",
+        "error": "cannot decode image: truncated",
+    }
