@@ -509,3 +509,15 @@ def test_movers_are_the_least_similar_pairs_most_changed_first(tmp_path: Path) -
     # a class is drifted exactly when its mean correlation is below 1 - threshold
     assert not diff_runs(db, a, b, threshold=1 - shift.mean_correlation + 1e-3).classes[0].drifted
     assert diff_runs(db, a, b, threshold=1 - shift.mean_correlation - 1e-3).classes[0].drifted
+
+
+def test_resample_returns_float32_maps_on_either_grid() -> None:
+    """Stored maps are float16; every measure reads them as float32, resampled or not."""
+    from scheduler.analysis.drift import resample
+
+    stored = blob((7, 7), 3, 3).astype(np.float16)
+    same = resample(stored, (7, 7))
+    finer = resample(stored, (14, 14))
+    assert same.dtype == np.float32 and finer.dtype == np.float32
+    np.testing.assert_array_equal(same, stored.astype(np.float32))
+    np.testing.assert_allclose(finer, upsampled(stored.astype(np.float32), (14, 14)), rtol=0, atol=0)

@@ -76,7 +76,7 @@ TARGETS = (
     Target(
         "drift",
         ("scheduler/analysis/drift.py",),
-        ("tests/test_drift.py", "-k", "blob or movers or pearson or area_iou or mass_shift"),
+        ("tests/test_drift.py", "-k", "blob or movers or resample or pearson or area_iou or mass_shift"),
         tuple(
             f"scheduler.analysis.drift.{name}*"
             for name in (
