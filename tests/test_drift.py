@@ -521,3 +521,13 @@ def test_resample_returns_float32_maps_on_either_grid() -> None:
     assert same.dtype == np.float32 and finer.dtype == np.float32
     np.testing.assert_array_equal(same, stored.astype(np.float32))
     np.testing.assert_allclose(finer, upsampled(stored.astype(np.float32), (14, 14)), rtol=0, atol=0)
+
+
+def test_resample_and_normalise_treat_a_missing_value_as_no_attention() -> None:
+    """A NaN cell counts as zero before min-max, so it cannot become the peak of a map."""
+    from scheduler.analysis.drift import normalise
+
+    found = normalise(np.array([[np.nan, 1.0], [0.0, 2.0]], dtype=np.float16))
+    assert found.dtype == np.float32
+    np.testing.assert_array_equal(found, np.array([[0.0, 0.5], [0.0, 1.0]], dtype=np.float32))
+    assert not normalise(np.full((3, 3), 4.0)).any(), "a flat map normalises to zeros"
