@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 from torch import nn
 
 from scheduler.analysis.drift import (
+    Box,
     ClassShift,
     DriftError,
     RunDiff,
@@ -376,8 +377,12 @@ def store_runs(
     maps_b: list[np.ndarray],
     size_a: tuple[int, int],
     size_b: tuple[int, int],
+    boxes: tuple[list[Box], list[Box]] = ([], []),
 ) -> tuple[str, str, str]:
-    """Runs A and B over the same images, one gradcam map of class 0 per image; (db, a, b)."""
+    """Runs A and B over the same images, one gradcam map of class 0 per image; (db, a, b).
+
+    ``boxes`` are the top patches' boxes of every map of A and of B.
+    """
     from tests.test_results_pg import seed_run
     from workers import results
     from workers.heatmap_io import encode_npy
@@ -386,7 +391,7 @@ def store_runs(
     db = f"sqlite:///{root / 'runs.db'}"
     upgrade(db)
     ids = []
-    for name, maps, size in (("a", maps_a, size_a), ("b", maps_b, size_b)):
+    for name, maps, size, run_boxes in (("a", maps_a, size_a, boxes[0]), ("b", maps_b, size_b, boxes[1])):
         out = root / f"maps-{name}"
         seeded = seed_run(db, name, output_uri=str(out), n_items=len(maps), shard_size=len(maps))
         storage = open_storage(str(out))
@@ -414,7 +419,30 @@ def store_runs(
         with session_scope(db) as s:
             s.execute(update(Run).where(Run.id == name).values(preprocess={"size": list(size)}))
             results.update_items(s, [{"id": i, "status": "done", "pred_class": 0} for i in seeded.item_ids])
-            results.upsert_heatmaps(s, rows)
+            heatmap_ids = results.upsert_heatmaps(s, rows)
+            results.upsert_patch_scores(
+                s,
+                [
+                    {
+                        "heatmap_id": heatmap_id,
+                        "run_id": name,
+                        "item_id": item_id,
+                        "method": "gradcam",
+                        "layer": "l",
+                        "target_class": 0,
+                        "rank": rank,
+                        "row": rank,
+                        "col": 0,
+                        "x0": x0,
+                        "y0": y0,
+                        "x1": x1,
+                        "y1": y1,
+                        "score": 1.0 - rank / 10,
+                    }
+                    for (item_id, *_), heatmap_id in heatmap_ids.items()
+                    for rank, (x0, y0, x1, y1) in enumerate(run_boxes)
+                ],
+            )
         ids.append(name)
     return db, ids[0], ids[1]
 
@@ -438,26 +466,43 @@ def test_one_blob_stored_at_7x7_and_at_14x14_has_not_moved(tmp_path: Path) -> No
     """Maps of another resolution are compared on the finer grid, where the same blob is the same map."""
     coarse = [blob((7, 7), 2, 3), blob((7, 7), 4, 4), blob((7, 7), 3, 2)]
     fine = [upsampled(m, (14, 14)) for m in coarse]
-    db, a, b = store_runs(tmp_path, coarse, fine, (112, 112), (224, 224))
+    # other grids: the IoU is that of the covered areas, here one box against it and its twin
+    boxes: tuple[list[Box], list[Box]] = ([(0, 0, 10, 10)], [(0, 0, 10, 10), (10, 0, 20, 10)])
+    db, a, b = store_runs(tmp_path, coarse, fine, (112, 112), (224, 224), boxes)
     for first, second in ((a, b), (b, a)):
         diff = diff_runs(db, first, second, threshold=0.01)
         assert diff.pairs == 3
         for mover in diff.movers:
             assert mover.correlation == pytest.approx(1.0, abs=1e-4)
             assert mover.centre_shift_px == pytest.approx(0.0, abs=0.5)
+            assert mover.iou == pytest.approx(0.5)
+            assert (mover.method, mover.layer, mover.target_class, mover.class_name) == (
+                "gradcam",
+                "l",
+                0,
+                "circle",
+            )
+        assert sorted(m.source_uri for m in diff.movers) == [f"data/{n}.png" for n in range(3)]
+        with session_scope(db) as s:
+            items = dict(s.execute(select(Item.source_uri, Item.id).where(Item.run_id == second)).all())
+        assert all(m.item_b == items[m.source_uri] for m in diff.movers)
         (shift,) = diff.classes
+        assert shift.mean_iou == pytest.approx(0.5) and diff.mean_iou == pytest.approx(0.5)
         assert shift.mean_correlation == pytest.approx(1.0, abs=1e-4) and not shift.drifted
         assert shift.l1_shift == pytest.approx(0.0, abs=1e-3)
         assert shift.centre_shift_px == pytest.approx(0.0, abs=0.5)
 
 
 def test_a_blob_moved_by_a_known_offset_moves_the_centre_by_it(tmp_path: Path) -> None:
-    """Three cells right and two up on a 14 x 14 map of a 224 wide, 112 high input: (48, -16) px."""
-    before = [blob((14, 14), 6, 4), blob((14, 14), 9, 5)]
-    after = [blob((14, 14), 4, 7), blob((14, 14), 7, 8)]
+    """Three cells right and two up on a 10 x 14 map of a 224 wide, 112 high input.
+
+    The maps sit on a constant floor, which min-max normalisation takes away.
+    """
+    before = [blob((10, 14), 4, 4) + 0.25, blob((10, 14), 6, 5) + 0.25]
+    after = [blob((10, 14), 2, 7) + 0.25, blob((10, 14), 4, 8) + 0.25]
     db, a, b = store_runs(tmp_path, before, after, (112, 224), (112, 224))
     diff = diff_runs(db, a, b)
-    expected_px = float(np.hypot(3 * 224 / 14, 2 * 112 / 14))
+    expected_px = float(np.hypot(3 * 224 / 14, 2 * 112 / 10))
     assert diff.pairs == 2 and len(diff.movers) == 2
     for mover, (x, y) in zip(
         sorted(diff.movers, key=lambda m: m.item_a), zip(before, after, strict=True), strict=True
