@@ -575,4 +575,6 @@ def test_resample_and_normalise_treat_a_missing_value_as_no_attention() -> None:
     found = normalise(np.array([[np.nan, 1.0], [0.0, 2.0]], dtype=np.float16))
     assert found.dtype == np.float32
     np.testing.assert_array_equal(found, np.array([[0.0, 0.5], [0.0, 1.0]], dtype=np.float32))
-    assert not normalise(np.full((3, 3), 4.0)).any(), "a flat map normalises to zeros"
+    flat = normalise(np.full((3, 3), 4.0))
+    assert flat.shape == (3, 3) and flat.dtype == np.float32
+    assert not flat.any(), "a flat map normalises to zeros"
