@@ -1,12 +1,13 @@
-# Two entry points: `make demo` (an audit on embedded defaults) and `make test` (lint + the whole suite).
-# Both build the virtual environment themselves; `make test` also starts Redis and PostgreSQL if needed.
+# Two entry points: `make demo` (an audit on embedded defaults) and `make test` (lint + the whole suite);
+# `make test-fast` skips the slow tests, `make mutation` runs mutation testing (docs/TESTING.md).
+# All build the virtual environment themselves; `make test` also starts Redis and PostgreSQL if needed.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test lint services bench venv clean
+.PHONY: demo test test-fast mutation lint services bench venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,14 @@ lint: $(VENV)/.installed-dev
 
 test: $(VENV)/.installed-dev services lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The inner loop: everything but the tests marked slow (fault injection, whole-pipeline runs).
+test-fast: $(VENV)/.installed-dev services
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# Mutation testing of the modules where a silent error corrupts results (not part of `make test`).
+mutation: $(VENV)/.installed-dev services
+	$(BIN)/python tools/mutation.py
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/engine.py --quick

@@ -348,7 +348,18 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def test_thousand_calls_do_not_grow_memory() -> None:
+# A leak is growth that every call adds. The first traced calls still fill caches once (a few
+# KiB when tracing starts), so growth is measured over a second window after a first one has
+# absorbed them. The bounds per call are those a 1,000-call run had (64 KiB of Python heap,
+# 200 objects, 16 MiB of RSS over 1,000 calls), so a leak of that size fails here as it did there.
+SETTLE_CALLS = 100
+MEASURED_CALLS = 150
+HEAP_BYTES_PER_CALL = 64 * 1024 / 1000
+OBJECTS_PER_CALL = 200 / 1000
+RSS_BYTES_PER_CALL = 16 * 1024 * 1024 / 1000
+
+
+def test_repeated_calls_do_not_grow_memory() -> None:
     seeded(9)
     model = TinyNet(classes=4, width=4).eval()
     engine = CamEngine(
@@ -360,20 +371,22 @@ def test_thousand_calls_do_not_grow_memory() -> None:
     try:
         for _ in range(50):
             engine(images, targets="topk:2")
-        gc.collect()
         tracemalloc.start()
+        for _ in range(SETTLE_CALLS):
+            engine(images, targets="topk:2")
+        gc.collect()
         objects, rss = len(gc.get_objects()), _rss_bytes()
         before = tracemalloc.get_traced_memory()[0]
-        for _ in range(1000):
+        for _ in range(MEASURED_CALLS):
             engine(images, targets="topk:2")
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
     finally:
         torch.set_num_threads(threads)
-    assert grown < 64 * 1024, f"python heap grew by {grown} bytes"
-    assert len(gc.get_objects()) - objects < 200
-    assert _rss_bytes() - rss < 16 * 1024 * 1024
+    assert grown < HEAP_BYTES_PER_CALL * MEASURED_CALLS, f"python heap grew by {grown} bytes"
+    assert len(gc.get_objects()) - objects < OBJECTS_PER_CALL * MEASURED_CALLS
+    assert _rss_bytes() - rss < RSS_BYTES_PER_CALL * MEASURED_CALLS
     assert _hook_count(model) == 0
 
 

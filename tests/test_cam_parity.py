@@ -223,6 +223,7 @@ def test_gradients_stop_at_an_inner_layer() -> None:
         assert_maps_match(result.maps[name][:, 0].numpy(), reference)
 
 
+@pytest.mark.slow
 def test_perturbation_methods_match_reference() -> None:
     model = _model("resnet18")
     images = _images(64)

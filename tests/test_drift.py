@@ -15,6 +15,7 @@ from sqlalchemy import delete, func, select, update
 from torch import nn
 
 from scheduler.analysis.drift import (
+    Box,
     ClassShift,
     DriftError,
     RunDiff,
@@ -453,3 +454,218 @@ def test_maps_of_differently_prepared_runs_are_compared_on_the_source_pixels_bot
         assert naive < 0.9
         ca, cb = centre_of_mass(a), centre_of_mass(b)
         assert math.hypot((ca[0] - cb[0]) * frame[1], (ca[1] - cb[1]) * frame[0]) < 3.0
+
+
+# --------------------------------------------------------------------------- known answers
+#
+# Two runs written directly (rows as the shard writes them, maps as float16 .npy), so every
+# map is known and the answers can be worked out by hand.
+
+
+def store_runs(
+    root: Path,
+    maps_a: list[np.ndarray],
+    maps_b: list[np.ndarray],
+    size_a: tuple[int, int],
+    size_b: tuple[int, int],
+    boxes: tuple[list[Box], list[Box]] = ([], []),
+) -> tuple[str, str, str]:
+    """Runs A and B over the same images, one gradcam map of class 0 per image; (db, a, b).
+
+    ``boxes`` are the top patches' boxes of every map of A and of B.
+    """
+    from tests.test_results_pg import seed_run
+    from workers import results
+    from workers.heatmap_io import encode_npy
+    from workers.storage import open_storage
+
+    db = f"sqlite:///{root / 'runs.db'}"
+    upgrade(db)
+    ids = []
+    for name, maps, size, run_boxes in (("a", maps_a, size_a, boxes[0]), ("b", maps_b, size_b, boxes[1])):
+        out = root / f"maps-{name}"
+        seeded = seed_run(db, name, output_uri=str(out), n_items=len(maps), shard_size=len(maps))
+        storage = open_storage(str(out))
+        rows = []
+        for item_id, raw in zip(seeded.item_ids, maps, strict=True):
+            key = f"runs/{name}/gradcam/l/{item_id}/0"
+            storage.put(key + ".npy", encode_npy(raw), "application/octet-stream")
+            rows.append(
+                {
+                    "item_id": item_id,
+                    "run_id": name,
+                    "method": "gradcam",
+                    "layer": "l",
+                    "target_class": 0,
+                    "target_score": 1.0,
+                    "object_key": key + ".png",
+                    "raw_key": key + ".npy",
+                    "sha256": "",
+                    "raw_max": float(raw.max()),
+                    "raw_mean": float(raw.mean()),
+                    "map_mean": 0.0,
+                    "top_patch_fraction": 0.0,
+                }
+            )
+        with session_scope(db) as s:
+            s.execute(update(Run).where(Run.id == name).values(preprocess={"size": list(size)}))
+            results.update_items(s, [{"id": i, "status": "done", "pred_class": 0} for i in seeded.item_ids])
+            heatmap_ids = results.upsert_heatmaps(s, rows)
+            results.upsert_patch_scores(
+                s,
+                [
+                    {
+                        "heatmap_id": heatmap_id,
+                        "run_id": name,
+                        "item_id": item_id,
+                        "method": "gradcam",
+                        "layer": "l",
+                        "target_class": 0,
+                        "rank": rank,
+                        "row": rank,
+                        "col": 0,
+                        "x0": x0,
+                        "y0": y0,
+                        "x1": x1,
+                        "y1": y1,
+                        "score": 1.0 - rank / 10,
+                    }
+                    for (item_id, *_), heatmap_id in heatmap_ids.items()
+                    for rank, (x0, y0, x1, y1) in enumerate(run_boxes)
+                ],
+            )
+        ids.append(name)
+    return db, ids[0], ids[1]
+
+
+def blob(shape: tuple[int, int], row: int, col: int) -> np.ndarray:
+    """A compact peak (weights 1-2-4) centred on one cell, zero elsewhere: its centre of mass is that cell."""
+    out = np.zeros(shape, dtype=np.float32)
+    out[row - 1 : row + 2, col - 1 : col + 2] = np.outer([1, 2, 1], [1, 2, 1])
+    return out
+
+
+def upsampled(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The same map seen on a finer grid (bilinear, half-pixel centres: how maps reach the input)."""
+    tensor = torch.from_numpy(arr.astype(np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()
+
+
+def test_one_blob_stored_at_7x7_and_at_14x14_has_not_moved(tmp_path: Path) -> None:
+    """Maps of another resolution are compared on the finer grid, where the same blob is the same map."""
+    coarse = [blob((7, 7), 2, 3), blob((7, 7), 4, 4), blob((7, 7), 3, 2)]
+    fine = [upsampled(m, (14, 14)) for m in coarse]
+    # other grids: the IoU is that of the covered areas, here one box against it and its twin
+    boxes: tuple[list[Box], list[Box]] = ([(0, 0, 10, 10)], [(0, 0, 10, 10), (10, 0, 20, 10)])
+    db, a, b = store_runs(tmp_path, coarse, fine, (112, 112), (224, 224), boxes)
+    for first, second in ((a, b), (b, a)):
+        diff = diff_runs(db, first, second, threshold=0.01)
+        assert diff.pairs == 3
+        for mover in diff.movers:
+            assert mover.correlation == pytest.approx(1.0, abs=1e-4)
+            assert mover.centre_shift_px == pytest.approx(0.0, abs=0.5)
+            assert mover.iou == pytest.approx(0.5)
+            assert (mover.method, mover.layer, mover.target_class, mover.class_name) == (
+                "gradcam",
+                "l",
+                0,
+                "circle",
+            )
+        assert sorted(m.source_uri for m in diff.movers) == [f"data/{n}.png" for n in range(3)]
+        with session_scope(db) as s:
+            items = dict(s.execute(select(Item.source_uri, Item.id).where(Item.run_id == second)).all())
+        assert all(m.item_b == items[m.source_uri] for m in diff.movers)
+        (shift,) = diff.classes
+        assert shift.mean_iou == pytest.approx(0.5) and diff.mean_iou == pytest.approx(0.5)
+        assert shift.mean_correlation == pytest.approx(1.0, abs=1e-4) and not shift.drifted
+        assert shift.l1_shift == pytest.approx(0.0, abs=1e-3)
+        assert shift.centre_shift_px == pytest.approx(0.0, abs=0.5)
+
+
+def test_a_blob_moved_by_a_known_offset_moves_the_centre_by_it(tmp_path: Path) -> None:
+    """Three cells right and two up on a 10 x 14 map of a 224 wide, 112 high input.
+
+    The maps sit on a constant floor, which min-max normalisation takes away.
+    """
+    before = [blob((10, 14), 4, 4) + 0.25, blob((10, 14), 6, 5) + 0.25]
+    after = [blob((10, 14), 2, 7) + 0.25, blob((10, 14), 4, 8) + 0.25]
+    db, a, b = store_runs(tmp_path, before, after, (112, 224), (112, 224))
+    diff = diff_runs(db, a, b)
+    expected_px = float(np.hypot(3 * 224 / 14, 2 * 112 / 10))
+    assert diff.pairs == 2 and len(diff.movers) == 2
+    for mover, (x, y) in zip(
+        sorted(diff.movers, key=lambda m: m.item_a), zip(before, after, strict=True), strict=True
+    ):
+        assert mover.centre_shift_px == pytest.approx(expected_px, abs=1e-3)
+        assert mover.correlation == pytest.approx(float(np.corrcoef(x.ravel(), y.ravel())[0, 1]), abs=1e-6)
+    (shift,) = diff.classes
+    assert shift.centre_shift_px == pytest.approx(expected_px, abs=1e-3)
+    assert shift.l1_shift == pytest.approx(1.0), "the moved blobs do not overlap their old places"
+    assert shift.drifted and diff.drifted == [shift]
+
+
+def test_a_blob_moved_on_a_coarser_grid_is_measured_in_run_b_pixels(tmp_path: Path) -> None:
+    """A at 7 x 7, B at 14 x 14 one coarse cell right and down: 1/7 of B's 224 x 112 input each way."""
+    before = [blob((7, 7), 3, 3)]
+    after = [upsampled(blob((7, 7), 4, 4), (14, 14))]
+    db, a, b = store_runs(tmp_path, before, after, (64, 64), (112, 224))
+    diff = diff_runs(db, a, b)
+    expected_px = float(np.hypot(224 / 7, 112 / 7))
+    (mover,) = diff.movers
+    assert mover.centre_shift_px == pytest.approx(expected_px, abs=0.05)
+    (shift,) = diff.classes
+    assert shift.centre_shift_px == pytest.approx(expected_px, abs=0.05)
+
+
+def test_movers_are_the_least_similar_pairs_most_changed_first(tmp_path: Path) -> None:
+    """One pair unchanged, one moved a little, one moved far: the movers list the moved ones."""
+    before = [blob((14, 14), 6, 6), blob((14, 14), 6, 6), blob((14, 14), 6, 6)]
+    after = [blob((14, 14), 6, 6), blob((14, 14), 6, 7), blob((14, 14), 6, 10)]
+    db, a, b = store_runs(tmp_path, before, after, (112, 112), (112, 112))
+    expected = [float(np.corrcoef(x.ravel(), y.ravel())[0, 1]) for x, y in zip(before, after, strict=True)]
+    assert expected[0] > expected[1] > expected[2]
+    diff = diff_runs(db, a, b, limit=2)
+    with session_scope(db) as s:
+        order = {
+            item_id: n
+            for n, item_id in enumerate(
+                s.execute(select(Item.id).where(Item.run_id == a).order_by(Item.ordinal)).scalars()
+            )
+        }
+    assert [order[m.item_a] for m in diff.movers] == [2, 1]
+    assert [m.correlation for m in diff.movers] == pytest.approx([expected[2], expected[1]], abs=1e-6)
+    assert [m.centre_shift_px for m in diff.movers] == pytest.approx([32.0, 8.0], abs=1e-3)
+    assert diff.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
+    assert (diff.pairs, diff.unmatched_a, diff.unmatched_b) == (3, 0, 0)
+    assert diff_runs(db, a, b, limit=0).movers == []
+    (shift,) = diff.classes
+    assert shift.n == 3 and shift.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
+    # a class is drifted exactly when its mean correlation is below 1 - threshold
+    assert not diff_runs(db, a, b, threshold=1 - shift.mean_correlation + 1e-3).classes[0].drifted
+    assert diff_runs(db, a, b, threshold=1 - shift.mean_correlation - 1e-3).classes[0].drifted
+
+
+def test_resample_returns_float32_maps_on_either_grid() -> None:
+    """Stored maps are float16; every measure reads them as float32, resampled or not."""
+    from scheduler.analysis.drift import resample
+
+    stored = blob((7, 7), 3, 3).astype(np.float16)
+    same = resample(stored, (7, 7))
+    finer = resample(stored, (14, 14))
+    assert same.dtype == np.float32 and finer.dtype == np.float32
+    np.testing.assert_array_equal(same, stored.astype(np.float32))
+    np.testing.assert_allclose(finer, upsampled(stored.astype(np.float32), (14, 14)), rtol=0, atol=0)
+
+
+def test_resample_and_normalise_treat_a_missing_value_as_no_attention() -> None:
+    """A NaN cell counts as zero before min-max, so it cannot become the peak of a map."""
+    from scheduler.analysis.drift import normalise
+
+    found = normalise(np.array([[np.nan, 1.0], [0.0, 2.0]], dtype=np.float16))
+    assert found.dtype == np.float32
+    np.testing.assert_array_equal(found, np.array([[0.0, 0.5], [0.0, 1.0]], dtype=np.float32))
+    flat = normalise(np.full((3, 3), 4.0))
+    assert flat.shape == (3, 3) and flat.dtype == np.float32
+    assert not flat.any(), "a flat map normalises to zeros"

@@ -17,6 +17,8 @@ from tests.test_e2e_embedded import run_cli
 from workers.storage import open_storage
 from workers.synth import make_dataset
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,34 @@ def running_shard(database_url: str, run_id: str) -> int | None:
         return s.execute(
             select(Shard.id).where(Shard.run_id == run_id, Shard.status == "running")
         ).scalar_one_or_none()
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a run stood at one moment: its status and the status of each shard, by shard id."""
+
+    status: str
+    shards: dict[int, str]
+    attempts: dict[int, int]
+
+    def with_status(self, status: str) -> list[int]:
+        return [shard_id for shard_id, s in self.shards.items() if s == status]
+
+
+def run_state(database_url: str, run_id: str) -> RunState:
+    with session_scope(database_url) as s:
+        run = s.get(Run, run_id)
+        assert run is not None
+        rows = s.execute(select(Shard.id, Shard.status, Shard.attempts).where(Shard.run_id == run_id)).all()
+        return RunState(run.status, {r.id: r.status for r in rows}, {r.id: r.attempts for r in rows})
+
+
+def assert_mid_run(state: RunState, shard_id: int, fault: str) -> None:
+    """The fault must land inside the run: that shard still running, and work still to do."""
+    assert state.status == "running", f"the run was {state.status} when {fault}"
+    assert state.shards[shard_id] == "running", f"shard {shard_id} was {state.shards[shard_id]} when {fault}"
+    assert state.attempts[shard_id] == 1, "the shard should be on its first delivery when the fault hits"
+    assert len(state.with_status("done")) < len(state.shards) - 1, f"the run was nearly over when {fault}"
 
 
 def wait_finished(database_url: str, run_id: str, timeout: float = 300) -> None:
@@ -256,12 +285,20 @@ def test_redis_restart_mid_run(
     env |= {"CAMAUDIT_VISIBILITY_TIMEOUT_S": "10", "CAMAUDIT_UNACKED_RESTORE_INTERVAL_S": "1"}
     worker = start_worker(env, name="w1")
     run_id = start_run(dataset, env, "gradcam,scorecam", 6)
-    wait_until(lambda: running_shard(postgres_url, run_id), 120, "a shard to start")
+    shard_id = wait_until(lambda: running_shard(postgres_url, run_id), 120, "a shard to start")
+    assert isinstance(shard_id, int)
+    before_stop = run_state(postgres_url, run_id)
     private_redis.stop()
-    assert running_shard(postgres_url, run_id), "no shard was running when Redis went away"
+    # Both sides of the stop: the shard was running before Redis went away and is still running
+    # once it is gone, so Redis stopped while the shard was in the worker's hands.
+    at_stop = run_state(postgres_url, run_id)
+    assert_mid_run(before_stop, shard_id, "Redis was about to stop")
+    assert_mid_run(at_stop, shard_id, "Redis stopped")
+    assert at_stop.with_status("pending"), "no shard was left waiting in the queue when Redis stopped"
     private_redis.start()
     wait_finished(postgres_url, run_id)
     assert worker.proc.poll() is None, worker.log()[-2000:]
+    assert "connection to broker lost" in worker.log().lower(), "the worker never noticed Redis go away"
     assert_run_complete(postgres_url, run_id, open_storage(s3_storage_url, endpoint_url=s3_endpoint_url))
 
 

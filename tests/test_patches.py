@@ -126,3 +126,42 @@ def test_boxes_stay_inside_sources_smaller_than_the_grid(source_size: tuple[int,
     assert kept[0] == 0 and kept == sorted(kept)
     if source_size == (1, 1):
         assert kept == [0] and tuple(boxes[0, 0]) == (0, 0, 1, 1)
+
+
+def test_top_patches_index_rows_and_columns_of_a_wide_and_a_tall_grid() -> None:
+    """On a non-square grid a flat index splits by the column count; a square grid hides the mix-up."""
+    for input_size, grid in (((64, 160), (2, 5)), ((160, 64), (5, 2))):
+        raw = torch.zeros(1, *grid)
+        raw[0, grid[0] - 1, 1] = 3.0  # bottom row, second column
+        raw[0, 0, grid[1] - 1] = 2.0  # top row, last column
+        top = top_patches(raw, input_size, 32, grid[0] * grid[1])
+        assert top.grid == grid
+        assert (int(top.rows[0, 0]), int(top.cols[0, 0])) == (grid[0] - 1, 1)
+        assert (int(top.rows[0, 1]), int(top.cols[0, 1])) == (0, grid[1] - 1)
+        expected = patch_grid(raw, input_size, 32)[0]
+        for k in range(grid[0] * grid[1]):
+            assert float(expected[top.rows[0, k], top.cols[0, k]]) == float(top.scores[0, k])
+        torch.testing.assert_close(top.total, expected.sum().reshape(1))
+
+
+@pytest.mark.parametrize(
+    ("input_size", "grid"),
+    [((70, 100), (3, 4)), ((64, 100), (2, 4)), ((100, 64), (4, 2)), ((33, 33), (2, 2))],
+)
+def test_a_partial_edge_patch_is_kept_on_either_side(
+    input_size: tuple[int, int], grid: tuple[int, int]
+) -> None:
+    """Edges that need padding on one side only, or by less than half a patch, still get their patch."""
+    raw = torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(3))
+    scores = patch_grid(raw, input_size, 32)
+    assert tuple(scores.shape[1:]) == grid
+    height, width = input_size
+    up = F.interpolate(raw.unsqueeze(1), size=input_size, mode="bilinear", align_corners=False).squeeze(1)
+    last = up[:, (grid[0] - 1) * 32 : height, (grid[1] - 1) * 32 : width].sum(dim=(1, 2)) / (height * width)
+    torch.testing.assert_close(scores[:, -1, -1], last, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scores.sum(dim=(1, 2)), up.mean(dim=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_boxes_are_integers() -> None:
+    boxes = patch_boxes(np.array([[0, 1]]), np.array([[2, 0]]), 32, (96, 160), np.array([[333, 201]]))
+    assert boxes.dtype == np.int64

@@ -17,6 +17,8 @@ from workers.synth import make_dataset
 MUST_POINT = ("cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "scorecam")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pointing_rates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +24,13 @@ from scheduler.analysis.quality import (
 )
 from schema.db import session_scope
 from schema.models import Item, Run
-from tests.test_drift import cli_run
+from tests.plugins.runs import DemoRun
 from tests.test_e2e_embedded import run_cli
 from workers.models import load_model
 from workers.preprocess import Preprocess
-from workers.synth import make_dataset
 
-N_IMAGES = 16
 SAMPLE = 6
 STEPS = 10
-
-
-@dataclass(frozen=True)
-class DemoRun:
-    db: str
-    run_id: str
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    root = tmp_path_factory.mktemp("quality")
-    manifest = make_dataset(root / "data", N_IMAGES, seed=41)
-    db = f"sqlite:///{root / 'runs.db'}"
-    return DemoRun(db, cli_run(manifest, db, root / "heatmaps"))
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +44,9 @@ def curves(demo_run: DemoRun) -> dict[str, Faithfulness]:
 
 def test_maps_point_into_the_object_box(demo_run: DemoRun) -> None:
     report = localisation(demo_run.db, demo_run.run_id)
-    assert report.boxed_items == N_IMAGES
+    assert report.boxed_items == demo_run.n_items
     gradcam = report.get("gradcam")
-    assert gradcam.n == N_IMAGES - report.unexplained >= N_IMAGES - 2
+    assert gradcam.n == demo_run.n_items - report.unexplained >= demo_run.n_items - 2
     assert gradcam.pointing_game >= 0.9
     # the maps put far more of their mass in the box than an even spread would
     assert gradcam.energy_in_box > 2 * gradcam.box_fraction
@@ -187,6 +170,7 @@ def test_unknown_run_and_bad_sample_are_refused(demo_run: DemoRun) -> None:
         faithfulness(demo_run.db, demo_run.run_id, sample=0, device="cpu")
 
 
+@pytest.mark.slow
 def test_cli_quality_json(demo_run: DemoRun) -> None:
     proc = run_cli(
         "quality",
@@ -219,6 +203,7 @@ def test_cli_quality_json(demo_run: DemoRun) -> None:
     assert f"{boxed} items with a label and a box" in table.stdout
 
 
+@pytest.mark.slow
 def test_quality_uses_the_sources_the_run_read(demo_run: DemoRun, tmp_path: Path) -> None:
     """Items whose source image is gone are replaced by others in the sample."""
     with session_scope(demo_run.db) as s:
@@ -230,8 +215,8 @@ def test_quality_uses_the_sources_the_run_read(demo_run: DemoRun, tmp_path: Path
         ).one()
         s.execute(update(Item).where(Item.id == first.id).values(source_uri=str(tmp_path / "gone.png")))
     try:
-        found = faithfulness(demo_run.db, demo_run.run_id, sample=N_IMAGES, steps=2, device="cpu")
+        found = faithfulness(demo_run.db, demo_run.run_id, sample=demo_run.n_items, steps=2, device="cpu")
     finally:
         with session_scope(demo_run.db) as s:
             s.execute(update(Item).where(Item.id == first.id).values(source_uri=first.source_uri))
-    assert {f.n for f in found} == {N_IMAGES - 1}
+    assert {f.n for f in found} == {demo_run.n_items - 1}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,19 +17,10 @@ from scheduler.analysis.report import CROP_SIDE, ReportError, ReportOptions, bui
 from scheduler.query import top_regions
 from schema.db import session_scope
 from schema.models import Run
-from tests.test_drift import cli_run
+from tests.plugins.runs import HOSTILE_NAME, DemoRun
 from tests.test_e2e_embedded import run_cli
-from workers.synth import make_dataset
 
-N_IMAGES = 10
 REGIONS = 2
-HOSTILE_NAME = '<script>alert("x")</script> & co'
-
-
-@dataclass(frozen=True)
-class DemoRun:
-    db: str
-    run_id: str
 
 
 class Page(HTMLParser):
@@ -71,17 +61,6 @@ def parse(text: str) -> Page:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    root = tmp_path_factory.mktemp("report")
-    manifest = make_dataset(root / "data", N_IMAGES, seed=53)
-    db = f"sqlite:///{root / 'runs.db'}"
-    run_id = cli_run(manifest, db, root / "heatmaps")
-    with session_scope(db) as s:
-        s.execute(update(Run).where(Run.id == run_id).values(name=HOSTILE_NAME))
-    return DemoRun(db, run_id)
-
-
-@pytest.fixture(scope="module")
 def full_report(demo_run: DemoRun) -> str:
     options = ReportOptions(baseline=demo_run.run_id, faithfulness=True, sample=3, regions=REGIONS)
     return build_report(demo_run.db, demo_run.run_id, options)
@@ -114,7 +93,7 @@ def test_report_has_every_section_with_the_runs_numbers(demo_run: DemoRun, full_
         "Sanity check (model randomisation)",
     ):
         assert heading in text
-    assert f"items done {N_IMAGES}" in text and "methods gradcam, cam" in text
+    assert f"items done {demo_run.n_items}" in text and "methods gradcam, cam" in text
     # one crop per region the query side lists, for every class of every method
     expected = 0
     for method in ("gradcam", "cam"):

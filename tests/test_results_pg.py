@@ -11,6 +11,7 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,50 @@ def test_a_rerun_updates_changed_scores_in_place_and_drops_stale_ranks(database_
     assert sorted(r[-1] for r in after) == new_scores
 
 
+def test_dropping_stale_ranks_leaves_other_heatmaps_alone(database_url: str) -> None:
+    """A shard re-run with fewer top patches trims its own heatmaps, not those of other shards."""
+    run = seed_run(database_url, "r1", n_items=6, shard_size=3)
+    first, second = run.shard_ids
+    for shard_id in (first, second):
+        write_shard(database_url, shard_rows(run, shard_id, top_patches=3))
+    write_shard(database_url, shard_rows(run, first, top_patches=2, seed=1), top_patches=2)
+    with get_engine(database_url).connect() as conn:
+        ranks = conn.execute(select(PatchScore.item_id, PatchScore.rank)).all()
+    by_shard = {
+        shard_id: sorted(rank for item, rank in ranks if item in run.items_by_shard[shard_id])
+        for shard_id in (first, second)
+    }
+    per_shard = 3 * len(run.methods) * 2  # items x methods x classes
+    assert by_shard[first] == sorted(list(range(2)) * per_shard)
+    assert by_shard[second] == sorted(list(range(3)) * per_shard)
+
+
+def test_a_rerun_refreshes_every_heatmap_and_patch_column(database_url: str) -> None:
+    """After two writes of one shard with different values, every stored column is the second's."""
+    run = seed_run(database_url, "r1", n_items=3)
+    shard_id = run.shard_ids[0]
+    for n, mode in enumerate(_modes(database_url)):
+        write_shard(database_url, shard_rows(run, shard_id, seed=10 + 2 * n))
+        second = shard_rows(run, shard_id, seed=11 + 2 * n)
+        with session_scope(database_url) as session:
+            ids = results.upsert_heatmaps(session, second.heatmaps, mode=mode)
+            results.delete_stale_patch_scores(session, list(ids.values()), 3)
+            results.upsert_patch_scores(
+                session, [{"heatmap_id": ids[key], **row} for key, row in second.patches], mode=mode
+            )
+        with get_engine(database_url).connect() as conn:
+            heatmaps = conn.execute(select(Heatmap.__table__)).mappings().all()
+            patches = conn.execute(select(PatchScore.__table__)).mappings().all()
+        key = itemgetter("item_id", "method", "layer", "target_class")
+        stored = {key(row): {c: row[c] for c in results.HEATMAP_COLUMNS} for row in heatmaps}
+        assert stored == {key(row): row for row in second.heatmaps}, f"a rerun via {mode} left stale columns"
+        stored_patches = {(row["heatmap_id"], row["rank"]): dict(row) for row in patches}
+        assert len(stored_patches) == len(second.patches)
+        for hkey, row in second.patches:
+            got = stored_patches[(ids[hkey], row["rank"])]
+            assert {c: got[c] for c in results.PATCH_COLUMNS} == {"heatmap_id": ids[hkey], **row}
+
+
 def test_two_writes_in_one_transaction_and_a_rollback_leave_no_staged_rows(database_url: str) -> None:
     run = seed_run(database_url, "r1")
     first, second = (shard_rows(run, shard_id) for shard_id in run.shard_ids)
@@ -306,11 +351,11 @@ def test_bad_patch_rows_are_refused_with_the_reason(database_url: str) -> None:
         ids = results.upsert_heatmaps(session, shard.heatmaps)
         key, row = shard.patches[0]
         twice = [{"heatmap_id": ids[key], **row}, {"heatmap_id": ids[key], **row}]
-        with pytest.raises(ValueError, match=r"repeats \(heatmap_id, rank\)"):
+        with pytest.raises(ValueError, match=r"^patch-score row 1 repeats \(heatmap_id, rank\) = "):
             results.upsert_patch_scores(session, twice)
         partial = {"heatmap_id": ids[key], **row}
         del partial["score"]
-        with pytest.raises(ValueError, match="lack score"):
+        with pytest.raises(ValueError, match=r"^patch-score rows lack score; every row needs heatmap_id, "):
             results.upsert_patch_scores(session, [partial])
         twin = r"heatmap row 1 repeats \(item_id, method, layer, target_class\)"
         with pytest.raises(ValueError, match=twin):

@@ -29,6 +29,8 @@ from tests.plugins.services import wait_until
 from tests.test_e2e_embedded import REPO, run_cli
 from workers.synth import make_dataset
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = os.environ.get("CAMAUDIT_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",

@@ -48,6 +48,7 @@ def _faults_per_buffer(mode: str) -> int:
     return int(done.stdout.strip())
 
 
+@pytest.mark.slow
 def test_kept_memory_is_not_page_faulted_in_again_for_every_batch() -> None:
     default, kept = _faults_per_buffer("default"), _faults_per_buffer("keep")
     # 50 MB is ~12,200 pages: glibc maps each such buffer afresh; kept, it is reused.

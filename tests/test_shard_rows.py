@@ -1,0 +1,347 @@
+"""The rows a shard writes, checked against the objects it stored, on a non-square model input.
+
+Square inputs hide a whole class of mistakes (a patch's row taken from the column count, a width
+used for a height), so the model here reads 160 x 96 pixels (a 20 x 12 raw map, a 5 x 3 patch
+grid) from sources of every aspect ratio. Every expected value is recomputed from the stored
+raw ``.npy`` and PNG with plain torch/numpy arithmetic written out in this file, never with the
+worker's own helpers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sqlalchemy import select
+
+from scheduler.plan import plan_run
+from schema.db import session_scope
+from schema.models import Heatmap, Item, PatchScore, Run
+from schema.payloads import RunSpec
+from schema.settings import Settings
+from tests.test_patches import patch_box
+from workers.heatmap_io import decode_npy, decode_png_gray, to_uint8
+from workers.models import DEMO_CHECKPOINT
+from workers.shard import WorkItem, explain_shard
+from workers.shard_rows import (
+    failed_item_row,
+    heatmap_rows,
+    map_layout,
+    map_statistics,
+    patch_rows,
+    prediction_rows,
+)
+from workers.storage import Storage, open_storage
+from workers.synth import make_dataset
+
+INPUT_SIZE = (96, 160)  # (height, width): not square, and the two sides differ in patch count
+PATCH = 32
+GRID = (3, 5)  # patch rows, patch columns
+N_IMAGES = 6
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    db: str
+    storage: Storage
+    run: Run
+    items: dict[int, Item]
+    heatmaps: list[Heatmap]
+    patches: dict[int, list[PatchScore]]  # by heatmap id, in rank order
+
+
+def wide_checkpoint(path: Path) -> Path:
+    """The demo weights, declaring a 160 x 96 input: the trunk is convolutional, so it reads any size."""
+    checkpoint = torch.load(DEMO_CHECKPOINT, weights_only=True)
+    checkpoint["input_size"] = list(INPUT_SIZE)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> StoredRun:
+    root = tmp_path_factory.mktemp("shard-rows")
+    manifest = make_dataset(root / "data", N_IMAGES, seed=23)
+    settings = Settings(database_url=f"sqlite:///{root / 'runs.db'}", storage_url=str(root / "out"))
+    spec = RunSpec(
+        source=str(manifest),
+        checkpoint=str(wide_checkpoint(root / "wide.pt")),
+        methods=["gradcam", "cam"],
+        targets="topk:2",
+        patch_size=PATCH,
+        top_patches=GRID[0] * GRID[1],  # every patch, so the whole order is checked
+        batch_size=4,  # two batches, the second one short
+    )
+    planned = plan_run(spec, settings)
+    for shard_id in planned.shard_ids:
+        assert explain_shard(planned.run_id, shard_id, settings).status == "done"
+    with session_scope(settings.database_url) as s:
+        run = s.get(Run, planned.run_id)
+        items = s.execute(select(Item).where(Item.run_id == planned.run_id)).scalars().all()
+        heatmaps = s.execute(select(Heatmap).where(Heatmap.run_id == planned.run_id)).scalars().all()
+        patch_rows = (
+            s.execute(select(PatchScore).where(PatchScore.run_id == planned.run_id).order_by(PatchScore.rank))
+            .scalars()
+            .all()
+        )
+        s.expunge_all()
+    assert run is not None and run.status == "finished"
+    patches: dict[int, list[PatchScore]] = {}
+    for row in patch_rows:
+        patches.setdefault(row.heatmap_id, []).append(row)
+    return StoredRun(
+        settings.database_url,
+        open_storage(settings.storage_url),
+        run,
+        {i.id: i for i in items},
+        list(heatmaps),
+        patches,
+    )
+
+
+def oracle_patch_scores(raw: np.ndarray) -> np.ndarray:
+    """[rows, cols] patch sums of the raw map upsampled to the input, over the input's pixel count."""
+    height, width = INPUT_SIZE
+    up = F.interpolate(
+        torch.from_numpy(raw.astype(np.float32))[None, None],
+        size=INPUT_SIZE,
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy()
+    rows, cols = GRID
+    scores = np.zeros(GRID, dtype=np.float64)
+    for r in range(rows):
+        for c in range(cols):
+            scores[r, c] = up[r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH].sum(dtype=np.float64)
+    return scores / (height * width)
+
+
+def test_the_run_reads_a_non_square_input(stored: StoredRun) -> None:
+    assert tuple(stored.run.preprocess["size"]) == INPUT_SIZE
+    raw = decode_npy(stored.storage.get(stored.heatmaps[0].raw_key))
+    assert raw.shape == (12, 20)
+    png = decode_png_gray(stored.storage.get(stored.heatmaps[0].object_key))
+    assert png.shape == INPUT_SIZE
+    sources = {(i.width, i.height) for i in stored.items.values()}
+    assert any(w != h for w, h in sources), "the sources should not all be square either"
+
+
+def test_patch_ranks_follow_the_stored_raw_map_on_a_non_square_grid(stored: StoredRun) -> None:
+    """Rank 0 is the argmax of the raw map's patch scores, and every rank holds its true score."""
+    assert len(stored.heatmaps) == N_IMAGES * 2 * 2
+    cells = {(r, c) for r in range(GRID[0]) for c in range(GRID[1])}
+    for heatmap in stored.heatmaps:
+        raw = decode_npy(stored.storage.get(heatmap.raw_key))
+        expected = oracle_patch_scores(raw)
+        # the raw map is stored as float16: allow its rounding, far below the gaps between patches
+        tol = 2e-3 * float(np.abs(expected).max()) + 1e-7
+        ranked = stored.patches[heatmap.id]
+        assert [p.rank for p in ranked] == list(range(len(cells)))
+        assert {(p.row, p.col) for p in ranked} == cells
+        for p in ranked:
+            assert p.score == pytest.approx(expected[p.row, p.col], abs=tol), (p.rank, p.row, p.col)
+        best = np.unravel_index(int(np.argmax(expected)), GRID)
+        top = ranked[0]
+        assert expected[top.row, top.col] >= expected[best] - tol, (
+            f"rank 0 is patch {(top.row, top.col)}, the raw map's strongest is {tuple(map(int, best))}"
+        )
+        in_rank_order = [expected[p.row, p.col] for p in ranked]
+        assert all(a >= b - tol for a, b in itertools.pairwise(in_rank_order))
+        assert in_rank_order[0] > in_rank_order[-1], "a map whose patches all tie tests no order"
+        assert heatmap.top_patch_fraction == pytest.approx(
+            expected.max() / expected.sum(), rel=1e-2, abs=1e-3
+        )
+
+
+def test_patch_boxes_are_the_patch_cells_in_source_pixels(stored: StoredRun) -> None:
+    for heatmap in stored.heatmaps:
+        item = stored.items[heatmap.item_id]
+        for p in stored.patches[heatmap.id]:
+            assert (p.item_id, p.method, p.layer, p.target_class) == (
+                heatmap.item_id,
+                heatmap.method,
+                heatmap.layer,
+                heatmap.target_class,
+            )
+            box = patch_box(p.row, p.col, PATCH, INPUT_SIZE, (item.width, item.height))
+            assert (p.x0, p.y0, p.x1, p.y1) == box
+
+
+def test_heatmap_rows_describe_their_stored_maps(stored: StoredRun) -> None:
+    for heatmap in stored.heatmaps:
+        png_bytes = stored.storage.get(heatmap.object_key)
+        raw = decode_npy(stored.storage.get(heatmap.raw_key)).astype(np.float64)
+        png = decode_png_gray(png_bytes).astype(np.float64) / 255.0
+        prefix = f"runs/{stored.run.id}/{heatmap.method}/{heatmap.layer}/{heatmap.item_id}/"
+        assert heatmap.object_key == f"{prefix}{heatmap.target_class}.png"
+        assert heatmap.raw_key == f"{prefix}{heatmap.target_class}.npy"
+        assert heatmap.sha256 == hashlib.sha256(png_bytes).hexdigest()
+        assert heatmap.raw_max == pytest.approx(raw.max(), rel=2e-3, abs=1e-4)
+        assert heatmap.raw_mean == pytest.approx(raw.mean(), rel=2e-3, abs=1e-4)
+        assert heatmap.map_mean == pytest.approx(png.mean(), abs=1 / 255)
+
+
+def test_each_item_row_and_its_targets_agree_with_the_model_output(stored: StoredRun) -> None:
+    """Targets are the two most probable classes; their scores differ by their log-probabilities."""
+    names = stored.run.class_names
+    assert names is not None
+    by_item: dict[tuple[int, str], list[Heatmap]] = {}
+    for heatmap in stored.heatmaps:
+        by_item.setdefault((heatmap.item_id, heatmap.method), []).append(heatmap)
+    for item in stored.items.values():
+        assert item.status == "done" and item.error is None
+        with Image.open(item.source_uri) as source:
+            assert (item.width, item.height) == source.size
+        probs = [p["prob"] for p in item.predictions]
+        classes = [p["class"] for p in item.predictions]
+        assert len(classes) == len(names) and sorted(classes) == list(range(len(names)))
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert [p["name"] for p in item.predictions] == [names[c] for c in classes]
+        assert item.pred_class == classes[0]
+        assert item.correct == (names[classes[0]] == item.label)
+        for method in ("gradcam", "cam"):
+            maps = sorted(by_item[(item.id, method)], key=lambda h: -h.target_score)
+            assert [h.target_class for h in maps] == classes[:2]
+            logit_gap = maps[0].target_score - maps[1].target_score
+            assert logit_gap == pytest.approx(math.log(probs[0] / probs[1]), rel=1e-3, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- row building alone
+#
+# The same rules on hand-made model outputs, without a model or a database: quick enough to
+# run for every mutant of workers/shard_rows.py.
+
+
+def fake_batch(sizes: list[tuple[int, int]], labels: list[str | None]) -> list[tuple[WorkItem, Any]]:
+    return [
+        (WorkItem(id=100 + n, source_uri=f"s{n}.png", label=label), SimpleNamespace(width=w, height=h))
+        for n, ((w, h), label) in enumerate(zip(sizes, labels, strict=True))
+    ]
+
+
+def test_rows_of_a_batch_follow_each_map_index_to_its_item_and_class() -> None:
+    batch = fake_batch([(333, 201), (90, 140)], ["b", None])
+    targets = torch.tensor([[2, 0], [1, 3]])
+    scores = torch.tensor([[5.0, 1.5], [-0.5, -2.0]])
+    layout = map_layout(batch, SimpleNamespace(targets=targets, scores=scores))
+    assert layout.item_ids == [100, 100, 101, 101]
+    assert layout.targets == [2, 0, 1, 3]
+    assert layout.scores == [5.0, 1.5, -0.5, -2.0]
+    assert layout.source_sizes.tolist() == [[333, 201], [333, 201], [90, 140], [90, 140]]
+
+    generator = torch.Generator().manual_seed(5)
+    raw = torch.randn(2, 2, 3, 5, generator=generator)
+    raw[1, 1] = 0.0  # a flat map: no patch stands out and its fraction is 0
+    maps = torch.rand(2, 2, *INPUT_SIZE, generator=generator)
+    stats = map_statistics(maps, raw, INPUT_SIZE, PATCH, 4, layout.source_sizes)
+    flat = raw.reshape(4, 3, 5).numpy()
+    np.testing.assert_array_equal(stats.raw16, flat.astype(np.float16))
+    np.testing.assert_array_equal(stats.maps_u8, to_uint8(maps).numpy().reshape(4, *INPUT_SIZE))
+    assert stats.raw_max == pytest.approx(flat.max(axis=(1, 2)).tolist(), rel=1e-6)
+    assert stats.raw_mean == pytest.approx(flat.mean(axis=(1, 2)).tolist(), rel=1e-5, abs=1e-7)
+    assert stats.map_mean == pytest.approx(maps.reshape(4, -1).mean(dim=1).tolist(), rel=1e-5)
+    for n in range(4):
+        expected = oracle_patch_scores(flat[n])
+        assert stats.patch_total[n] == pytest.approx(expected.sum(), abs=1e-6)
+        order = sorted(np.ndindex(*GRID), key=lambda rc, e=expected: -e[rc])[:4]
+        if n != 3:
+            assert list(zip(stats.patch_rows[n], stats.patch_cols[n], strict=True)) == order
+        assert stats.patch_scores[n] == pytest.approx([expected[rc] for rc in order], abs=1e-6)
+        width, height = layout.source_sizes[n]
+        assert stats.patch_boxes[n] == [
+            list(patch_box(r, c, PATCH, INPUT_SIZE, (int(width), int(height))))
+            for r, c in zip(stats.patch_rows[n], stats.patch_cols[n], strict=True)
+        ]
+
+    keys = [(f"k{n}.png", f"k{n}.npy") for n in range(4)]
+    heatmaps = heatmap_rows("run", "gradcam", "features", layout, stats, keys)
+    assert [(h["item_id"], h["target_class"], h["target_score"]) for h in heatmaps] == [
+        (100, 2, 5.0),
+        (100, 0, 1.5),
+        (101, 1, -0.5),
+        (101, 3, -2.0),
+    ]
+    for n, row in enumerate(heatmaps):
+        total = stats.patch_total[n]
+        assert row == {
+            "item_id": layout.item_ids[n],
+            "run_id": "run",
+            "method": "gradcam",
+            "layer": "features",
+            "target_class": layout.targets[n],
+            "target_score": layout.scores[n],
+            "object_key": f"k{n}.png",
+            "raw_key": f"k{n}.npy",
+            "sha256": "",
+            "raw_max": stats.raw_max[n],
+            "raw_mean": stats.raw_mean[n],
+            "map_mean": stats.map_mean[n],
+            "top_patch_fraction": stats.patch_scores[n][0] / total if total > 0 else 0.0,
+        }
+    assert heatmaps[3]["top_patch_fraction"] == 0.0
+
+    patches = patch_rows("run", "gradcam", "features", layout, stats)
+    assert len(patches) == 4 * 4
+    for index, (key, row) in enumerate(patches):
+        n, rank = divmod(index, 4)
+        assert key == (layout.item_ids[n], "gradcam", "features", layout.targets[n])
+        x0, y0, x1, y1 = stats.patch_boxes[n][rank]
+        assert row == {
+            "run_id": "run",
+            "item_id": layout.item_ids[n],
+            "method": "gradcam",
+            "layer": "features",
+            "target_class": layout.targets[n],
+            "rank": rank,
+            "row": stats.patch_rows[n][rank],
+            "col": stats.patch_cols[n][rank],
+            "x0": x0,
+            "y0": y0,
+            "x1": x1,
+            "y1": y1,
+            "score": stats.patch_scores[n][rank],
+        }
+
+
+def test_rows_of_predictions_name_classes_and_judge_labels() -> None:
+    batch = fake_batch([(10, 20), (30, 40), (50, 60), (70, 80)], ["b", "c", None, "a"])
+    logits = torch.tensor(
+        [[0.0, 3.0, 1.0, -1.0], [2.0, 0.5, 0.0, 1.0], [0.5, 0.2, 4.0, 0.1], [0.0, 0.3, 0.1, 5.0]]
+    )
+    result = SimpleNamespace(logits=logits)
+    work = SimpleNamespace(top_k_predictions=3, class_names=["a", "b", "c"])  # class 3 has no name
+    rows = prediction_rows(work, batch, result)  # type: ignore[arg-type]
+    probs = torch.softmax(logits, dim=1)
+    for (item, img), row, p in zip(batch, rows, probs, strict=True):
+        order = sorted(range(4), key=lambda c, p=p: -float(p[c]))[:3]
+        assert row["id"] == item.id and row["status"] == "done" and row["error"] is None
+        assert (row["width"], row["height"]) == (img.width, img.height)
+        assert [pred["class"] for pred in row["predictions"]] == order
+        assert [pred["prob"] for pred in row["predictions"]] == pytest.approx([float(p[c]) for c in order])
+        assert [pred["name"] for pred in row["predictions"]] == [
+            ["a", "b", "c"][c] if c < 3 else None for c in order
+        ]
+        assert row["pred_class"] == order[0]
+    assert [row["correct"] for row in rows] == [True, False, None, False]
+    unnamed = prediction_rows(SimpleNamespace(top_k_predictions=9, class_names=None), batch, result)  # type: ignore[arg-type]
+    assert all(len(row["predictions"]) == 4 and row["correct"] is None for row in unnamed)
+    assert all(pred["name"] is None for row in unnamed for pred in row["predictions"])
+
+
+def test_rows_of_failed_items_carry_only_the_reason() -> None:
+    item = WorkItem(id=7, source_uri="broken.png", label="a")
+    assert failed_item_row(item, "cannot decode image: truncated") == {
+        "id": 7,
+        "status": "failed",
+        "error": "cannot decode image: truncated",
+    }
