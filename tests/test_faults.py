@@ -402,8 +402,10 @@ def test_postgres_restart_mid_run_loses_and_doubles_nothing(
     env = base_env(database, redis_url, s3_storage_url, s3_endpoint_url) | LEASE_ENV
     worker = start_worker(env, name="w1")
     # Two shards: one running when the database goes away, one whose claim then fails and retries.
-    data = make_dataset(tmp_path / "data", 8, seed=5)
-    run_id, _ = plan_in_process(data, env, "gradcam,scorecam", 4)
+    # Score-CAM over 12 images keeps the first shard computing well past its 3 s lease, so the
+    # outage ends its lease (not its commit) however fast the machine is.
+    data = make_dataset(tmp_path / "data", 24, seed=5)
+    run_id, _ = plan_in_process(data, env, "gradcam,scorecam", 12)
     wait_until(lambda: running_shard(database, run_id), 120, "a shard to start")
     with session_scope(database) as s:
         running = s.execute(select(Shard.id).where(Shard.run_id == run_id, Shard.status == "running")).all()
