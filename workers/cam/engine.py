@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.cam.capture import capture_layers
+from workers.cam.capture import Capture, capture_layers
 from workers.cam.errors import CamConfigError
 from workers.cam.folding import FoldedModel
 from workers.cam.guard import evaluation_mode
@@ -35,13 +35,16 @@ class CamResult:
 
     ``maps[method]`` and ``layer_maps[method][layer]`` are float32 ``[B, K, H, W]`` in [0, 1] at
     input size; ``raw[method][layer]`` is float32 ``[B, K, h, w]``, the un-normalised
-    ReLU(weighted sum) at feature resolution. For multi-view input ``[B, V, C, H, W]`` each of
-    them gains a view axis after the batch: ``[B, V, K, ...]`` (``views`` is V, else None).
+    ReLU(weighted sum) at feature resolution, and ``unrectified[method][layer]`` the same sum
+    before that ReLU (for ``cam`` its spatial mean is the logit minus the head bias). For
+    multi-view input ``[B, V, C, H, W]`` each of them gains a view axis after the batch:
+    ``[B, V, K, ...]`` (``views`` is V, else None).
     """
 
     maps: dict[str, torch.Tensor]
     layer_maps: dict[str, dict[str, torch.Tensor]]
     raw: dict[str, dict[str, torch.Tensor]]
+    unrectified: dict[str, dict[str, torch.Tensor]]
     targets: torch.Tensor
     scores: torch.Tensor
     logits: torch.Tensor | None
@@ -153,13 +156,15 @@ class CamEngine:
             with torch.enable_grad() if track else contextlib.nullcontext():
                 resolved = resolve_targets(request, output, batch.size)
             with torch.no_grad():
-                acts = {name: self._grid(name, layouts[name], captured[name], batch) for name in names}
+                acts = {
+                    name: self._grid(name, layouts[name], captured[name].values(), batch) for name in names
+                }
                 raw = self._raw_maps(names, layouts, captured, acts, heads, resolved, request, batch, dtype)
                 return self._result(raw, names, resolved, output, batch)
 
     def _forward(
         self, batch: _Batch, names: list[str], track: bool, dtype: torch.dtype | None
-    ) -> tuple[object, dict[str, torch.Tensor]]:
+    ) -> tuple[object, dict[str, Capture]]:
         """The one model forward, capturing the target layers; retried contiguous if needed."""
         modules = {name: self.model.get_submodule(name) for name in names}
         while True:
@@ -207,7 +212,7 @@ class CamEngine:
         self,
         names: list[str],
         layouts: dict[str, Layout],
-        captured: dict[str, torch.Tensor],
+        captured: dict[str, Capture],
         acts: dict[str, torch.Tensor],
         heads: dict[str, nn.Linear],
         resolved: ResolvedTargets,
@@ -243,7 +248,7 @@ class CamEngine:
         self,
         names: list[str],
         layouts: dict[str, Layout],
-        captured: dict[str, torch.Tensor],
+        captured: dict[str, Capture],
         acts: dict[str, torch.Tensor],
         scores: torch.Tensor,
         batch: _Batch,
@@ -256,7 +261,7 @@ class CamEngine:
                 "to the output"
             )
         methods = self._uses(Kind.GRADIENT)
-        leaves = [captured[name] for name in names]
+        leaves = [captured[name].output for name in names]
         columns: dict[tuple[str, str], list[torch.Tensor]] = {(m.name, n): [] for m in methods for n in names}
         targets = scores.shape[1]
         with torch.enable_grad():
@@ -285,7 +290,7 @@ class CamEngine:
         run: MaskedForward,
         images: torch.Tensor,
         layouts: dict[str, Layout],
-        captured: dict[str, torch.Tensor],
+        captured: dict[str, Capture],
         acts: dict[str, torch.Tensor],
         resolved: ResolvedTargets,
         request: TargetRequest,
@@ -300,7 +305,7 @@ class CamEngine:
         weights = ablation_weights(
             runner,
             images,
-            captured[name],
+            captured[name].values(),
             layouts[name],
             resolved.scores,
             request,
@@ -322,6 +327,7 @@ class CamEngine:
         maps: dict[str, torch.Tensor] = {}
         layer_maps: dict[str, dict[str, torch.Tensor]] = {}
         raw_out: dict[str, dict[str, torch.Tensor]] = {}
+        unrectified: dict[str, dict[str, torch.Tensor]] = {}
         for method, per_layer in raw.items():
             upsampled = [upsample(per_layer[name], size) for name in names]
             normalised = {name: min_max(up) for name, up in zip(names, upsampled, strict=True)}
@@ -329,11 +335,13 @@ class CamEngine:
             maps[method] = self._unfold(fused, batch)
             layer_maps[method] = {name: self._unfold(m, batch) for name, m in normalised.items()}
             raw_out[method] = {name: self._unfold(per_layer[name].clamp_min(0), batch) for name in names}
+            unrectified[method] = {name: self._unfold(per_layer[name], batch) for name in names}
         logits = output.detach().float().clone() if isinstance(output, torch.Tensor) else None
         return CamResult(
             maps=maps,
             layer_maps=layer_maps,
             raw=raw_out,
+            unrectified=unrectified,
             targets=resolved.classes.contiguous(),
             scores=resolved.scores.detach().float(),
             logits=logits,
