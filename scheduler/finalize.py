@@ -15,8 +15,8 @@ from sqlalchemy import delete, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from scheduler.drift import RunDiff, diff_runs
-from scheduler.quality import LocalisationReport, localisation
+from scheduler.analysis.drift import RunDiff, diff_runs
+from scheduler.analysis.quality import LocalisationReport, localisation
 from scheduler.query import DELETING, get_run
 from schema.db import dialect_name, session_scope
 from schema.models import ClassDrift, RunQuality, RunStatus, utcnow

@@ -12,7 +12,7 @@ import torch
 from sqlalchemy import func, select, update
 from torch import nn
 
-from scheduler.drift import (
+from scheduler.analysis.drift import (
     ClassShift,
     DriftError,
     RunDiff,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sqlalchemy import func, select, update
 
-from scheduler.quality import (
+from scheduler.analysis.quality import (
     Faithfulness,
     QualityError,
     box_mask,

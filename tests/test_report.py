@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 from sqlalchemy import select, update
 
-from scheduler.drift import diff_runs
-from scheduler.quality import localisation
+from scheduler.analysis.drift import diff_runs
+from scheduler.analysis.quality import localisation
+from scheduler.analysis.report import CROP_SIDE, ReportError, ReportOptions, build_report, crop_region
 from scheduler.query import top_regions
-from scheduler.report import CROP_SIDE, ReportError, ReportOptions, build_report, crop_region
 from schema.db import session_scope
 from schema.models import Run
 from tests.test_drift import cli_run

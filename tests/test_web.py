@@ -379,8 +379,8 @@ def test_drift_page(client: TestClient, site: Site) -> None:
     lonely = client.get(f"/drift?b={site.second}")
     assert "has no baseline run" in error_text(lonely.text)
     page = client.get(f"/drift?a={site.first}&b={site.second}")
-    if importlib.util.find_spec("scheduler.drift") is None:
-        assert page.status_code == 501 and "scheduler.drift is missing" in error_text(page.text)
+    if importlib.util.find_spec("scheduler.analysis.drift") is None:
+        assert page.status_code == 501 and "scheduler.analysis.drift is missing" in error_text(page.text)
         return
     assert page.status_code == 200, page.text
     assert 'class="grid drift-table"' in page.text

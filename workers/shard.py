@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,12 +24,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from schema.db import session_scope
-from schema.models import Item, ItemStatus, Run, RunStatus, Shard, ShardStatus, utcnow
+from schema.models import Item, Run, RunStatus, Shard, ShardStatus, utcnow
 from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.cam import CamEngine
 from workers.fetch import read_bytes
-from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg, to_uint8
+from workers.heatmap_io import encode_npy, encode_png_gray, overlay_jpeg
 from workers.images import (
     DecodedPixels,
     ImageDecodeError,
@@ -39,9 +39,19 @@ from workers.images import (
     stack_pixels,
 )
 from workers.models import LoadedModel
-from workers.patches import patch_boxes, top_patches
 from workers.pools import pool_sizes
 from workers.runtime import engine_for, model_for, storage_for
+from workers.shard_rows import (
+    MapLayout,
+    MapStatistics,
+    ShardRows,
+    failed_item_row,
+    heatmap_rows,
+    map_layout,
+    map_statistics,
+    patch_rows,
+    prediction_rows,
+)
 from workers.storage import ConcurrentWriter, S3Storage
 
 log = logging.getLogger("camaudit.worker")
@@ -72,24 +82,6 @@ class ShardWork:
     class_names: list[str] | None
     items: list[WorkItem]
     overlay: bool = False
-
-
-@dataclass
-class ShardRows:
-    items: list[dict[str, Any]] = field(default_factory=list)
-    heatmaps: list[dict[str, Any]] = field(default_factory=list)
-    # heatmap rows and the encoder task that returns their PNGs' sha256, in the same order
-    encoded: list[tuple[list[dict[str, Any]], Future[list[str]]]] = field(default_factory=list)
-    # patch rows wait for their heatmap's id: keyed by (item, method, layer, class)
-    patches: list[tuple[tuple[int, str, str, int], dict[str, Any]]] = field(default_factory=list)
-
-    @property
-    def n_done(self) -> int:
-        return sum(1 for row in self.items if row["status"] == ItemStatus.DONE)
-
-    @property
-    def n_failed(self) -> int:
-        return sum(1 for row in self.items if row["status"] == ItemStatus.FAILED)
 
 
 @dataclass(frozen=True)
@@ -249,6 +241,45 @@ def _encode_and_upload(
     return digests
 
 
+def _batch_targets(
+    work: ShardWork,
+    batch: list[tuple[WorkItem, DecodedPixels]],
+    rows: ShardRows,
+    device: torch.device,
+) -> tuple[Any, list[tuple[WorkItem, DecodedPixels]]]:
+    """The engine's targets for the items that have one; the others fail here with their reason."""
+    targets, target_errors = _targets_for(work, [item for item, _ in batch])
+    keep = [i for i, err in enumerate(target_errors) if err is None]
+    for (item, _), err in zip(batch, target_errors, strict=True):
+        if err is not None:
+            rows.items.append(failed_item_row(item, err))
+    if isinstance(targets, torch.Tensor) and keep:
+        targets = targets[keep].to(device)
+    return targets, [batch[i] for i in keep]
+
+
+def _submit_encoding(
+    work: ShardWork,
+    method: str,
+    layer: str,
+    layout: MapLayout,
+    stats: MapStatistics,
+    sources: list[bytes | None],
+    writer: ConcurrentWriter,
+    encoder: ThreadPoolExecutor,
+) -> tuple[list[tuple[str, str]], Future[list[str]]]:
+    """The PNG and npy keys of every map, and the encoder task that writes them (and overlays)."""
+    keys = [
+        (
+            heatmap_key(work.run_id, method, layer, item_id, target, "png"),
+            heatmap_key(work.run_id, method, layer, item_id, target, "npy"),
+        )
+        for item_id, target in zip(layout.item_ids, layout.targets, strict=True)
+    ]
+    shas = encoder.submit(_encode_and_upload, writer, keys, stats.maps_u8, stats.raw16, sources)
+    return keys, shas
+
+
 def _explain_batch(
     work: ShardWork,
     loaded: LoadedModel,
@@ -261,131 +292,30 @@ def _explain_batch(
 ) -> None:
     device = next(loaded.model.parameters()).device
     pre = loaded.preprocess
-    input_size = pre.size
-    targets, target_errors = _targets_for(work, [item for item, _ in batch])
-    keep = [i for i, err in enumerate(target_errors) if err is None]
-    for i, err in enumerate(target_errors):
-        if err is not None:
-            rows.items.append({"id": batch[i][0].id, "status": ItemStatus.FAILED, "error": err})
-    if not keep:
+    targets, batch = _batch_targets(work, batch, rows, device)
+    if not batch:
         return
-    batch = [batch[i] for i in keep]
-    if isinstance(targets, torch.Tensor):
-        targets = targets[keep].to(device)
     pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
     result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    rows.items.extend(prediction_rows(work, batch, result))
 
-    probs = torch.softmax(result.logits.float(), dim=1)
-    k = min(work.top_k_predictions, probs.shape[1])
-    top_p, top_c = (t.cpu() for t in torch.topk(probs, k, dim=1))
-    chosen = result.targets.cpu()
-    scores = result.scores.float().cpu().tolist()
-    names = work.class_names
-    for b, (item, img) in enumerate(batch):
-        preds = [
-            {
-                "class": int(c),
-                "name": names[int(c)] if names and int(c) < len(names) else None,
-                "prob": float(p),
-            }
-            for p, c in zip(top_p[b].tolist(), top_c[b].tolist(), strict=True)
-        ]
-        pred = int(top_c[b, 0])
-        correct = None
-        if item.label is not None and names:
-            correct = names[pred] == item.label if pred < len(names) else False
-        rows.items.append(
-            {
-                "id": item.id,
-                "status": ItemStatus.DONE,
-                "error": None,
-                "width": img.width,
-                "height": img.height,
-                "predictions": preds,
-                "pred_class": pred,
-                "correct": correct,
-            }
-        )
-
-    n_targets = chosen.shape[1]
-    # One entry per map n = b * n_targets + t, shared by every method and layer.
-    map_items = [item for item, _ in batch for _t in range(n_targets)]
-    map_targets = chosen.reshape(-1).tolist()
-    map_scores = [score for per_item in scores for score in per_item]
-    map_sources = [sources.get(item.id) for item in map_items]
-    source_sizes = np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0)
+    layout = map_layout(batch, result)
+    map_sources = [sources.get(item_id) for item_id in layout.item_ids]
     for method in work.methods:
         for layer in result.layers:
-            maps = result.layer_maps[method][layer]
-            raw = result.raw[method][layer].float()
-            bsz, kk, h, w = raw.shape
-            u8 = to_uint8(maps).cpu().numpy().reshape(bsz * kk, *maps.shape[-2:])
-            flat_raw = raw.reshape(bsz * kk, h, w)
-            raw16 = flat_raw.to(torch.float16).cpu().numpy()
-            top = top_patches(flat_raw, input_size, work.patch_size, work.top_patches)
-            raw_max = flat_raw.amax(dim=(1, 2)).cpu().tolist()
-            raw_mean = flat_raw.mean(dim=(1, 2)).cpu().tolist()
-            map_mean = maps.reshape(bsz * kk, -1).float().mean(dim=1).cpu().tolist()
-            p_scores = top.scores.cpu().tolist()
-            p_rows = top.rows.cpu().numpy()
-            p_cols = top.cols.cpu().numpy()
-            boxes = patch_boxes(p_rows, p_cols, work.patch_size, input_size, source_sizes).tolist()
-            p_rows_l, p_cols_l = p_rows.tolist(), p_cols.tolist()
-            totals = top.total.cpu().tolist()
-            keys = [
-                (
-                    heatmap_key(work.run_id, method, layer, item.id, target, "png"),
-                    heatmap_key(work.run_id, method, layer, item.id, target, "npy"),
-                )
-                for item, target in zip(map_items, map_targets, strict=True)
-            ]
-            shas = encoder.submit(_encode_and_upload, writer, keys, u8, raw16, map_sources)
-            heatmap_rows = []
-            for n, (item, target) in enumerate(zip(map_items, map_targets, strict=True)):
-                total = totals[n]
-                heatmap_rows.append(
-                    {
-                        "item_id": item.id,
-                        "run_id": work.run_id,
-                        "method": method,
-                        "layer": layer,
-                        "target_class": target,
-                        "target_score": map_scores[n],
-                        "object_key": keys[n][0],
-                        "raw_key": keys[n][1],
-                        "sha256": "",
-                        "raw_max": raw_max[n],
-                        "raw_mean": raw_mean[n],
-                        "map_mean": map_mean[n],
-                        "top_patch_fraction": p_scores[n][0] / total if total > 0 else 0.0,
-                    }
-                )
-                hkey = (item.id, method, layer, target)
-                rows.patches.extend(
-                    (
-                        hkey,
-                        {
-                            "run_id": work.run_id,
-                            "item_id": item.id,
-                            "method": method,
-                            "layer": layer,
-                            "target_class": target,
-                            "rank": rank,
-                            "row": row,
-                            "col": col,
-                            "x0": x0,
-                            "y0": y0,
-                            "x1": x1,
-                            "y1": y1,
-                            "score": score,
-                        },
-                    )
-                    for rank, (score, row, col, (x0, y0, x1, y1)) in enumerate(
-                        zip(p_scores[n], p_rows_l[n], p_cols_l[n], boxes[n], strict=True)
-                    )
-                )
-            rows.heatmaps.extend(heatmap_rows)
-            rows.encoded.append((heatmap_rows, shas))
+            stats = map_statistics(
+                result.layer_maps[method][layer],
+                result.raw[method][layer],
+                pre.size,
+                work.patch_size,
+                work.top_patches,
+                layout.source_sizes,
+            )
+            keys, shas = _submit_encoding(work, method, layer, layout, stats, map_sources, writer, encoder)
+            heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, keys)
+            rows.heatmaps.extend(heatmaps)
+            rows.encoded.append((heatmaps, shas))
+            rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
 
 
 def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
@@ -405,7 +335,7 @@ def compute_shard(work: ShardWork, settings: Settings) -> ShardRows:
                 log.warning(
                     "run=%s shard=%d item=%d failed: %s", work.run_id, work.shard_index, item.id, opened
                 )
-                rows.items.append({"id": item.id, "status": ItemStatus.FAILED, "error": opened})
+                rows.items.append(failed_item_row(item, opened))
                 continue
             decoded, source = opened
             batch.append((item, decoded))

@@ -1,4 +1,4 @@
-"""The drift page's data: ``scheduler.drift.diff_runs`` laid out as headings, figures and tables.
+"""The drift page's data: ``scheduler.analysis.drift.diff_runs`` laid out as headings, figures and tables.
 
 The page renders whatever the report holds (figures, per-class rows, ranked movers) rather
 than a fixed list of fields, so the drift report can grow without the page falling behind.
@@ -13,7 +13,7 @@ __all__ = ["DriftUnavailableError", "DriftView", "Table", "drift_view", "layout"
 
 
 class DriftUnavailableError(RuntimeError):
-    """This installation has no drift comparison (``scheduler.drift`` is missing)."""
+    """This installation has no drift comparison (``scheduler.analysis.drift`` is missing)."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,13 @@ def drift_view(
 ) -> DriftView:
     """Compare run A (before) with run B (after); errors of the comparison propagate unchanged."""
     try:
-        from scheduler.drift import diff_runs
+        from scheduler.analysis.drift import diff_runs
     except ModuleNotFoundError as exc:
-        if exc.name != "scheduler.drift":
+        if exc.name != "scheduler.analysis.drift":
             raise
         raise DriftUnavailableError(
-            "this installation has no drift comparison (module scheduler.drift is missing); "
-            "upgrade camaudit to a version that ships `scheduler/drift.py`"
+            "this installation has no drift comparison (module scheduler.analysis.drift is missing); "
+            "upgrade camaudit to a version that ships `scheduler/analysis/drift.py`"
         ) from exc
     diff = diff_runs(
         database_url, run_a, run_b, endpoint_url=endpoint_url, region=region, threshold=threshold, limit=limit

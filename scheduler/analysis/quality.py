@@ -44,7 +44,7 @@ import torchvision.transforms.functional as TF
 from sqlalchemy import select
 from torch import nn
 
-from scheduler.drift import pearson
+from scheduler.analysis.drift import pearson
 from scheduler.query import DELETING, QueryError, get_run
 from schema.db import session_scope
 from schema.models import Heatmap, Item, ItemStatus, Run

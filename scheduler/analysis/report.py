@@ -20,8 +20,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 from sqlalchemy import func, select
 
-from scheduler.drift import RunDiff, diff_runs, drift_rule
-from scheduler.quality import QualityError, QualityReport, assess_quality
+from scheduler.analysis.drift import RunDiff, diff_runs, drift_rule
+from scheduler.analysis.quality import QualityError, QualityReport, assess_quality
 from scheduler.query import DELETING, QueryError, Region, get_run, top_regions
 from scheduler.render import RenderError, render_overlay
 from schema.db import session_scope

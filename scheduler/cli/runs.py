@@ -1,0 +1,234 @@
+"""Starting, following and resuming runs: ``run``, ``status``, ``resume``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from scheduler.cli.options import (
+    BrokerUrl,
+    DatabaseUrl,
+    Device,
+    S3Endpoint,
+    StorageUrl,
+    console,
+    err,
+    fail,
+    failing_on,
+    make_settings,
+    setup_logging,
+    split_values,
+)
+from scheduler.cli.root import app
+from schema.payloads import RunSpec
+from schema.settings import Settings
+
+
+def run_status(database_url: str, run_id: str) -> dict[str, Any]:
+    from scheduler.query import QueryError, get_run
+
+    with failing_on(QueryError):
+        run = get_run(database_url, run_id)
+    return {
+        "run_id": run.id,
+        "name": run.name,
+        "status": run.status,
+        "items": run.n_items,
+        "done": run.n_done,
+        "failed": run.n_failed,
+        "shards": run.n_shards,
+        "shards_done": run.shards_done,
+        "shards_failed": run.shards_failed,
+        "output": run.output_uri,
+        "methods": run.methods,
+        "layers": run.layers,
+    }
+
+
+def start_run(
+    spec: RunSpec, settings: Settings, *, wait: bool = True, baseline_run_id: str | None = None
+) -> str:
+    """Plan, then run in-process or enqueue; used by ``run`` and ``demo`` alike."""
+    from scheduler.plan import plan_run
+    from scheduler.runner import enqueue, run_embedded
+    from scheduler.sources import SourceError
+    from workers.cam import CamConfigError
+    from workers.models import ModelLoadError
+
+    with failing_on(SourceError, ModelLoadError, CamConfigError, ValueError):
+        planned = plan_run(spec, settings, baseline_run_id=baseline_run_id)
+    err.print(f"run [bold]{planned.run_id}[/]: {planned.n_items} items in {len(planned.shard_ids)} shards")
+    if not settings.embedded:
+        enqueue(planned.run_id, planned.shard_ids, settings)
+        err.print(
+            f"enqueued {len(planned.shard_ids)} shards on {settings.broker_url}; `camaudit worker` runs them"
+        )
+        if wait:
+            watch_run(settings.database_url, planned.run_id)
+        return planned.run_id
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(f"run {planned.run_id}", total=planned.n_items)
+
+        def advance(outcome: dict[str, object]) -> None:
+            progress.advance(task, int(outcome.get("n_done", 0)) + int(outcome.get("n_failed", 0)))  # type: ignore[call-overload]
+
+        run_embedded(planned.run_id, planned.shard_ids, settings, on_shard_done=advance)
+    return planned.run_id
+
+
+def watch_run(database_url: str, run_id: str, poll_s: float = 1.0) -> dict[str, Any]:
+    """Follow a run from the database: any process, anywhere, can watch the same run."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} items/s · {task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err) as progress:
+        status = run_status(database_url, run_id)
+        first_done, started = status["done"] + status["failed"], time.monotonic()
+        task = progress.add_task(f"run {run_id}", total=status["items"], rate=0.0, failed=status["failed"])
+        while True:
+            status = run_status(database_url, run_id)
+            done = status["done"] + status["failed"]
+            elapsed = max(time.monotonic() - started, 1e-6)
+            progress.update(task, completed=done, rate=(done - first_done) / elapsed, failed=status["failed"])
+            if status["status"] in ("finished", "partial", "failed"):
+                return status
+            time.sleep(poll_s)
+
+
+def show_status(status: dict[str, Any], as_json: bool = False) -> None:
+    if as_json:
+        console.print_json(json.dumps(status))
+        return
+    table = Table(show_header=False, box=None)
+    for key in (
+        "run_id",
+        "status",
+        "items",
+        "done",
+        "failed",
+        "shards",
+        "shards_done",
+        "shards_failed",
+        "output",
+    ):
+        table.add_row(key, str(status[key]))
+    console.print(table)
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Option(help="folder, manifest .jsonl/.csv, or s3://bucket/prefix")],
+    model: Annotated[
+        str, typer.Option(help="demo, torchvision:NAME, torchscript:PATH or python:mod:fn")
+    ] = "demo",
+    checkpoint: Annotated[str | None, typer.Option(help="weights file for the model")] = None,
+    methods: Annotated[str, typer.Option(help="comma-separated CAM methods")] = "gradcam,cam",
+    layer: Annotated[list[str] | None, typer.Option(help="target layer (repeat or comma-separate)")] = None,
+    targets: Annotated[str, typer.Option(help="top1, topk:N, all, label or classes:3,7")] = "top1",
+    patch_size: Annotated[int, typer.Option(help="patch side in model-input pixels")] = 32,
+    top_patches: Annotated[int, typer.Option(help="patches kept per heatmap")] = 5,
+    batch_size: int = 16,
+    shard_size: int = 256,
+    name: str | None = None,
+    overlay: Annotated[bool, typer.Option(help="also store a JET overlay JPEG at source size")] = False,
+    wait: Annotated[bool, typer.Option(help="with a broker: wait and show progress")] = False,
+    database_url: DatabaseUrl = None,
+    storage_url: StorageUrl = None,
+    broker_url: BrokerUrl = None,
+    s3_endpoint_url: S3Endpoint = None,
+    device: Device = None,
+    amp: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or off")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the final status as JSON")] = False,
+) -> None:
+    """Run an audit: explain every image of SOURCE with the given methods."""
+    settings = make_settings(
+        database_url=database_url,
+        storage_url=storage_url,
+        broker_url=broker_url,
+        s3_endpoint_url=s3_endpoint_url,
+        device=device,
+        amp=amp,
+    )
+    setup_logging(settings.log_level)
+    try:
+        spec = RunSpec(
+            source=source,
+            model=model,
+            checkpoint=checkpoint,
+            methods=methods.split(","),
+            layers=split_values(layer),
+            targets=targets,
+            patch_size=patch_size,
+            top_patches=top_patches,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            name=name,
+            overlay=overlay,
+        )
+    except ValidationError as exc:
+        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    run_id = start_run(spec, settings, wait=wait)
+    show_status(run_status(settings.database_url, run_id), as_json=json_out)
+
+
+@app.command()
+def status(
+    run_id: str,
+    database_url: DatabaseUrl = None,
+    watch: Annotated[bool, typer.Option(help="follow progress until the run ends")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a run's progress."""
+    settings = make_settings(database_url=database_url)
+    info = watch_run(settings.database_url, run_id) if watch else run_status(settings.database_url, run_id)
+    show_status(info, as_json=json_out)
+
+
+@app.command()
+def resume(
+    run_id: str,
+    database_url: DatabaseUrl = None,
+    broker_url: BrokerUrl = None,
+    storage_url: StorageUrl = None,
+    s3_endpoint_url: S3Endpoint = None,
+) -> None:
+    """Run or enqueue again the shards of RUN_ID that are not done."""
+    from scheduler.plan import reopen_run
+    from scheduler.runner import enqueue, run_embedded
+
+    settings = make_settings(
+        database_url=database_url,
+        broker_url=broker_url,
+        storage_url=storage_url,
+        s3_endpoint_url=s3_endpoint_url,
+    )
+    setup_logging(settings.log_level)
+    run_status(settings.database_url, run_id)
+    shard_ids = reopen_run(settings.database_url, run_id)
+    if settings.embedded:
+        run_embedded(run_id, shard_ids, settings)
+    else:
+        enqueue(run_id, shard_ids, settings)
+    err.print(
+        f"{len(shard_ids)} unfinished shards of run {run_id} {'run' if settings.embedded else 'enqueued'}"
+    )
