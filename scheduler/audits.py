@@ -31,7 +31,7 @@ class Audit(BaseModel):
     checkpoint: str | None = None
     methods: list[str] = Field(default_factory=lambda: ["gradcam", "cam"])
     layers: list[str] | None = None
-    targets: str = "top1"
+    targets: str | None = None  # None: positive for a single-logit head, else top1
     output: str | None = None
     patch_size: int = 32
     top_patches: int = 5

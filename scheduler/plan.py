@@ -20,8 +20,10 @@ from schema.db import session_scope, upgrade
 from schema.models import Item, Run, RunStatus, Shard, ShardStatus
 from schema.payloads import RunSpec
 from schema.settings import Settings
-from workers.cam import METHODS, CamEngine
+from workers.cam import METHODS, CamConfigError, CamEngine
+from workers.cam.targets import TargetSpec
 from workers.models import LoadedModel, load_model_cached, resolve_layer
+from workers.run_targets import TargetSpecError, batch_spec, depends_on_item
 
 # Methods whose check would cost hundreds of forward passes; their shape logic is shared with the rest.
 EXPENSIVE_METHODS = frozenset({"scorecam", "ablationcam"})
@@ -56,8 +58,19 @@ def check_methods(methods: list[str]) -> None:
             raise PlanError(f"unknown CAM method {method!r}{hint} (valid: {', '.join(METHODS)})")
 
 
-def resolve_layers(loaded: LoadedModel, spec: RunSpec) -> list[str]:
-    """Check the named layers exist and the methods run on them, with one cheap probe forward."""
+def _probe_targets(spec: RunSpec) -> TargetSpec:
+    """What the probe forward explains: the run's own targets where they do not need an item."""
+    if spec.targets is None or depends_on_item(spec.targets):
+        return None
+    try:
+        return batch_spec(spec.targets, spec.max_targets)
+    except TargetSpecError as error:
+        raise PlanError(str(error)) from None
+
+
+def resolve_layers(loaded: LoadedModel, spec: RunSpec) -> tuple[list[str], str]:
+    """Check the named layers exist and the methods and targets run on them, with one cheap probe
+    forward; returns the layers and the target spec (the default decided by the model's head)."""
     layers = spec.layers or ([loaded.default_layer] if loaded.default_layer else None)
     for name in layers or []:
         resolve_layer(loaded.model, name)
@@ -65,20 +78,31 @@ def resolve_layers(loaded: LoadedModel, spec: RunSpec) -> list[str]:
     engine = CamEngine(loaded.model, layers=layers, methods=probe_methods, amp=False)
     device = next(loaded.model.parameters()).device
     height, width = loaded.preprocess.size
-    result = engine(torch.zeros(1, 3, height, width, device=device), targets=None)
-    return list(result.layers)
+    try:
+        result = engine(torch.zeros(1, 3, height, width, device=device), targets=_probe_targets(spec))
+    except CamConfigError as error:
+        if spec.targets is None:
+            raise
+        raise PlanError(f"targets {spec.targets!r}: {error}") from None
+    return list(result.layers), spec.targets or _default_targets(result.logits)
 
 
-def validate(spec: RunSpec, settings: Settings) -> tuple[LoadedModel, list[str], list[SourceItem]]:
+def _default_targets(logits: torch.Tensor | None) -> str:
+    """A single-logit binary head explains its positive logit; any other head its top class."""
+    single = logits is not None and (logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1))
+    return "positive" if single else "top1"
+
+
+def validate(spec: RunSpec, settings: Settings) -> tuple[LoadedModel, list[str], str, list[SourceItem]]:
     check_methods(spec.methods)
     loaded = load_model_cached(spec.model, spec.checkpoint, device="cpu")
-    layers = resolve_layers(loaded, spec)
+    layers, targets = resolve_layers(loaded, spec)
     items = list_source(spec.source, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    return loaded, layers, items
+    return loaded, layers, targets, items
 
 
 def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None = None) -> PlannedRun:
-    loaded, layers, items = validate(spec, settings)
+    loaded, layers, targets, items = validate(spec, settings)
     upgrade(settings.database_url)
     run_id = uuid.uuid4().hex[:16]
     shard_count = (len(items) + spec.shard_size - 1) // spec.shard_size
@@ -93,7 +117,7 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
                 checkpoint_sha256=loaded.checkpoint_sha256,
                 methods=spec.methods,
                 layers=layers,
-                target_spec=spec.targets,
+                target_spec=targets,
                 source_uri=spec.source,
                 output_uri=settings.storage_url,
                 preprocess=loaded.preprocess.as_dict(),

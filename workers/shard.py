@@ -40,6 +40,7 @@ from workers.images import (
 )
 from workers.models import LoadedModel
 from workers.pools import pool_sizes
+from workers.run_targets import batch_spec, depends_on_item, label_targets
 from workers.runtime import engine_for, model_for, storage_for
 from workers.shard_rows import (
     MapLayout,
@@ -51,6 +52,7 @@ from workers.shard_rows import (
     map_statistics,
     patch_rows,
     prediction_rows,
+    valid_maps,
 )
 from workers.storage import ConcurrentWriter, S3Storage
 
@@ -82,6 +84,7 @@ class ShardWork:
     class_names: list[str] | None
     items: list[WorkItem]
     overlay: bool = False
+    max_targets: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ def claim_shard(database_url: str, run_id: str, shard_id: int) -> ShardWork | No
             output_uri=run.output_uri,
             class_names=list(run.class_names) if run.class_names else None,
             overlay=bool(run.config.get("overlay", False)),
+            max_targets=run.config.get("max_targets"),
             items=[WorkItem(id=r.id, source_uri=r.source_uri, label=r.label) for r in rows],
         )
 
@@ -192,25 +196,13 @@ def _targets_for(work: ShardWork, batch: list[WorkItem]) -> tuple[Any, list[str 
     """Translate the run's target spec into the engine's argument; per-item errors for bad labels."""
     spec = work.target_spec
     errors: list[str | None] = [None] * len(batch)
-    if spec == "top1":
-        return None, errors
-    if spec.startswith("topk:") or spec == "all":
-        return spec, errors
     if spec.startswith("classes:"):
         classes = [int(c) for c in spec.split(":", 1)[1].split(",")]
         return torch.tensor([classes] * len(batch), dtype=torch.int64), errors
-    # spec == "label": explain the ground-truth class of each item
-    names = work.class_names or []
-    targets = []
-    for i, item in enumerate(batch):
-        if item.label in names:
-            targets.append(names.index(item.label))
-        elif item.label is not None and item.label.isdigit():
-            targets.append(int(item.label))
-        else:
-            errors[i] = f"label {item.label!r} is not one of the model's classes"
-            targets.append(0)
-    return torch.tensor(targets, dtype=torch.int64), errors
+    if depends_on_item(spec):  # label, labels: the ground truth of each item
+        labels = [item.label for item in batch]
+        return label_targets(labels, work.class_names or [], every=spec == "labels")
+    return batch_spec(spec, work.max_targets), errors
 
 
 def _encode_and_upload(
@@ -255,6 +247,8 @@ def _batch_targets(
             rows.items.append(failed_item_row(item, err))
     if isinstance(targets, torch.Tensor) and keep:
         targets = targets[keep].to(device)
+    elif isinstance(targets, list):
+        targets = [targets[i] for i in keep]
     return targets, [batch[i] for i in keep]
 
 
@@ -300,12 +294,14 @@ def _explain_batch(
     rows.items.extend(prediction_rows(work, batch, result))
 
     layout = map_layout(batch, result)
+    if not layout.item_ids:  # e.g. no class of any image passed an 'above:T' threshold
+        return
     map_sources = [sources.get(item_id) for item_id in layout.item_ids]
     for method in work.methods:
         for layer in result.layers:
             stats = map_statistics(
-                result.layer_maps[method][layer],
-                result.raw[method][layer],
+                valid_maps(result.layer_maps[method][layer], result.valid),
+                valid_maps(result.raw[method][layer], result.valid),
                 pre.size,
                 work.patch_size,
                 work.top_patches,

@@ -56,15 +56,26 @@ class MapLayout:
 
 
 def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -> MapLayout:
+    """Only the valid maps: an item with fewer targets than the batch's widest has padded columns."""
     chosen = result.targets.cpu()
     n_targets = chosen.shape[1]
-    scores = result.scores.float().cpu().tolist()
+    keep = result.valid.cpu().reshape(-1).tolist()
+    scores = [score for per_item in result.scores.float().cpu().tolist() for score in per_item]
+    item_ids = [item.id for item, _ in batch for _t in range(n_targets)]
+    sizes = np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0)
     return MapLayout(
-        item_ids=[item.id for item, _ in batch for _t in range(n_targets)],
-        targets=chosen.reshape(-1).tolist(),
-        scores=[score for per_item in scores for score in per_item],
-        source_sizes=np.repeat(np.array([(img.width, img.height) for _, img in batch]), n_targets, axis=0),
+        item_ids=[item_id for item_id, ok in zip(item_ids, keep, strict=True) if ok],
+        targets=[target for target, ok in zip(chosen.reshape(-1).tolist(), keep, strict=True) if ok],
+        scores=[score for score, ok in zip(scores, keep, strict=True) if ok],
+        source_sizes=sizes[np.array(keep, dtype=bool)],
     )
+
+
+def valid_maps(maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, K, ...]`` maps -> ``[N, 1, ...]`` with only the valid ones, in ``map_layout`` order."""
+    if bool(valid.all()):
+        return maps
+    return maps.flatten(0, 1)[valid.reshape(-1).to(maps.device)][:, None]
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,12 @@ def prediction_rows(
     work: ShardWork, batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult
 ) -> list[dict[str, Any]]:
     """One done item row per image: its top-k predictions, predicted class and whether it is right."""
-    probs = torch.softmax(result.logits.float(), dim=1)
+    logits = result.logits.float()
+    # a single logit or a multi-label head scores each class on its own: sigmoid, not softmax
+    independent = (
+        logits.shape[1] == 1 or work.target_spec in ("labels",) or work.target_spec.startswith("above:")
+    )
+    probs = torch.sigmoid(logits) if independent else torch.softmax(logits, dim=1)
     k = min(work.top_k_predictions, probs.shape[1])
     top_p, top_c = (t.cpu() for t in torch.topk(probs, k, dim=1))
     names = work.class_names
