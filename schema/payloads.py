@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TARGET_PATTERN = re.compile(
     r"^(top1|all|label|labels|positive|topk:[1-9]\d*|classes:\d+(,\d+)*|above:[^:]*"
@@ -67,3 +67,12 @@ class RunSpec(BaseModel):
                     "e.g. above:0.5"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _max_targets_needs_a_threshold(self) -> RunSpec:
+        if self.max_targets is not None and not (self.targets or "").startswith("above:"):
+            raise ValueError(
+                f"max_targets caps 'above:T' targets; with targets={self.targets or 'the default'} it "
+                "would be ignored: use --targets above:0.5 --max-targets N, or drop --max-targets"
+            )
+        return self

@@ -209,3 +209,5 @@ def test_bad_threshold_is_refused(targets: str) -> None:
         RunSpec(source="x", targets=targets)
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         RunSpec(source="x", targets="above:0.5", max_targets=0)
+    with pytest.raises(ValidationError, match="max_targets caps 'above:T' targets"):
+        RunSpec(source="x", targets="topk:2", max_targets=2)
