@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         return null_pipeline.main(args)
     load_before = os.getloadavg()[0]
     loaded = prepare_model(args)
-    layers = resolve_layers(loaded, RunSpec(source="-", model=args.model, methods=args.methods))
+    layers, _ = resolve_layers(loaded, RunSpec(source="-", model=args.model, methods=args.methods))
     spec_args = {"model": args.model, "methods": args.methods, "batch_size": args.batch}
     with (
         tempfile.TemporaryDirectory(prefix="camaudit-bench-") as name,

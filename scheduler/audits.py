@@ -33,7 +33,7 @@ class Audit(BaseModel):
     checkpoint: str | None = None
     methods: list[str] = Field(default_factory=lambda: ["gradcam", "cam"])
     layers: list[str] | None = None
-    targets: str = "top1"
+    targets: str | None = None  # None: positive for a single-logit head, else top1
     output: str | None = None
     preprocess: str | None = None  # stretch, center-crop[:PCT] or letterbox; None: the model's own
     input_size: tuple[int, int] | None = None

@@ -22,11 +22,13 @@ from schema.db import session_scope, upgrade
 from schema.models import Item, Run, RunStatus, Shard, ShardStatus
 from schema.payloads import RunSpec
 from schema.settings import Settings
-from workers.cam import METHODS, CamEngine
+from workers.cam import METHODS, CamConfigError, CamEngine
+from workers.cam.targets import TargetSpec
 from workers.device_defaults import defaults_for
 from workers.fetch import allowed_roots
 from workers.models import LoadedModel, load_model_cached, resolve_layer
 from workers.preprocess import Preprocess, PreprocessError, parse_mode
+from workers.run_targets import TargetSpecError, batch_spec, depends_on_item
 
 # Methods whose check would cost hundreds of forward passes; their shape logic is shared with the rest.
 EXPENSIVE_METHODS = frozenset({"scorecam", "ablationcam"})
@@ -72,8 +74,21 @@ def run_preprocess(loaded: LoadedModel, spec: RunSpec) -> Preprocess:
         raise PlanError(f"preprocessing override does not work for {loaded.ref}: {exc}") from exc
 
 
-def resolve_layers(loaded: LoadedModel, spec: RunSpec, size: tuple[int, int] | None = None) -> list[str]:
-    """Check the named layers exist and the methods run on them, with one cheap probe forward."""
+def _probe_targets(spec: RunSpec) -> TargetSpec:
+    """What the probe forward explains: the run's own targets where they do not need an item."""
+    if spec.targets is None or depends_on_item(spec.targets):
+        return None
+    try:
+        return batch_spec(spec.targets, spec.max_targets)
+    except TargetSpecError as error:
+        raise PlanError(str(error)) from None
+
+
+def resolve_layers(
+    loaded: LoadedModel, spec: RunSpec, size: tuple[int, int] | None = None
+) -> tuple[list[str], str]:
+    """Check the named layers exist and the methods and targets run on them, with one cheap probe
+    forward; returns the layers and the target spec (the default decided by the model's head)."""
     layers = spec.layers or ([loaded.default_layer] if loaded.default_layer else None)
     for name in layers or []:
         resolve_layer(loaded.model, name)
@@ -84,8 +99,19 @@ def resolve_layers(loaded: LoadedModel, spec: RunSpec, size: tuple[int, int] | N
     device = next(loaded.model.parameters()).device
     height, width = size or loaded.preprocess.size
     shape = (1, len(spec.views), 3, height, width) if spec.views else (1, 3, height, width)
-    result = engine(torch.zeros(*shape, device=device), targets=None)
-    return list(result.layers)
+    try:
+        result = engine(torch.zeros(*shape, device=device), targets=_probe_targets(spec))
+    except CamConfigError as error:
+        if spec.targets is None:
+            raise
+        raise PlanError(f"targets {spec.targets!r}: {error}") from None
+    return list(result.layers), spec.targets or _default_targets(result.logits)
+
+
+def _default_targets(logits: torch.Tensor | None) -> str:
+    """A single-logit binary head explains its positive logit; any other head its top class."""
+    single = logits is not None and (logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1))
+    return "positive" if single else "top1"
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,7 @@ class Validated:
     loaded: LoadedModel
     preprocess: Preprocess  # what the run applies: the model's own unless overridden
     layers: list[str]
+    targets: str  # the run's target spec, or the default its model's head decides
     items: list[SourceItem]
 
 
@@ -100,14 +127,14 @@ def validate(spec: RunSpec, settings: Settings) -> Validated:
     check_methods(spec.methods)
     loaded = load_model_cached(spec.model, spec.checkpoint, device="cpu")
     preprocess = run_preprocess(loaded, spec)
-    layers = resolve_layers(loaded, spec, preprocess.size)
+    layers, targets = resolve_layers(loaded, spec, preprocess.size)
     items = list_source(spec.source, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    return Validated(loaded, preprocess, layers, items)
+    return Validated(loaded, preprocess, layers, targets, items)
 
 
 def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None = None) -> PlannedRun:
     checked = validate(spec, settings)
-    loaded, layers, items = checked.loaded, checked.layers, checked.items
+    loaded, layers, targets, items = checked.loaded, checked.layers, checked.targets, checked.items
     upgrade(settings.database_url)
     run_id = uuid.uuid4().hex[:16]
     if spec.shard_size is None:
@@ -127,7 +154,7 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
                 checkpoint_sha256=loaded.checkpoint_sha256,
                 methods=spec.methods,
                 layers=layers,
-                target_spec=spec.targets,
+                target_spec=targets,
                 source_uri=spec.source,
                 output_uri=settings.storage_url,
                 preprocess=checked.preprocess.as_dict(),

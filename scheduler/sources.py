@@ -189,7 +189,8 @@ def read_manifest(
     """JSON Lines (one object per line) or CSV with a header, on disk or on S3.
 
     Fields: ``uri`` (or ``path``): a path relative to the manifest's folder, an absolute path, a
-    ``file://`` URI or an ``s3://`` object; ``label``; ``box`` as ``[x0, y0, x1, y1]`` (in CSV a
+    ``file://`` URI or an ``s3://`` object; ``label`` (in JSON Lines also a list of labels, for
+    multi-label items; stored as a JSON list); ``box`` as ``[x0, y0, x1, y1]`` (in CSV a
     JSON string, or the four columns ``x0, y0, x1, y1``); ``group_id`` (or ``group``). Other
     fields are ignored, except ones that look like a misspelling of these. Every bad row is
     reported with its ``file:line``.
@@ -309,7 +310,7 @@ def _item(fields: dict[str, object], base: str) -> SourceItem:
         raise SourceError(f"'uri' must be a string, got {uri!r}")
     return SourceItem(
         uri=_resolve(uri.strip(), base),
-        label=_scalar(row.get("label"), "label"),
+        label=_label(row.get("label")),
         box=_box(row),
         group_id=_scalar(next((row[f] for f in GROUP_FIELDS if _present(row.get(f))), None), "group_id"),
         view=_scalar(row.get("view"), "view"),
@@ -326,6 +327,16 @@ def _scalar(value: object, field: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise SourceError(f"{field!r} must be a string or a number, got {value!r}")
     return str(value).strip()
+
+
+def _label(value: object) -> str | None:
+    """One label, or a list of them (multi-label items), kept as a JSON list."""
+    if not isinstance(value, list):
+        return _scalar(value, "label")
+    labels = [_scalar(one, "label") for one in value]
+    if not labels or any(one is None for one in labels):
+        raise SourceError(f"'label' lists need at least one non-empty string or number, got {value!r}")
+    return json.dumps(labels)
 
 
 def _box(row: dict[str, object]) -> list[float] | None:

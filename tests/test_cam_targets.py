@@ -122,7 +122,8 @@ def test_fewer_targets_than_images_is_an_error(model: TinyNet, images: torch.Ten
         ("topk:9", r"more classes than the model has \(5\)"),
         (torch.tensor([0.0, 1.0, 2.0]), r"integer tensor"),
         (torch.tensor([0, 5, 1]), r"class target 5 is out of range.*0\.\.4"),
-        (torch.tensor([-1, 0, 1]), r"class target -1 is out of range"),
+        (torch.tensor([-2, 0, 1]), r"class target -2 is out of range"),
+        (torch.tensor([-1, 0, 1]), r"image 0 of the batch has no class target"),
         (lambda output: output, r"one score per image"),
     ],
 )
@@ -143,9 +144,61 @@ def test_class_targets_are_checked_on_the_host_without_reading_the_device() -> N
     logits = torch.empty(2, 5, device="meta")
     request = parse_targets(torch.tensor([[1, 4], [0, 2]]), 2)
     assert request.bounds == (0, 4)
-    classes = class_indices(request, logits)
-    assert classes.device.type == "meta" and classes.shape == (2, 2)
+    classes, valid = class_indices(request, logits)
+    assert classes.device.type == "meta" and classes.shape == (2, 2) and valid.shape == (2, 2)
     with pytest.raises(CamConfigError, match="class target 5 is out of range"):
         class_indices(parse_targets(torch.tensor([1, 5]), 2), logits)
-    with pytest.raises(CamConfigError, match="class target -1 is out of range"):
-        class_indices(parse_targets([-1, 3], 2), logits)
+    with pytest.raises(CamConfigError, match="class target -2 is out of range"):
+        class_indices(parse_targets([-2, 3], 2), logits)
+
+
+def test_positive_explains_the_single_logit_of_a_binary_head(images: torch.Tensor) -> None:
+    seeded(5)
+    binary = TinyNet(classes=1).eval()
+    result = CamEngine(binary, layers=["features"], methods=["gradcam", "cam"])(images, targets="positive")
+    logit = binary(images).detach()
+    assert torch.equal(result.targets, torch.zeros(3, 1, dtype=torch.long))
+    torch.testing.assert_close(result.scores, logit)
+    assert bool(result.valid.all())
+    explained = logit - binary.fc.bias.detach()
+    torch.testing.assert_close(result.unrectified["cam"]["features"].mean(dim=(2, 3)), explained)
+
+
+def test_positive_rejects_a_head_with_several_outputs(model: TinyNet, images: torch.Tensor) -> None:
+    with pytest.raises(CamConfigError, match="single logit of a binary head, but the model has 5 outputs"):
+        CamEngine(model, layers=["features"], methods=["gradcam"])(images, targets="positive")
+
+
+def test_above_picks_every_class_whose_sigmoid_passes(model: TinyNet, images: torch.Tensor) -> None:
+    probs = torch.sigmoid(model(images).detach())
+    threshold = float(probs.flatten().sort().values[probs.numel() // 2])  # about half pass
+    result = CamEngine(model, layers=["features"], methods=["gradcam"])(images, targets=f"above:{threshold}")
+    width = int((probs > threshold).sum(dim=1).max())
+    assert result.targets.shape == (3, width)
+    for row in range(3):
+        expected = [int(c) for c in probs[row].argsort(descending=True) if probs[row, c] > threshold]
+        chosen = result.targets[row][result.valid[row]].tolist()
+        assert chosen == expected
+        # padding repeats a real class of the image, so its map is an ordinary one
+        assert set(result.targets[row].tolist()) <= set(expected or [int(probs[row].argmax())])
+    capped = CamEngine(model, layers=["features"], methods=["gradcam"])(
+        images, targets=f"above:{threshold}:1"
+    )
+    assert capped.targets.shape == (3, 1)
+    assert torch.equal(capped.valid[:, 0], (probs > threshold).any(dim=1))
+
+
+@pytest.mark.parametrize("spec", ["above:0", "above:1", "above:1.5", "above:-0.2", "above:half", "above:"])
+def test_above_needs_a_probability_threshold(model: TinyNet, images: torch.Tensor, spec: str) -> None:
+    with pytest.raises(CamConfigError, match="strictly between 0 and 1"):
+        CamEngine(model, layers=["features"], methods=["gradcam"])(images, targets=spec)
+
+
+def test_class_lists_of_different_lengths_are_padded(model: TinyNet, images: torch.Tensor) -> None:
+    result = CamEngine(model, layers=["features"], methods=["gradcam"])(images, targets=[[1, 3], [4], [0, 2]])
+    assert result.targets.tolist() == [[1, 3], [4, 4], [0, 2]]
+    assert result.valid.tolist() == [[True, True], [True, False], [True, True]]
+    alone = CamEngine(model, layers=["features"], methods=["gradcam"])(images[1:2], targets=[[4]])
+    torch.testing.assert_close(result.maps["gradcam"][1, 1], alone.maps["gradcam"][0, 0])
+    with pytest.raises(CamConfigError, match="image 1 of the batch has no class target"):
+        CamEngine(model, layers=["features"], methods=["gradcam"])(images, targets=[[1], [], [2]])

@@ -742,7 +742,7 @@ def _load_torchscript(
 
 def _load_python(plan: _Plan, num_classes: int | None, input_size: tuple[int, int] | None) -> LoadedModel:
     module_name, _, attr_path = plan.target.partition(":")
-    factory = _import_factory(module_name, attr_path)
+    factory = import_callable(module_name, attr_path)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     try:
         model = factory(**kwargs)
@@ -767,7 +767,8 @@ def _load_python(plan: _Plan, num_classes: int | None, input_size: tuple[int, in
     )
 
 
-def _import_factory(module_name: str, attr_path: str) -> Any:
+def import_callable(module_name: str, attr_path: str) -> Any:
+    """``module:attr.path`` imported; a wrong name fails with the closest ones that exist."""
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:

@@ -60,6 +60,7 @@ from workers.packed_statistics import PackedBatch, pack, unpack
 from workers.pools import PoolSizes, pool_sizes
 from workers.preprocess import ImageTransform, Preprocess
 from workers.provenance import shard_provenance
+from workers.run_targets import batch_spec, depends_on_item, label_targets
 from workers.runtime import amp_argument, engine_for, model_for, storage_for
 from workers.shard_rows import (
     MapLayout,
@@ -76,6 +77,7 @@ from workers.shard_rows import (
     prediction_rows,
     prediction_rows_of,
     select_images,
+    valid_maps,
 )
 from workers.storage import ConcurrentWriter, S3Storage
 
@@ -119,6 +121,7 @@ class ShardWork:
     attempt: int = 0  # the fencing token: only this attempt's holder may commit
     worker: str = ""
     score_batch_size: int | None = None  # None: by the worker's device
+    max_targets: int | None = None  # with above:T targets, the most per image
 
     @functools.cached_property
     def preprocess(self) -> Preprocess:
@@ -277,6 +280,7 @@ def claim_shard(
             missing_view=str(run.config.get("missing_view") or "fail"),
             attempt=attempt,
             worker=me,
+            max_targets=run.config.get("max_targets"),
         )
 
 
@@ -358,25 +362,13 @@ def _targets_for(work: ShardWork, batch: list[WorkItem]) -> tuple[Any, list[str 
     """Translate the run's target spec into the engine's argument; per-item errors for bad labels."""
     spec = work.target_spec
     errors: list[str | None] = [None] * len(batch)
-    if spec == "top1":
-        return None, errors
-    if spec.startswith("topk:") or spec == "all":
-        return spec, errors
     if spec.startswith("classes:"):
         classes = [int(c) for c in spec.split(":", 1)[1].split(",")]
         return torch.tensor([classes] * len(batch), dtype=torch.int64), errors
-    # spec == "label": explain the ground-truth class of each item
-    names = work.class_names or []
-    targets = []
-    for i, item in enumerate(batch):
-        if item.label in names:
-            targets.append(names.index(item.label))
-        elif item.label is not None and item.label.isdigit():
-            targets.append(int(item.label))
-        else:
-            errors[i] = f"label {item.label!r} is not one of the model's classes"
-            targets.append(0)
-    return torch.tensor(targets, dtype=torch.int64), errors
+    if depends_on_item(spec):  # label, labels: the ground truth of each item
+        labels = [item.label for item in batch]
+        return label_targets(labels, work.class_names or [], every=spec == "labels")
+    return batch_spec(spec, work.max_targets), errors
 
 
 def _encode_and_upload(
@@ -440,6 +432,8 @@ def _batch_targets(
             rows.items.append(failed_item_row(item, err))
     if isinstance(targets, torch.Tensor) and keep:
         targets = targets[keep]
+    elif isinstance(targets, list):
+        targets = [targets[i] for i in keep]
     return targets, [batch[i] for i in keep]
 
 
@@ -530,12 +524,14 @@ def _explain_batch(
     rows.items.extend(prediction_rows(work, batch, result))
 
     layout = map_layout(batch, result)
+    if not layout.item_ids:  # e.g. no class of any image passed an 'above:T' threshold
+        return
     map_sources = [sources.get(item_id) for item_id in layout.item_ids]
     for method in work.methods:
         for layer in result.layers:
             stats = map_statistics(
-                result.layer_maps[method][layer],
-                result.raw[method][layer],
+                valid_maps(result.layer_maps[method][layer], result.valid),
+                valid_maps(result.raw[method][layer], result.valid),
                 pre.size,
                 work.patch_size,
                 work.top_patches,
@@ -740,6 +736,16 @@ def _compute_serial(
         _explain_batch(work, loaded, engine, batch, writer, encoder, rows, sources)
 
 
+def _packs_results(work: ShardWork) -> bool:
+    """Whether the overlapped path's one packed copy-back covers the run's targets.
+
+    It holds softmax predictions and the same number of maps for every image; sigmoid heads
+    (``positive``, ``labels``, ``above:T``) and ``python:`` scores take the serial path.
+    """
+    spec = work.target_spec
+    return spec in ("top1", "all", "label") or spec.startswith(("topk:", "classes:"))
+
+
 def compute_shard(
     work: ShardWork,
     settings: Settings,
@@ -781,7 +787,7 @@ def compute_shard(
             ) -> Iterator[tuple[Batch, dict[int, bytes]]]:
                 return _batches(work, stream, failed, check)
 
-            compute = _compute_overlapped if overlap else _compute_serial
+            compute = _compute_overlapped if overlap and _packs_results(work) else _compute_serial
             compute(work, loaded, engine, batches, writer, encoder, rows)
         for heatmap_rows, shas in rows.encoded:
             for row, sha in zip(heatmap_rows, shas.result(), strict=True):

@@ -61,9 +61,24 @@ class MapLayout:
 
 
 def map_layout(batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult) -> MapLayout:
+    """Only the valid maps: an item with fewer targets than the batch's widest has padded columns."""
     chosen = result.targets.cpu()
     scores = result.scores.float().cpu().tolist()
-    return layout_of(batch, chosen.reshape(-1).tolist(), [s for per_item in scores for s in per_item])
+    layout = layout_of(batch, chosen.reshape(-1).tolist(), [s for per_item in scores for s in per_item])
+    keep = result.valid.cpu().reshape(-1).tolist()
+    if all(keep):
+        return layout
+
+    def kept(values: list[Any]) -> list[Any]:
+        return [value for value, ok in zip(values, keep, strict=True) if ok]
+
+    return MapLayout(
+        item_ids=kept(layout.item_ids),
+        targets=kept(layout.targets),
+        scores=kept(layout.scores),
+        transforms=kept(layout.transforms),
+        boxes=kept(layout.boxes),
+    )
 
 
 def layout_of(
@@ -83,6 +98,13 @@ def layout_of(
 def map_transforms(batch: list[tuple[WorkItem, DecodedPixels]], n_targets: int) -> list[ImageTransform]:
     """How the source of each map ``n = b * n_targets + t`` went into the model's input."""
     return [img.transform for _, img in batch for _t in range(n_targets)]
+
+
+def valid_maps(maps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, K, ...]`` maps -> ``[N, 1, ...]`` with only the valid ones, in ``map_layout`` order."""
+    if bool(valid.all()):
+        return maps
+    return maps.flatten(0, 1)[valid.reshape(-1).to(maps.device)][:, None]
 
 
 @dataclass(frozen=True)
@@ -179,6 +201,10 @@ def select_images(result: CamResult, keep: list[int]) -> CamResult:
         maps={m: pick(t) for m, t in result.maps.items()},
         layer_maps={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.layer_maps.items()},
         raw={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.raw.items()},
+        unrectified={
+            m: {layer: pick(t) for layer, t in per.items()} for m, per in result.unrectified.items()
+        },
+        valid=pick(result.valid),
         targets=pick(result.targets),
         scores=pick(result.scores),
         logits=None if result.logits is None else pick(result.logits),
@@ -193,7 +219,12 @@ def prediction_rows(
     work: ShardWork, batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult
 ) -> list[dict[str, Any]]:
     """One done item row per image: its top-k predictions, predicted class and whether it is right."""
-    probs = torch.softmax(result.logits.float(), dim=1)
+    logits = result.logits.float()
+    # a single logit or a multi-label head scores each class on its own: sigmoid, not softmax
+    independent = (
+        logits.shape[1] == 1 or work.target_spec in ("labels",) or work.target_spec.startswith("above:")
+    )
+    probs = torch.sigmoid(logits) if independent else torch.softmax(logits, dim=1)
     k = min(work.top_k_predictions, probs.shape[1])
     top_p, top_c = (t.cpu() for t in torch.topk(probs, k, dim=1))
     return prediction_rows_of(work, batch, top_p.tolist(), top_c.tolist())

@@ -180,7 +180,16 @@ def run(
     checkpoint: Annotated[str | None, typer.Option(help="weights file for the model")] = None,
     methods: Annotated[str, typer.Option(help="comma-separated CAM methods")] = "gradcam,cam",
     layer: Annotated[list[str] | None, typer.Option(help="target layer (repeat or comma-separate)")] = None,
-    targets: Annotated[str, typer.Option(help="top1, topk:N, all, label or classes:3,7")] = "top1",
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            help="top1, topk:N, all, label, labels, classes:3,7, positive, above:T or "
+            "python:package.module:fn (default: positive for a single-logit head, else top1)"
+        ),
+    ] = None,
+    max_targets: Annotated[
+        int | None, typer.Option(help="with above:T, explain at most this many classes per image")
+    ] = None,
     patch_size: Annotated[int, typer.Option(help="patch side in model-input pixels")] = 32,
     top_patches: Annotated[int, typer.Option(help="patches kept per heatmap")] = 5,
     batch_size: Annotated[
@@ -240,6 +249,7 @@ def run(
             methods=methods.split(","),
             layers=split_values(layer),
             targets=targets,
+            max_targets=max_targets,
             patch_size=patch_size,
             top_patches=top_patches,
             batch_size=batch_size,

@@ -39,7 +39,8 @@ class CamResult:
     ReLU(weighted sum) at feature resolution, and ``unrectified[method][layer]`` the same sum
     before that ReLU (for ``cam`` its spatial mean is the logit minus the head bias). For
     multi-view input ``[B, V, C, H, W]`` each of them gains a view axis after the batch:
-    ``[B, V, K, ...]`` (``views`` is V, else None).
+    ``[B, V, K, ...]`` (``views`` is V, else None). ``valid`` bool ``[B, K]`` is False where an
+    image had fewer targets than the widest row and the column only pads it.
     """
 
     maps: dict[str, torch.Tensor]
@@ -48,6 +49,7 @@ class CamResult:
     unrectified: dict[str, dict[str, torch.Tensor]]
     targets: torch.Tensor
     scores: torch.Tensor
+    valid: torch.Tensor
     logits: torch.Tensor | None
     layers: list[str]
     views: int | None = None
@@ -345,6 +347,7 @@ class CamEngine:
             unrectified=unrectified,
             targets=resolved.classes.contiguous(),
             scores=resolved.scores.detach().float(),
+            valid=resolved.valid.contiguous(),
             logits=logits,
             layers=list(names),
             views=batch.views,
