@@ -179,6 +179,9 @@ def select_images(result: CamResult, keep: list[int]) -> CamResult:
         maps={m: pick(t) for m, t in result.maps.items()},
         layer_maps={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.layer_maps.items()},
         raw={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.raw.items()},
+        unrectified={
+            m: {layer: pick(t) for layer, t in per.items()} for m, per in result.unrectified.items()
+        },
         targets=pick(result.targets),
         scores=pick(result.scores),
         logits=None if result.logits is None else pick(result.logits),
