@@ -142,6 +142,10 @@ def explain_cases(
         maps={m: rows(t) for m, t in result.maps.items()},
         layer_maps={m: {layer: rows(t) for layer, t in per.items()} for m, per in result.layer_maps.items()},
         raw={m: {layer: rows(t) for layer, t in per.items()} for m, per in result.raw.items()},
+        unrectified={
+            m: {layer: rows(t) for layer, t in per.items()} for m, per in result.unrectified.items()
+        },
+        valid=result.valid[per_case.to(result.valid.device)],
         targets=result.targets[per_case],
         scores=result.scores[per_case.to(result.scores.device)],
         logits=None if result.logits is None else result.logits[per_case.to(result.logits.device)],
