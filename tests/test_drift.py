@@ -505,6 +505,10 @@ def store_runs(
                     "raw_mean": float(raw.mean()),
                     "map_mean": 0.0,
                     "top_patch_fraction": 0.0,
+                    "box_energy": None,
+                    "box_hit": None,
+                    "outside_mass": None,
+                    "border_share": 0.0,
                 }
             )
         with session_scope(db) as s:

@@ -163,5 +163,7 @@ def test_a_partial_edge_patch_is_kept_on_either_side(
 
 
 def test_boxes_are_integers() -> None:
-    boxes = patch_boxes(np.array([[0, 1]]), np.array([[2, 0]]), 32, (96, 160), np.array([[333, 201]]))
+    boxes = patch_boxes(
+        np.array([[0, 1]]), np.array([[2, 0]]), 32, (96, 160), [stretch((96, 160), (333, 201))]
+    )
     assert boxes.dtype == np.int64

@@ -29,8 +29,9 @@ from schema.db import session_scope
 from schema.models import Heatmap, Item, PatchScore, Run
 from schema.payloads import RunSpec
 from schema.settings import Settings
-from tests.test_patches import patch_box
+from tests.test_patches import patch_box, stretch
 from workers.heatmap_io import decode_npy, decode_png_gray, to_uint8
+from workers.localisation import border_mask
 from workers.models import DEMO_CHECKPOINT
 from workers.shard import WorkItem, explain_shard
 from workers.shard_rows import (
@@ -173,7 +174,7 @@ def test_patch_boxes_are_the_patch_cells_in_source_pixels(stored: StoredRun) -> 
                 heatmap.layer,
                 heatmap.target_class,
             )
-            box = patch_box(p.row, p.col, PATCH, INPUT_SIZE, (item.width, item.height))
+            box = patch_box(p.row, p.col, PATCH, INPUT_SIZE, stretch(INPUT_SIZE, (item.width, item.height)))
             assert (p.x0, p.y0, p.x1, p.y1) == box
 
 
@@ -222,9 +223,18 @@ def test_each_item_row_and_its_targets_agree_with_the_model_output(stored: Store
 # run for every mutant of workers/shard_rows.py.
 
 
+def border_share(levels: np.ndarray) -> float:
+    """Share of a map's mass in its outer band, computed straight from the stored uint8 levels."""
+    levels = levels.astype(np.float64)
+    return float(levels[border_mask(levels.shape)].sum() / levels.sum())
+
+
 def fake_batch(sizes: list[tuple[int, int]], labels: list[str | None]) -> list[tuple[WorkItem, Any]]:
     return [
-        (WorkItem(id=100 + n, source_uri=f"s{n}.png", label=label), SimpleNamespace(width=w, height=h))
+        (
+            WorkItem(id=100 + n, source_uri=f"s{n}.png", label=label),
+            SimpleNamespace(width=w, height=h, transform=stretch(INPUT_SIZE, (w, h))),
+        )
         for n, ((w, h), label) in enumerate(zip(sizes, labels, strict=True))
     ]
 
@@ -233,17 +243,18 @@ def test_rows_of_a_batch_follow_each_map_index_to_its_item_and_class() -> None:
     batch = fake_batch([(333, 201), (90, 140)], ["b", None])
     targets = torch.tensor([[2, 0], [1, 3]])
     scores = torch.tensor([[5.0, 1.5], [-0.5, -2.0]])
-    layout = map_layout(batch, SimpleNamespace(targets=targets, scores=scores))
+    valid = torch.ones_like(targets, dtype=torch.bool)
+    layout = map_layout(batch, SimpleNamespace(targets=targets, scores=scores, valid=valid))
     assert layout.item_ids == [100, 100, 101, 101]
     assert layout.targets == [2, 0, 1, 3]
     assert layout.scores == [5.0, 1.5, -0.5, -2.0]
-    assert layout.source_sizes.tolist() == [[333, 201], [333, 201], [90, 140], [90, 140]]
+    assert [t.source for t in layout.transforms] == [(333, 201), (333, 201), (90, 140), (90, 140)]
 
     generator = torch.Generator().manual_seed(5)
     raw = torch.randn(2, 2, 3, 5, generator=generator)
     raw[1, 1] = 0.0  # a flat map: no patch stands out and its fraction is 0
     maps = torch.rand(2, 2, *INPUT_SIZE, generator=generator)
-    stats = map_statistics(maps, raw, INPUT_SIZE, PATCH, 4, layout.source_sizes)
+    stats = map_statistics(maps, raw, INPUT_SIZE, PATCH, 4, layout.transforms)
     flat = raw.reshape(4, 3, 5).numpy()
     np.testing.assert_array_equal(stats.raw16, flat.astype(np.float16))
     np.testing.assert_array_equal(stats.maps_u8, to_uint8(maps).numpy().reshape(4, *INPUT_SIZE))
@@ -257,9 +268,9 @@ def test_rows_of_a_batch_follow_each_map_index_to_its_item_and_class() -> None:
         if n != 3:
             assert list(zip(stats.patch_rows[n], stats.patch_cols[n], strict=True)) == order
         assert stats.patch_scores[n] == pytest.approx([expected[rc] for rc in order], abs=1e-6)
-        width, height = layout.source_sizes[n]
+        geometry = layout.transforms[n]
         assert stats.patch_boxes[n] == [
-            list(patch_box(r, c, PATCH, INPUT_SIZE, (int(width), int(height))))
+            list(patch_box(r, c, PATCH, INPUT_SIZE, geometry))
             for r, c in zip(stats.patch_rows[n], stats.patch_cols[n], strict=True)
         ]
 
@@ -287,6 +298,11 @@ def test_rows_of_a_batch_follow_each_map_index_to_its_item_and_class() -> None:
             "raw_mean": stats.raw_mean[n],
             "map_mean": stats.map_mean[n],
             "top_patch_fraction": stats.patch_scores[n][0] / total if total > 0 else 0.0,
+            # no labelled box: only the border share is known
+            "box_energy": None,
+            "box_hit": None,
+            "outside_mass": None,
+            "border_share": pytest.approx(border_share(stats.maps_u8[n])),
         }
     assert heatmaps[3]["top_patch_fraction"] == 0.0
 
@@ -319,7 +335,9 @@ def test_rows_of_predictions_name_classes_and_judge_labels() -> None:
         [[0.0, 3.0, 1.0, -1.0], [2.0, 0.5, 0.0, 1.0], [0.5, 0.2, 4.0, 0.1], [0.0, 0.3, 0.1, 5.0]]
     )
     result = SimpleNamespace(logits=logits)
-    work = SimpleNamespace(top_k_predictions=3, class_names=["a", "b", "c"])  # class 3 has no name
+    work = SimpleNamespace(
+        top_k_predictions=3, class_names=["a", "b", "c"], target_spec="top1"
+    )  # class 3 has no name
     rows = prediction_rows(work, batch, result)  # type: ignore[arg-type]
     probs = torch.softmax(logits, dim=1)
     for (item, img), row, p in zip(batch, rows, probs, strict=True):
@@ -333,7 +351,9 @@ def test_rows_of_predictions_name_classes_and_judge_labels() -> None:
         ]
         assert row["pred_class"] == order[0]
     assert [row["correct"] for row in rows] == [True, False, None, False]
-    unnamed = prediction_rows(SimpleNamespace(top_k_predictions=9, class_names=None), batch, result)  # type: ignore[arg-type]
+    unnamed = prediction_rows(
+        SimpleNamespace(top_k_predictions=9, class_names=None, target_spec="top1"), batch, result
+    )  # type: ignore[arg-type]
     assert all(len(row["predictions"]) == 4 and row["correct"] is None for row in unnamed)
     assert all(pred["name"] is None for row in unnamed for pred in row["predictions"])
 

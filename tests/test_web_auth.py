@@ -125,7 +125,7 @@ def test_only_reads_pass_and_health_needs_no_token(client: TestClient) -> None:
 
 
 def test_without_a_token_every_read_passes(database: str) -> None:
-    open_client = TestClient(create_app(database, token=None))
+    open_client = TestClient(create_app(database, token=None), base_url="http://localhost")
     assert open_client.get("/").status_code == 200
     assert callable(token_guard(None))
 
