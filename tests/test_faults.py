@@ -399,13 +399,14 @@ def test_postgres_restart_mid_run_loses_and_doubles_nothing(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     database = private_postgres.url
+    # A 1.5 s lease, and Score-CAM over 32 images per shard: the first shard is still computing
+    # when its lease runs out during the outage, so the outage ends its lease, not its commit.
     env = base_env(database, redis_url, s3_storage_url, s3_endpoint_url) | LEASE_ENV
+    env |= {"CAMAUDIT_LEASE_S": "1.5"}
     worker = start_worker(env, name="w1")
     # Two shards: one running when the database goes away, one whose claim then fails and retries.
-    # Score-CAM over 12 images keeps the first shard computing well past its 3 s lease, so the
-    # outage ends its lease (not its commit) however fast the machine is.
-    data = make_dataset(tmp_path / "data", 24, seed=5)
-    run_id, _ = plan_in_process(data, env, "gradcam,scorecam", 12)
+    data = make_dataset(tmp_path / "data", 64, seed=5)
+    run_id, _ = plan_in_process(data, env, "gradcam,scorecam", 32)
     wait_until(lambda: running_shard(database, run_id), 120, "a shard to start")
     with session_scope(database) as s:
         running = s.execute(select(Shard.id).where(Shard.run_id == run_id, Shard.status == "running")).all()
