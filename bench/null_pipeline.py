@@ -116,8 +116,10 @@ class NullEngine:
             maps={m: maps for m in self.methods},
             layer_maps={m: dict(per_layer) for m in self.methods},
             raw={m: {layer: raw for layer in self.layers} for m in self.methods},
+            unrectified={m: {layer: raw for layer in self.layers} for m in self.methods},
             targets=classes,
             scores=torch.ones(batch, k),
+            valid=torch.ones(batch, k, dtype=torch.bool),
             logits=self._logits.expand(batch, CLASSES),
             layers=list(self.layers),
         )

@@ -94,3 +94,34 @@ def test_fidelity_figures_on_known_inputs() -> None:
     r = pearson(a, torch.tensor([[2.0, 4.0, 6.0], [5.0, 5.0, 5.0]]))
     assert torch.allclose(r, torch.tensor([1.0, 1.0], dtype=torch.float64))
     assert pearson(a[:1], -a[:1]).item() < -0.999
+
+
+def test_the_null_engine_returns_what_the_real_engine_returns() -> None:
+    """``bench/pipeline.py --engine null`` stands in for ``CamEngine``: its result must keep the
+    real one's fields, key sets, shapes and dtypes, or the bench breaks (or times the wrong work)
+    when the engine's result grows a field."""
+    from dataclasses import fields
+
+    from bench.null_pipeline import CLASSES, FEATURES, NullEngine
+
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(FEATURES))
+    model = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    real = CamEngine(model, layers=["0"], methods=["gradcam", "cam"], amp=False)(images, targets="topk:2")
+    null = NullEngine(["gradcam", "cam"], ["0"], (32, 32))(images, targets="topk:2")
+    for field in fields(real):
+        ours, theirs = getattr(null, field.name), getattr(real, field.name)
+        assert type(ours) is type(theirs), field.name
+        if isinstance(theirs, torch.Tensor):
+            assert (ours.shape, ours.dtype) == (theirs.shape, theirs.dtype), field.name
+        elif isinstance(theirs, dict):
+            assert ours.keys() == theirs.keys(), field.name
+            for key, value in theirs.items():
+                inner = ours[key]
+                pairs = value.items() if isinstance(value, dict) else [(None, value)]
+                for layer, tensor in pairs:
+                    other = inner[layer] if layer is not None else inner
+                    assert (other.shape, other.dtype) == (tensor.shape, tensor.dtype), (field.name, layer)
+        else:
+            assert ours == theirs, field.name
