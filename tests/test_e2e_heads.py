@@ -99,6 +99,37 @@ def test_binary_head_explains_its_positive_logit_by_default(data: Path, tmp_path
             assert heatmap.target_score == pytest.approx(_logit(prediction["prob"]), abs=1e-4)
 
 
+@pytest.mark.slow
+def test_a_binary_head_predicts_positive_exactly_when_its_logit_is_on_both_paths(
+    data: Path, tmp_path: Path
+) -> None:
+    """``positive`` takes the serial path, ``top1`` the overlapped one: both give the sigmoid and
+    the decision (class 1 when the logit is above 0), never the softmax of one logit (1.0)."""
+    model = binary_net()
+    with torch.no_grad():  # spread the logits around 0 so both decisions occur
+        model.head.weight.mul_(50.0)
+        model.head.bias.mul_(50.0).sub_(6.825)
+    checkpoint = _checkpoint(tmp_path / "binary.pt", model, ["circle"])
+    decided: dict[str, dict[str, tuple[int, float]]] = {}
+    for spec in ("positive", "top1"):
+        db, run_id = _run(
+            tmp_path / spec, data, "python:tests.heads:binary_net", checkpoint, "--targets", spec
+        )
+        _, items, maps = _explained(db, run_id)
+        decided[spec] = {}
+        for item in items.values():
+            (prediction,) = item.predictions
+            logit = maps[item.id]["gradcam"][0].target_score
+            assert prediction["prob"] == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-5)
+            assert item.pred_class == int(logit > 0), (spec, logit, item.predictions)
+            assert item.correct == ((logit > 0) == (item.label == "circle"))
+            decided[spec][item.source_uri] = (item.pred_class, prediction["prob"])
+        assert {pred for pred, _ in decided[spec].values()} == {0, 1}
+    for uri, (pred, prob) in decided["positive"].items():
+        assert decided["top1"][uri][0] == pred
+        assert decided["top1"][uri][1] == pytest.approx(prob, abs=1e-6)
+
+
 def test_custom_scalar_target_from_a_python_function(data: Path, tmp_path: Path) -> None:
     checkpoint = _checkpoint(tmp_path / "binary.pt", binary_net(), ["lesion"])
     db, run_id = _run(

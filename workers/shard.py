@@ -625,7 +625,7 @@ def _finish(
     batch, packed = launched.batch, launched.packed
     transforms = map_transforms(batch, packed.targets)
     host = unpack(packed, work.patch_size, work.preprocess.size, transforms)
-    rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c))
+    rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c, single_logit=host.single_logit))
     layout = layout_of(batch, host.targets, host.scores)
     map_sources = [launched.sources.get(item_id) for item_id in layout.item_ids]
     for (method, layer), stats in host.statistics.items():
@@ -739,8 +739,9 @@ def _compute_serial(
 def _packs_results(work: ShardWork) -> bool:
     """Whether the overlapped path's one packed copy-back covers the run's targets.
 
-    It holds softmax predictions and the same number of maps for every image; sigmoid heads
-    (``positive``, ``labels``, ``above:T``) and ``python:`` scores take the serial path.
+    It holds softmax predictions (a single logit's sigmoid) and the same number of maps for every
+    image; sigmoid targets (``positive``, ``labels``, ``above:T``) and ``python:`` scores take the
+    serial path.
     """
     spec = work.target_spec
     return spec in ("top1", "all", "label") or spec.startswith(("topk:", "classes:"))
