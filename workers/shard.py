@@ -496,26 +496,10 @@ def _explain_batch(
     if work.views:
         result = explain_cases(engine, batch, work.views, tuple(pre.mean), tuple(pre.std), targets, device)
     else:
-        pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
-        try:
-            result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
-        except Exception as exc:
-            if not is_out_of_memory(exc) or len(batch) == 1:
-                raise
-            result = None  # split outside the handler: its traceback holds the batch's tensors
+        result = _explain_or_split(work, engine, batch, targets, device)
         if result is None:
-            half = len(batch) // 2
-            log.warning(
-                "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
-                work.run_id,
-                work.shard_index,
-                len(batch),
-                half,
-                len(batch) - half,
-            )
-            del pixels, targets
-            release_cached_memory(device)
-            for part in (batch[:half], batch[half:]):
+            del targets
+            for part in _halves(batch):
                 _explain_batch(work, loaded, engine, part, writer, encoder, rows, sources)
             return
         batch, result = _drop_non_finite(work, batch, result, rows.items)
@@ -542,6 +526,55 @@ def _explain_batch(
             rows.heatmaps.extend(heatmaps)
             rows.encoded.append((heatmaps, shas))
             rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
+
+
+def _explain_or_split(
+    work: ShardWork,
+    engine: CamEngine,
+    batch: list[tuple[WorkItem, DecodedPixels]],
+    targets: Any,
+    device: torch.device,
+    *,
+    pinned: bool = False,
+) -> CamResult | None:
+    """The engine's result for the batch, or None when the device ran out of memory on more than
+    one image: the attempt's tensors are then dropped and the cached blocks handed back, and the
+    caller explains :func:`_halves` of the batch one after the other. Out of memory on a single
+    image, and every other error, propagates.
+
+    ``pinned``: on CUDA the stacked pixels go through pinned memory, so the copy to the device is
+    truly asynchronous (the overlapped path, which must not wait on it).
+    """
+    pre = work.preprocess
+    pixels = stack_pixels([img for _, img in batch])
+    if pinned and device.type == "cuda":
+        pixels = pixels.pin_memory()
+    pixels = pixels.to(device, non_blocking=True)
+    try:
+        return engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(batch) == 1:
+            raise
+    # past the handler, whose traceback held the batch's tensors
+    half = len(batch) // 2
+    log.warning(
+        "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
+        work.run_id,
+        work.shard_index,
+        len(batch),
+        half,
+        len(batch) - half,
+    )
+    del pixels, targets
+    release_cached_memory(device)
+    return None
+
+
+def _halves(
+    batch: list[tuple[WorkItem, DecodedPixels]],
+) -> tuple[list[tuple[WorkItem, DecodedPixels]], list[tuple[WorkItem, DecodedPixels]]]:
+    half = len(batch) // 2
+    return batch[:half], batch[half:]
 
 
 def release_cached_memory(device: torch.device) -> None:
@@ -579,31 +612,12 @@ def _launch(
     failed.extend(rows.items)
     if not batch:
         return []
-    pixels = stack_pixels([img for _, img in batch])
-    if device.type == "cuda":
-        pixels = pixels.pin_memory()
-    pixels = pixels.to(device, non_blocking=True)
-    try:
-        result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
-    except Exception as exc:
-        if not is_out_of_memory(exc) or len(batch) == 1:
-            raise
-        result = None  # split outside the handler: its traceback holds the batch's tensors
+    result = _explain_or_split(work, engine, batch, targets, device, pinned=True)
     if result is None:
-        half = len(batch) // 2
-        log.warning(
-            "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
-            work.run_id,
-            work.shard_index,
-            len(batch),
-            half,
-            len(batch) - half,
-        )
-        del pixels, targets
-        release_cached_memory(device)
+        del targets
         return [
             launched
-            for part in (batch[:half], batch[half:])
+            for part in _halves(batch)
             for launched in _launch(work, loaded, engine, part, sources, failed)
         ]
     batch, result = _drop_non_finite(work, batch, result, failed)
