@@ -76,7 +76,6 @@ from workers.shard_rows import (
     patch_rows,
     prediction_rows,
     prediction_rows_of,
-    select_images,
     valid_maps,
 )
 from workers.storage import ConcurrentWriter, S3Storage
@@ -475,7 +474,7 @@ def _drop_non_finite(
     keep = [b for b, reason in enumerate(reasons) if reason is None]
     if not keep:
         return [], result
-    return [batch[b] for b in keep], select_images(result, keep)
+    return [batch[b] for b in keep], result.select_images(keep)
 
 
 def _explain_batch(

@@ -9,7 +9,7 @@ method and layer (:class:`MapLayout`).
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -187,28 +187,6 @@ def non_finite_reasons(result: CamResult) -> list[str | None]:
             else None
         )
     return reasons
-
-
-def select_images(result: CamResult, keep: list[int]) -> CamResult:
-    """The result of only the images ``keep`` of the batch, in that order."""
-    index = torch.tensor(keep, dtype=torch.long, device=result.targets.device)
-
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        return t.index_select(0, index.to(t.device))
-
-    return replace(
-        result,
-        maps={m: pick(t) for m, t in result.maps.items()},
-        layer_maps={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.layer_maps.items()},
-        raw={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.raw.items()},
-        unrectified={
-            m: {layer: pick(t) for layer, t in per.items()} for m, per in result.unrectified.items()
-        },
-        valid=pick(result.valid),
-        targets=pick(result.targets),
-        scores=pick(result.scores),
-        logits=None if result.logits is None else pick(result.logits),
-    )
 
 
 def failed_item_row(item: WorkItem, error: str) -> dict[str, Any]:
