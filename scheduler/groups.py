@@ -23,6 +23,7 @@ from scheduler.query import (
     class_name,
     get_run,
     patch_fields,
+    single_logit,
 )
 from scheduler.query import top_regions_statement as _regions
 from schema.db import session_scope
@@ -67,8 +68,15 @@ def _group_row(run: Run, group: str, items: list[Item], fusion: str) -> dict[str
         )
         return row
     fused = fuse([list(i.predictions or []) for i in items], fusion)
-    pred = max(fused, key=lambda c: (fused[c], -c))
     names = list(run.class_names or [])
+    if single_logit(run):  # the fused sigmoid decides, as each view's does (shard_rows.prediction_rows_of)
+        positive = fused.get(0, 0.0)
+        pred = int(positive > 0.5)
+        row.update(pred_class=pred, score=positive if pred else 1.0 - positive)
+        if row["label"] is not None and names:
+            row["correct"] = (pred == 1) == (row["label"] == names[0])
+        return row
+    pred = max(fused, key=lambda c: (fused[c], -c))
     row.update(pred_class=pred, score=fused[pred])
     if row["label"] is not None and names:
         row["correct"] = 0 <= pred < len(names) and names[pred] == row["label"]

@@ -31,8 +31,11 @@ __all__ = [
     "explain_top_regions",
     "filter_items",
     "get_run",
+    "predicted_class",
+    "prediction_name",
     "resolve_class",
     "shard_leases",
+    "single_logit",
     "top_regions",
     "top_regions_statement",
 ]
@@ -192,6 +195,28 @@ def class_name(run: Run, target: int) -> str | None:
     return str(names[target]) if 0 <= target < len(names) else None
 
 
+def single_logit(run: Run) -> bool:
+    """Whether the run's model has one output (a binary head): its items' ``pred_class`` is then a
+    decision, 1 (positive: the class its one name names) or 0, not an index into its names."""
+    return len(run.class_names or []) == 1 or run.target_spec == "positive"
+
+
+def predicted_class(run: Run, value: str | int) -> int:
+    """The ``pred_class`` a ``--predicted`` name or index means; a binary head's one name means 1."""
+    if single_logit(run) and str(value) in [str(n) for n in run.class_names or []]:
+        return 1
+    return resolve_class(run, value)
+
+
+def prediction_name(run: Run, pred: int) -> str | None:
+    """What an item's ``pred_class`` says in words: a class name, or a binary head's decision."""
+    if single_logit(run):
+        names = list(run.class_names or [])
+        positive = str(names[0]) if names else "positive"
+        return positive if pred == 1 else (f"not {positive}" if names else "negative")
+    return class_name(run, pred)
+
+
 def checked_question(
     database_url: str, run_id: str, class_: str | int, method: str, *, layer: str | None, limit: int
 ) -> tuple[Run, int]:
@@ -240,7 +265,7 @@ def filter_items(stmt: Select[Any], run: Run, filters: RegionFilters) -> Select[
     if filters.label is not None:
         stmt = stmt.where(Item.label == filters.label)
     if filters.predicted is not None:
-        stmt = stmt.where(Item.pred_class == resolve_class(run, filters.predicted))
+        stmt = stmt.where(Item.pred_class == predicted_class(run, filters.predicted))
     if filters.correct is not None:
         stmt = stmt.where(Item.correct.is_(filters.correct))
     return stmt

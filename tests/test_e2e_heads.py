@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import select
 
 from scheduler.plan import PlanError, plan_run
+from scheduler.query import prediction_name, top_regions
+from scheduler.web import create_app
 from schema.db import session_scope
 from schema.models import Heatmap, Item, Run
 from schema.payloads import RunSpec
@@ -125,6 +128,17 @@ def test_a_binary_head_predicts_positive_exactly_when_its_logit_is_on_both_paths
             assert item.correct == ((logit > 0) == (item.label == "circle"))
             decided[spec][item.source_uri] = (item.pred_class, prediction["prob"])
         assert {pred for pred, _ in decided[spec].values()} == {0, 1}
+        run = _explained(db, run_id)[0]
+        assert (prediction_name(run, 1), prediction_name(run, 0)) == ("circle", "not circle")
+        for asked, decision in (("circle", 1), ("0", 0)):  # the name means the positive decision
+            regions = top_regions(db, run_id, 0, "gradcam", limit=100, predicted=asked)
+            positives = sum(pred == decision for pred, _ in decided[spec].values())
+            assert regions and all(r.pred_class == decision for r in regions)
+            assert len({r.item_id for r in regions}) == positives
+    web = TestClient(create_app(db), base_url="http://localhost")
+    for item in _explained(db, run_id)[1].values():
+        page = " ".join(web.get(f"/items/{item.id}").text.split())
+        assert ("<b>Predicted</b>" + ("circle" if item.pred_class else "not circle")) in page
     for uri, (pred, prob) in decided["positive"].items():
         assert decided["top1"][uri][0] == pred
         assert decided["top1"][uri][1] == pytest.approx(prob, abs=1e-6)
