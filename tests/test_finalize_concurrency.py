@@ -146,3 +146,34 @@ def test_two_finalisations_at_once_post_the_alert_once(
         alerts = list(session.execute(select(Alert).where(Alert.run_id == finished_run)).scalars())
     assert [(a.rule, a.state, a.attempts) for a in alerts] == [("status", "fired", 1)]
     assert alerts[0].delivered_at is not None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_run_lock_has_one_holder_per_job_and_run(backend: str, tmp_path: Path, request: Any) -> None:
+    from scheduler.run_locks import run_lock
+
+    db = (
+        f"sqlite:///{tmp_path / 'runs.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    seen: list[bool] = []
+
+    def try_other(job: str, run_id: str) -> None:
+        with run_lock(db, job, run_id, wait=False) as held:
+            seen.append(held)
+
+    def in_thread(job: str, run_id: str) -> bool:
+        thread = threading.Thread(target=try_other, args=(job, run_id))
+        thread.start()
+        thread.join(timeout=30)
+        return seen.pop()
+
+    with run_lock(db, "finalize", "r1", wait=False) as held:
+        assert held
+        assert not in_thread("finalize", "r1")  # the same job of the same run: taken
+        assert in_thread("finalize", "r2") and in_thread("deliver", "r1")  # others are free
+    assert in_thread("finalize", "r1")  # released with the block
+    refused = run_lock(db, "finalise", "r1", wait=False)
+    with pytest.raises(ValueError, match="unknown run job 'finalise'; use one of finalize, deliver"):
+        refused.__enter__()
