@@ -22,6 +22,7 @@ from scheduler.analysis.quality import LocalisationReport, localisation
 from scheduler.groups import write_groups
 from scheduler.notify import RaisedAlerts, raise_alerts
 from scheduler.query import DELETING, get_run
+from scheduler.run_locks import run_lock
 from schema.db import dialect_name, session_scope
 from schema.models import ClassDrift, RunQuality, RunStatus, utcnow
 
@@ -128,8 +129,20 @@ def finalize_run(
     then the run's alert rules judged against them.
 
     Meant for a run whose shards have all landed; a run still in progress is refused, since
-    its summaries would describe only part of it. None for a run being deleted.
+    its summaries would describe only part of it. None for a run being deleted, and for a run
+    another finaliser is finalising at this moment (a message delivered twice): only one of
+    them judges the alerts (``scheduler/run_locks.py``).
     """
+    with run_lock(database_url, "finalize", run_id, wait=False) as sole:
+        if not sole:
+            log.info("run=%s is being finalised elsewhere right now; this finalisation is skipped", run_id)
+            return None
+        return _finalize(database_url, run_id, endpoint_url, region, threshold)
+
+
+def _finalize(
+    database_url: str, run_id: str, endpoint_url: str | None, region: str | None, threshold: float
+) -> Finalised | None:
     run = get_run(database_url, run_id)
     if run.status == DELETING:
         log.info("run=%s is being deleted; nothing to finalise", run_id)

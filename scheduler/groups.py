@@ -15,7 +15,16 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
-from scheduler.query import QueryError, Region, RegionFilters, get_run, patch_fields, resolve_class
+from scheduler.query import (
+    QueryError,
+    Region,
+    RegionFilters,
+    checked_question,
+    class_name,
+    get_run,
+    patch_fields,
+    single_logit,
+)
 from scheduler.query import top_regions_statement as _regions
 from schema.db import session_scope
 from schema.models import Group, Item, ItemStatus, Run
@@ -59,8 +68,15 @@ def _group_row(run: Run, group: str, items: list[Item], fusion: str) -> dict[str
         )
         return row
     fused = fuse([list(i.predictions or []) for i in items], fusion)
-    pred = max(fused, key=lambda c: (fused[c], -c))
     names = list(run.class_names or [])
+    if single_logit(run):  # the fused sigmoid decides, as each view's does (shard_rows.prediction_rows_of)
+        positive = fused.get(0, 0.0)
+        pred = int(positive > 0.5)
+        row.update(pred_class=pred, score=positive if pred else 1.0 - positive)
+        if row["label"] is not None and names:
+            row["correct"] = (pred == 1) == (row["label"] == names[0])
+        return row
+    pred = max(fused, key=lambda c: (fused[c], -c))
     row.update(pred_class=pred, score=fused[pred])
     if row["label"] is not None and names:
         row["correct"] = 0 <= pred < len(names) and names[pred] == row["label"]
@@ -133,12 +149,7 @@ def top_groups(
     limit: int = 10,
 ) -> list[GroupRegion]:
     """Cases ranked by their best patch of a class across their views (one row per case)."""
-    from scheduler.query import _check_question
-
-    run = get_run(database_url, run_id)
-    _check_question(run, method, layer, limit)
-    target = resolve_class(run, class_)
-    names = list(run.class_names or [])
+    run, target = checked_question(database_url, run_id, class_, method, layer=layer, limit=limit)
     found: list[GroupRegion] = []
     seen: set[str] = set()
     offset = 0
@@ -167,7 +178,7 @@ def top_groups(
                     **patch_fields(patch),
                     source_uri=uri,
                     label=label,
-                    class_name=names[patch.target_class] if 0 <= patch.target_class < len(names) else None,
+                    class_name=class_name(run, patch.target_class),
                     pred_class=pred,
                     correct=ok,
                 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from scheduler.alerts import Judgement, RunFacts, evaluate, run_facts, run_rules, store_judgements
+from scheduler.run_locks import run_lock
 from scheduler.webhooks import DeliveryError, build_notification, post, webhook_url
 from schema.alert_rules import WebhookTarget
 from schema.db import session_scope
@@ -72,7 +73,16 @@ class Attempt:
 
 
 def deliver_once(settings: Settings, run_id: str, accepted: list[int]) -> Attempt:
-    """POST the run's notification to every webhook that has not accepted it yet, and record it."""
+    """POST the run's notification to every webhook that has not accepted it yet, and record it.
+
+    One deliverer of a run at a time: a second one waits, then finds the alerts delivered and
+    posts nothing (two finalisations of one run may each have asked for a delivery).
+    """
+    with run_lock(settings.database_url, "deliver", run_id, wait=True):
+        return _deliver_once(settings, run_id, accepted)
+
+
+def _deliver_once(settings: Settings, run_id: str, accepted: list[int]) -> Attempt:
     database_url = settings.database_url
     with session_scope(database_url) as session:
         config = session.execute(select(Run.config).where(Run.id == run_id)).scalar_one_or_none()

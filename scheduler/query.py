@@ -25,10 +25,17 @@ __all__ = [
     "QueryError",
     "Region",
     "RegionFilters",
+    "ResultRow",
+    "checked_question",
+    "class_name",
     "explain_top_regions",
+    "filter_items",
     "get_run",
+    "predicted_class",
+    "prediction_name",
     "resolve_class",
     "shard_leases",
+    "single_logit",
     "top_regions",
     "top_regions_statement",
 ]
@@ -42,8 +49,19 @@ class QueryError(ValueError):
     """The question names a run, class or method that does not exist."""
 
 
+class ResultRow:
+    """What every answer's rows (frozen dataclasses) share: a dict for JSON, the CSV columns."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class Region:
+class Region(ResultRow):
     item_id: int
     source_uri: str
     label: str | None
@@ -59,13 +77,6 @@ class Region:
     score: float
     pred_class: int | None = None
     correct: bool | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def columns(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def patch_fields(patch: PatchScore) -> dict[str, Any]:
@@ -178,6 +189,44 @@ def resolve_class(run: Run, value: str | int) -> int:
     raise QueryError(f"unknown class {text_value!r}{hint}{valid}")
 
 
+def class_name(run: Run, target: int) -> str | None:
+    """The run's name of a class index; None for an unnamed class or a scalar target (-1)."""
+    names = list(run.class_names or [])
+    return str(names[target]) if 0 <= target < len(names) else None
+
+
+def single_logit(run: Run) -> bool:
+    """Whether the run's model has one output (a binary head): its items' ``pred_class`` is then a
+    decision, 1 (positive: the class its one name names) or 0, not an index into its names."""
+    return len(run.class_names or []) == 1 or run.target_spec == "positive"
+
+
+def predicted_class(run: Run, value: str | int) -> int:
+    """The ``pred_class`` a ``--predicted`` name or index means; a binary head's one name means 1."""
+    if single_logit(run) and str(value) in [str(n) for n in run.class_names or []]:
+        return 1
+    return resolve_class(run, value)
+
+
+def prediction_name(run: Run, pred: int) -> str | None:
+    """What an item's ``pred_class`` says in words: a class name, or a binary head's decision."""
+    if single_logit(run):
+        names = list(run.class_names or [])
+        positive = str(names[0]) if names else "positive"
+        return positive if pred == 1 else (f"not {positive}" if names else "negative")
+    return class_name(run, pred)
+
+
+def checked_question(
+    database_url: str, run_id: str, class_: str | int, method: str, *, layer: str | None, limit: int
+) -> tuple[Run, int]:
+    """The run and class index a question about one class and method names, checked against the
+    run (it exists and is not being deleted; its method, layer and class; the limit)."""
+    run = get_run(database_url, run_id)
+    _check_question(run, method, layer, limit)
+    return run, resolve_class(run, class_)
+
+
 def _check_question(run: Run, method: str, layer: str | None, limit: int) -> None:
     if run.status == DELETING:
         raise QueryError(f"run {run.id} is being deleted; `camaudit gc --run {run.id}` finishes the job")
@@ -208,10 +257,15 @@ def top_regions_statement(
         stmt = stmt.where(PatchScore.score >= filters.min_score)
     if filters.max_score is not None:
         stmt = stmt.where(PatchScore.score <= filters.max_score)
+    return filter_items(stmt, run, filters)
+
+
+def filter_items(stmt: Select[Any], run: Run, filters: RegionFilters) -> Select[Any]:
+    """``stmt`` (joined to ``items``) narrowed to the items the filters keep: label, prediction, right."""
     if filters.label is not None:
         stmt = stmt.where(Item.label == filters.label)
     if filters.predicted is not None:
-        stmt = stmt.where(Item.pred_class == resolve_class(run, filters.predicted))
+        stmt = stmt.where(Item.pred_class == predicted_class(run, filters.predicted))
     if filters.correct is not None:
         stmt = stmt.where(Item.correct.is_(filters.correct))
     return stmt
@@ -252,10 +306,7 @@ def top_regions(
     """
     filters = RegionFilters(label, predicted, correct, min_score, max_score)
     filters.check()
-    run = get_run(database_url, run_id)
-    _check_question(run, method, layer, limit)
-    target = resolve_class(run, class_)
-    names = list(run.class_names or [])
+    run, target = checked_question(database_url, run_id, class_, method, layer=layer, limit=limit)
     stmt = top_regions_statement(run, target, method, layer=layer, limit=limit, filters=filters)
     with session_scope(database_url) as session:
         found = session.execute(stmt).all()
@@ -266,7 +317,7 @@ def top_regions(
                 **patch_fields(p),
                 source_uri=uri,
                 label=item_label,
-                class_name=names[p.target_class] if 0 <= p.target_class < len(names) else None,
+                class_name=class_name(run, p.target_class),
                 pred_class=pred,
                 correct=ok,
             )
@@ -286,10 +337,9 @@ def explain_top_regions(
     **filters: Any,
 ) -> str:
     """PostgreSQL's plan for :func:`top_regions` with the same arguments, to check it uses the index."""
-    run = get_run(database_url, run_id)
-    _check_question(run, method, layer, limit)
+    run, target = checked_question(database_url, run_id, class_, method, layer=layer, limit=limit)
     stmt = top_regions_statement(
-        run, resolve_class(run, class_), method, layer=layer, limit=limit, filters=RegionFilters(**filters)
+        run, target, method, layer=layer, limit=limit, filters=RegionFilters(**filters)
     )
     with session_scope(database_url) as session:
         dialect = session.get_bind().dialect

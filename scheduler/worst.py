@@ -13,8 +13,7 @@ Only items with a labelled box take part in ``worst`` and ``outside-box``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 from sqlalchemy import select
 
@@ -23,13 +22,15 @@ from scheduler.query import (
     QueryError,
     Region,
     RegionFilters,
-    get_run,
+    ResultRow,
+    checked_question,
+    class_name,
+    filter_items,
     patch_fields,
-    resolve_class,
     top_regions_statement,
 )
 from schema.db import session_scope
-from schema.models import Heatmap, Item, Run
+from schema.models import Heatmap, Item
 
 __all__ = ["ORDERS", "WorstMap", "outside_box_regions", "overlaps", "worst_maps"]
 
@@ -38,7 +39,7 @@ PAGE = 1000
 
 
 @dataclass(frozen=True)
-class WorstMap:
+class WorstMap(ResultRow):
     item_id: int
     source_uri: str
     label: str | None
@@ -53,13 +54,6 @@ class WorstMap:
     pred_class: int | None = None
     correct: bool | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def columns(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
 
 def overlaps(box: list[float] | None, x0: int, y0: int, x1: int, y1: int) -> bool:
     """Whether the patch (x1/y1 exclusive) shares any area with the labelled box."""
@@ -67,17 +61,6 @@ def overlaps(box: list[float] | None, x0: int, y0: int, x1: int, y1: int) -> boo
         return False
     bx0, by0, bx1, by1 = (float(v) for v in box)
     return x0 < bx1 and bx0 < x1 and y0 < by1 and by0 < y1
-
-
-def _check(run: Run, method: str, layer: str | None, limit: int) -> None:
-    from scheduler.query import _check_question
-
-    _check_question(run, method, layer, limit)
-
-
-def _name(run: Run, target: int) -> str | None:
-    names = list(run.class_names or [])
-    return str(names[target]) if 0 <= target < len(names) else None
 
 
 def worst_maps(
@@ -95,9 +78,7 @@ def worst_maps(
     """The maps of one class and method that miss their box most (``worst``) or sit on the border."""
     if order not in ORDERS:
         raise QueryError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
-    run = get_run(database_url, run_id)
-    _check(run, method, layer, limit)
-    target = resolve_class(run, class_)
+    run, target = checked_question(database_url, run_id, class_, method, layer=layer, limit=limit)
     key = Heatmap.box_energy.asc() if order == "worst" else Heatmap.border_share.desc()
     column = Heatmap.box_energy if order == "worst" else Heatmap.border_share
     stmt = (
@@ -114,10 +95,7 @@ def worst_maps(
     )
     if layer is not None:
         stmt = stmt.where(Heatmap.layer == layer)
-    if label is not None:
-        stmt = stmt.where(Item.label == label)
-    if correct is not None:
-        stmt = stmt.where(Item.correct.is_(correct))
+    stmt = filter_items(stmt, run, RegionFilters(label=label, correct=correct))
     with session_scope(database_url) as session:
         return [
             WorstMap(
@@ -125,7 +103,7 @@ def worst_maps(
                 source_uri=uri,
                 label=item_label,
                 target_class=h.target_class,
-                class_name=_name(run, h.target_class),
+                class_name=class_name(run, h.target_class),
                 method=h.method,
                 layer=h.layer,
                 box_energy=h.box_energy,
@@ -151,9 +129,7 @@ def outside_box_regions(
     correct: bool | None = None,
 ) -> list[Region]:
     """The best-scoring patches of a class that lie off their item's labelled box, best first."""
-    run = get_run(database_url, run_id)
-    _check(run, method, layer, limit)
-    target = resolve_class(run, class_)
+    run, target = checked_question(database_url, run_id, class_, method, layer=layer, limit=limit)
     filters = RegionFilters(label=label, correct=correct)
     found: list[Region] = []
     offset = 0
@@ -170,7 +146,7 @@ def outside_box_regions(
                             **patch_fields(patch),
                             source_uri=uri,
                             label=item_label,
-                            class_name=_name(run, patch.target_class),
+                            class_name=class_name(run, patch.target_class),
                             pred_class=pred,
                             correct=ok,
                         )

@@ -14,7 +14,7 @@ from pytorch_grad_cam import AblationCAM, GradCAM
 from torch import nn
 
 from tests.test_cam_support import TinyNet, assert_maps_match, class_targets, pearson, seeded, small_vit
-from workers.cam import METHODS, CamConfigError, CamEngine
+from workers.cam import METHODS, CamConfigError, CamEngine, CamResult
 
 
 @pytest.fixture(scope="module")
@@ -396,3 +396,60 @@ def test_maps_are_deterministic_across_calls(resnet: nn.Module) -> None:
     first, second = engine(images), engine(images)
     for name in ("eigencam", "eigengradcam"):
         assert np.array_equal(first.maps[name].numpy(), second.maps[name].numpy())
+
+
+def _numbered(*shape: int) -> torch.Tensor:
+    return torch.arange(float(np.prod(shape))).reshape(shape)
+
+
+def test_select_images_keeps_every_output_of_the_chosen_rows() -> None:
+    b, k = 3, 2
+    result = CamResult(
+        maps={"gradcam": _numbered(b, k, 4, 4)},
+        layer_maps={"gradcam": {"a": _numbered(b, k, 4, 4) + 1, "b": _numbered(b, k, 4, 4) + 2}},
+        raw={"gradcam": {"a": _numbered(b, k, 2, 2), "b": _numbered(b, k, 2, 2) + 3}},
+        unrectified={"gradcam": {"a": -_numbered(b, k, 2, 2), "b": -_numbered(b, k, 2, 2)}},
+        targets=torch.tensor([[0, 1], [2, 3], [4, 5]]),
+        scores=_numbered(b, k),
+        valid=torch.tensor([[True, False], [True, True], [False, True]]),
+        logits=_numbered(b, 6),
+        layers=["a", "b"],
+    )
+    keep = [2, 0, 2]
+    picked = result.select_images(keep)
+    assert torch.equal(picked.maps["gradcam"], result.maps["gradcam"][keep])
+    for name in ("a", "b"):
+        for field in ("layer_maps", "raw", "unrectified"):
+            assert torch.equal(
+                getattr(picked, field)["gradcam"][name], getattr(result, field)["gradcam"][name][keep]
+            )
+    for field in ("targets", "scores", "valid", "logits"):
+        assert torch.equal(getattr(picked, field), getattr(result, field)[keep])
+    assert picked.layers == ["a", "b"] and picked.views is None
+    with pytest.raises(ValueError, match="no views"):
+        result.select_images([0], views_of=[0])
+
+
+def test_select_images_of_a_multi_view_result_takes_each_rows_own_view() -> None:
+    cases, views, k = 2, 3, 1
+    result = CamResult(
+        maps={"cam": _numbered(cases, views, k, 4, 4)},
+        layer_maps={"cam": {"f": _numbered(cases, views, k, 4, 4)}},
+        raw={"cam": {"f": _numbered(cases, views, k, 2, 2)}},
+        unrectified={"cam": {"f": _numbered(cases, views, k, 2, 2) - 5}},
+        targets=torch.tensor([[1], [0]]),
+        scores=torch.tensor([[0.5], [0.25]]),
+        valid=torch.ones(cases, k, dtype=torch.bool),
+        logits=_numbered(cases, 2),
+        layers=["f"],
+        views=views,
+    )
+    rows = [(1, 2), (0, 0), (1, 0)]  # (case, view) of each item
+    picked = result.select_images([c for c, _ in rows], views_of=[v for _, v in rows])
+    assert picked.views is None
+    for n, (case, view) in enumerate(rows):
+        assert torch.equal(picked.maps["cam"][n], result.maps["cam"][case, view])
+        assert torch.equal(picked.raw["cam"]["f"][n], result.raw["cam"]["f"][case, view])
+        assert torch.equal(picked.unrectified["cam"]["f"][n], result.unrectified["cam"]["f"][case, view])
+        assert torch.equal(picked.targets[n], result.targets[case])
+        assert torch.equal(picked.logits[n], result.logits[case])

@@ -70,8 +70,9 @@ def test_a_model_refusing_channels_last_still_falls_back() -> None:
     assert not engine._memory.enabled
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
 def test_out_of_memory_splits_the_batch_and_gives_the_same_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, overlap: bool
 ) -> None:
     settings = cpu_settings()
     # Convolutions may round differently at another batch size, so the reference runs one
@@ -97,7 +98,7 @@ def test_out_of_memory_splits_the_batch_and_gives_the_same_rows(
     monkeypatch.setattr(shard, "engine_for", engine_for)
     split = shard_work(tmp_path, 7, batch_size=4, out="split")
     with caplog.at_level(logging.WARNING, logger="camaudit.worker"):
-        rows = comparable(shard.compute_shard(split, settings))
+        rows = comparable(shard.compute_shard(split, settings, overlap=overlap))
     assert sizes == [4, 2, 1, 1, 2, 1, 1, 3, 1, 2, 1, 1]
     assert rows == expected
     assert objects(tmp_path / "split") == expected_objects

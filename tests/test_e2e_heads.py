@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import select
 
 from scheduler.plan import PlanError, plan_run
+from scheduler.query import prediction_name, top_regions
+from scheduler.web import create_app
 from schema.db import session_scope
 from schema.models import Heatmap, Item, Run
 from schema.payloads import RunSpec
@@ -97,6 +100,48 @@ def test_binary_head_explains_its_positive_logit_by_default(data: Path, tmp_path
             (heatmap,) = maps[item.id][method]
             assert heatmap.target_class == 0
             assert heatmap.target_score == pytest.approx(_logit(prediction["prob"]), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_binary_head_predicts_positive_exactly_when_its_logit_is_on_both_paths(
+    data: Path, tmp_path: Path
+) -> None:
+    """``positive`` takes the serial path, ``top1`` the overlapped one: both give the sigmoid and
+    the decision (class 1 when the logit is above 0), never the softmax of one logit (1.0)."""
+    model = binary_net()
+    with torch.no_grad():  # spread the logits around 0 so both decisions occur
+        model.head.weight.mul_(50.0)
+        model.head.bias.mul_(50.0).sub_(6.825)
+    checkpoint = _checkpoint(tmp_path / "binary.pt", model, ["circle"])
+    decided: dict[str, dict[str, tuple[int, float]]] = {}
+    for spec in ("positive", "top1"):
+        db, run_id = _run(
+            tmp_path / spec, data, "python:tests.heads:binary_net", checkpoint, "--targets", spec
+        )
+        _, items, maps = _explained(db, run_id)
+        decided[spec] = {}
+        for item in items.values():
+            (prediction,) = item.predictions
+            logit = maps[item.id]["gradcam"][0].target_score
+            assert prediction["prob"] == pytest.approx(1 / (1 + math.exp(-logit)), abs=1e-5)
+            assert item.pred_class == int(logit > 0), (spec, logit, item.predictions)
+            assert item.correct == ((logit > 0) == (item.label == "circle"))
+            decided[spec][item.source_uri] = (item.pred_class, prediction["prob"])
+        assert {pred for pred, _ in decided[spec].values()} == {0, 1}
+        run = _explained(db, run_id)[0]
+        assert (prediction_name(run, 1), prediction_name(run, 0)) == ("circle", "not circle")
+        for asked, decision in (("circle", 1), ("0", 0)):  # the name means the positive decision
+            regions = top_regions(db, run_id, 0, "gradcam", limit=100, predicted=asked)
+            positives = sum(pred == decision for pred, _ in decided[spec].values())
+            assert regions and all(r.pred_class == decision for r in regions)
+            assert len({r.item_id for r in regions}) == positives
+    web = TestClient(create_app(db), base_url="http://localhost")
+    for item in _explained(db, run_id)[1].values():
+        page = " ".join(web.get(f"/items/{item.id}").text.split())
+        assert ("<b>Predicted</b>" + ("circle" if item.pred_class else "not circle")) in page
+    for uri, (pred, prob) in decided["positive"].items():
+        assert decided["top1"][uri][0] == pred
+        assert decided["top1"][uri][1] == pytest.approx(prob, abs=1e-6)
 
 
 def test_custom_scalar_target_from_a_python_function(data: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,17 @@ from typer.testing import CliRunner
 from scheduler.cli import app
 from scheduler.exports.masks import instances, rle_encode
 from schema.db import session_scope
-from schema.models import Heatmap, Item
+from schema.models import Heatmap, Item, Run
 from tests.test_drift import cli_run
-from workers.heatmap_io import decode_png_gray
+from workers.heatmap_io import decode_png_gray, encode_png_gray
+from workers.preprocess import Preprocess
 from workers.storage import open_storage
 from workers.synth import CLASS_NAMES, make_dataset, render_sample, sample_rng
 
 N_IMAGES = 16
 SEED = 43
+CROP_IMAGES = 8
+CROP_SEED = 7
 runner = CliRunner()
 
 
@@ -249,3 +253,108 @@ def test_a_run_entirely_on_s3_exports_to_s3(
     assert first["uri"].startswith(f"s3://{s3_bucket}/data/images/")
     with Image.open(io.BytesIO(storage.get(first["mask"]))) as png:
         assert png.mode == "1" and png.size[0] >= 160
+
+
+@dataclass(frozen=True)
+class CroppedRun:
+    db: str
+    run_id: str
+    heatmaps: Path
+    pre: Preprocess
+
+
+@pytest.fixture(scope="module")
+def cropped_run(tmp_path_factory: pytest.TempPathFactory) -> CroppedRun:
+    """A centre-crop run on wide and tall sources, so a crop cuts a different side of each."""
+    root = tmp_path_factory.mktemp("masks-crop")
+    manifest = make_dataset(root / "data", CROP_IMAGES, seed=CROP_SEED, min_size=120, max_size=260)
+    db = f"sqlite:///{root / 'runs.db'}"
+    result = runner.invoke(
+        app,
+        ["run", "--source", str(manifest), "--methods", "gradcam", "--targets", "label",
+         "--preprocess", "center-crop:0.75", "--input-size", "96", "--database-url", db,
+         "--storage-url", str(root / "heatmaps"), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run_id = json.loads(result.stdout)["run_id"]
+    with session_scope(db) as session:
+        run = session.get(Run, run_id)
+        assert run is not None
+        pre = Preprocess.from_dict(run.preprocess, geometry_only=True)
+    assert pre.resize == "center-crop" and pre.crop_pct == 0.75
+    return CroppedRun(db, run_id, root / "heatmaps", pre)
+
+
+def export_cropped(run: CroppedRun, *args: str) -> Any:
+    return runner.invoke(app, ["export", "masks", run.run_id, "--database-url", run.db, "--json", *args])
+
+
+def _union(row: dict[str, Any], out: Path) -> np.ndarray:
+    with Image.open(out / row["mask"]) as png:
+        return np.asarray(png, dtype=bool)
+
+
+def test_centre_crop_masks_lie_where_the_map_points_in_the_source(
+    cropped_run: CroppedRun, tmp_path: Path
+) -> None:
+    """Maps planted on each object's known box come back as masks on that box, cut by the crop."""
+    storage = open_storage(str(cropped_run.heatmaps))
+    truths: dict[int, tuple[tuple[int, int, int, int], tuple[float, float, float, float]]] = {}
+    kept: dict[str, bytes] = {}
+    with session_scope(cropped_run.db) as session:
+        for item, heatmap in session.query(Item, Heatmap).join(Heatmap, Heatmap.item_id == Item.id):
+            kept[heatmap.object_key] = storage.get(heatmap.object_key)
+            box = render_sample(sample_rng(CROP_SEED, item.ordinal), min_size=120, max_size=260).box
+            transform = cropped_run.pre.transform(item.width, item.height)
+            # the input pixels whose centres fall in the box, mapped forward through the transform
+            x0, y0, x1, y1 = transform.to_input(box).tolist()
+            cols, rows = np.arange(transform.input[0]) + 0.5, np.arange(transform.input[1]) + 0.5
+            inside = ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :]
+            storage.put(heatmap.object_key, encode_png_gray(inside.astype(np.uint8) * 255), "image/png")
+            truths[item.id] = (box, transform.visible_source())
+    cut = 0
+    out = tmp_path / "png"
+    try:
+        result = export_cropped(cropped_run, "--out", str(out), "--threshold", "0.5", "--min-area", "0")
+    finally:
+        for key, data in kept.items():
+            storage.put(key, data, "image/png")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "masks.jsonl").read_text().splitlines()]
+    assert len(rows) == CROP_IMAGES
+    for row in rows:
+        (bx0, by0, bx1, by1), (vx0, vy0, vx1, vy1) = truths[row["item"]]
+        mask = _union(row, out)
+        # the object's box as far as the model saw it
+        seen = (max(bx0, vx0), max(by0, vy0), min(bx1, vx1), min(by1, vy1))
+        expected = np.zeros_like(mask)
+        expected[round(seen[1]) : round(seen[3]), round(seen[0]) : round(seen[2])] = True
+        iou = (mask & expected).sum() / (mask | expected).sum()
+        assert iou > 0.85, (row["item"], iou, row["instances"], seen)
+        # nothing the crop cut off is ever in a mask
+        assert not mask[:, : math.floor(vx0)].any() and not mask[:, math.ceil(vx1) :].any()
+        assert not mask[: math.floor(vy0), :].any() and not mask[math.ceil(vy1) :, :].any()
+        cut += (bx0, by0, bx1, by1) != seen
+    assert cut > 0  # some object reached past the crop: the cut was exercised
+
+
+def test_centre_crop_masks_of_the_model_cover_the_objects(cropped_run: CroppedRun, tmp_path: Path) -> None:
+    """The demo model's own maps: its masks overlap the known objects more than stretched maps do."""
+    out = tmp_path / "png"
+    result = export_cropped(cropped_run, "--out", str(out), "--threshold", "0.3")
+    assert result.exit_code == 0, result.output
+    storage = open_storage(str(cropped_run.heatmaps))
+    with session_scope(cropped_run.db) as session:
+        found = session.query(Item, Heatmap).join(Heatmap, Heatmap.item_id == Item.id)
+        levels = {item.id: (item.ordinal, decode_png_gray(storage.get(h.object_key))) for item, h in found}
+    ours, stretched = [], []
+    for line in (out / "masks.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        ordinal, level = levels[row["item"]]
+        target = render_sample(sample_rng(CROP_SEED, ordinal), min_size=120, max_size=260).mask
+        mask = _union(row, out)
+        naive = np.asarray(Image.fromarray(level).resize(mask.shape[::-1], Image.Resampling.BILINEAR))
+        naive = naive >= 0.3 * 255
+        ours.append((mask & target).sum() / max((mask | target).sum(), 1))
+        stretched.append((naive & target).sum() / max((naive | target).sum(), 1))
+    assert np.mean(ours) > np.mean(stretched) + 0.1, (ours, stretched)

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import select
 
 from scheduler.grouping import cut_shards
-from scheduler.groups import fuse
+from scheduler.groups import _group_row, fuse
 from schema.db import session_scope
-from schema.models import Group, Heatmap, Item, Shard
+from schema.models import Group, Heatmap, Item, ItemStatus, Run, Shard
 from tests.test_e2e_embedded import run_cli
 from workers.heatmap_io import decode_npy, overlay_rgb
 from workers.storage import open_storage
@@ -95,6 +95,31 @@ def test_fusion_of_view_probabilities() -> None:
     assert fuse(views, "max") == pytest.approx({0: 0.6, 1: 0.9, 2: 0.1})
     with pytest.raises(ValueError, match="mean, max"):
         fuse(views, "median")
+
+
+def test_a_binary_heads_case_is_decided_by_its_fused_sigmoid() -> None:
+    """A single logit's views carry its sigmoid; the case is positive (1) when their fusion is above 0.5."""
+    run = Run(id="r", class_names=["lesion"], target_spec="positive")
+
+    def case(label: str, *probs: float) -> dict[str, object]:
+        views = [
+            Item(
+                status=ItemStatus.DONE,
+                label=label,
+                source_uri=f"v{n}.png",
+                predictions=[{"class": 0, "prob": p}],
+            )
+            for n, p in enumerate(probs)
+        ]
+        return _group_row(run, "case", views, "mean")
+
+    positive = case("lesion", 0.9, 0.4)
+    assert (positive["pred_class"], positive["correct"]) == (1, True)
+    assert positive["score"] == pytest.approx(0.65)
+    negative = case("lesion", 0.3, 0.4)
+    assert (negative["pred_class"], negative["correct"]) == (0, False)
+    assert negative["score"] == pytest.approx(0.65)
+    assert case("healthy", 0.3, 0.4)["correct"] is True
 
 
 def test_bad_views_are_refused(tmp_path: Path) -> None:

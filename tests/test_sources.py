@@ -292,6 +292,27 @@ def test_s3_manifest_items_are_read_and_decoded(s3_endpoint_url: str, s3_bucket:
         list_source(f"s3://{s3_bucket}/sets/none.csv", endpoint_url=s3_endpoint_url, region="us-east-1")
 
 
+def test_s3_reads_with_and_without_a_cap_fail_alike(
+    s3_endpoint_url: str, s3_bucket: str, s3_client: Any
+) -> None:
+    """``read_bytes`` and the capped ``read_source`` share one S3 read: same bytes, same errors."""
+    s3_client.put_object(Bucket=s3_bucket, Key="same/a.bin", Body=b"0123456789")
+    where = {"endpoint_url": s3_endpoint_url, "region": "us-east-1"}
+    uri = f"s3://{s3_bucket}/same/a.bin"
+    assert (
+        read_bytes(uri, **where) == fetch.read_source(uri, roots=[], max_bytes=10, **where) == b"0123456789"
+    )
+    with pytest.raises(fetch.SourceRefused, match="over the limit of 9 bytes"):
+        fetch.read_source(uri, roots=[], max_bytes=9, **where)
+    for read in (lambda u: read_bytes(u, **where), lambda u: fetch.read_source(u, roots=[], **where)):
+        with pytest.raises(FileNotFoundError, match="no object"):
+            read(f"s3://{s3_bucket}/same/missing.bin")
+        with pytest.raises(FileNotFoundError, match="no bucket 'no-such-bucket-here'"):
+            read("s3://no-such-bucket-here/a.bin")
+        with pytest.raises(ValueError, match="names a bucket but no object key"):
+            read(f"s3://{s3_bucket}/")
+
+
 def test_read_bytes_of_paths_and_file_uris(tmp_path: Path) -> None:
     path = tmp_path / "a b#c.png"
     path.write_bytes(b"pixels")

@@ -15,11 +15,9 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from sqlalchemy import select
 
-from schema.db import session_scope
-from schema.models import Run
 from tests.test_e2e_embedded import run_cli
+from tests.zoo_support import hf_snapshot, run_zoo_model
 from workers.cam import CamEngine
 from workers.images import decode_pixels, normalise_batch, stack_pixels
 from workers.models import ModelLoadError, file_sha256, load_model
@@ -128,11 +126,7 @@ def test_a_model_in_the_local_cache_is_found_by_name_offline(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     save_family("vit", tmp_path / "saved")
-    revision = "89abcdef" * 5
-    snapshot = cache / "models--acme--tiny-vit" / "snapshots" / revision
-    shutil.copytree(tmp_path / "saved", snapshot)
-    (cache / "models--acme--tiny-vit" / "refs").mkdir()
-    (cache / "models--acme--tiny-vit" / "refs" / "main").write_text(revision)
+    shutil.copytree(tmp_path / "saved", hf_snapshot(cache, "acme/tiny-vit"), dirs_exist_ok=True)
     loaded = load_model("hf:acme/tiny-vit")
     assert loaded.ref == "hf:acme/tiny-vit" and loaded.class_names == ["cat", "dog", "bird"]
     with pytest.raises(ModelLoadError, match=r"closest cached: acme/tiny-vit.*never downloads"):
@@ -156,36 +150,15 @@ def test_a_run_of_a_hugging_face_model_answers_by_its_labels(tmp_path: Path) -> 
     folder = tmp_path / "vit"
     save_family("vit", folder)
     manifest = make_dataset(tmp_path / "data", 3, seed=8)
-    db = f"sqlite:///{tmp_path / 'runs.db'}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = run_cli(
-        "run",
-        "--source",
-        str(manifest),
-        "--model",
-        f"hf:{folder}",
-        "--methods",
-        "gradcam",
-        "--targets",
-        "all",
-        "--patch-size",
-        "16",
-        "--database-url",
-        db,
-        "--storage-url",
-        str(tmp_path / "maps"),
-        "--json",
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    status = json.loads(proc.stdout)
-    assert status["status"] == "finished" and status["done"] == 3
-    with session_scope(db) as s:
-        run = s.execute(select(Run).where(Run.id == status["run_id"])).scalar_one()
-        assert run.model_ref == f"hf:{folder.resolve()}"  # a folder is recorded by its absolute path
-        assert run.class_names == ["cat", "dog", "bird"] and run.layers == ["vit.layers.1.layernorm_before"]
-        assert run.preprocess["size"] == [64, 64] and run.config["weights"]["zoo"] == "hf"
-    top = run_cli("top", "--run", status["run_id"], "--class", "dog", "--method", "gradcam", "--json",
+    db, run = run_zoo_model(
+        tmp_path, manifest, f"hf:{folder}", "--methods", "gradcam", "--targets", "all", "--patch-size", "16",
+        env=env, done=3,
+    )  # fmt: skip
+    assert run.model_ref == f"hf:{folder.resolve()}"  # a folder is recorded by its absolute path
+    assert run.class_names == ["cat", "dog", "bird"] and run.layers == ["vit.layers.1.layernorm_before"]
+    assert run.preprocess["size"] == [64, 64] and run.config["weights"]["zoo"] == "hf"
+    top = run_cli("top", "--run", run.id, "--class", "dog", "--method", "gradcam", "--json",
                   "--database-url", db)  # fmt: skip
     assert top.returncode == 0, top.stderr
     assert {r["class_name"] for r in json.loads(top.stdout)} == {"dog"}

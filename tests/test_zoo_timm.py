@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,29 +10,11 @@ import huggingface_hub.constants
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
-from sqlalchemy import select
 
-from schema.db import session_scope
-from schema.models import Run
-from tests.test_e2e_embedded import run_cli
+from tests.zoo_support import plant_hf_cache, run_zoo_model
 from workers.cam import CamEngine
 from workers.models import ModelLoadError, file_sha256, load_model
 from workers.synth import make_dataset
-
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-def plant_hf_cache(cache: Path, repo: str, state: dict[str, torch.Tensor]) -> Path:
-    """A model file laid out as huggingface_hub caches it: snapshots/<revision>/, refs/main."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = folder / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(REVISION)
-    path = snapshot / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
 
 
 @pytest.fixture
@@ -150,29 +131,9 @@ def test_a_run_of_a_timm_model_records_its_weights_and_preprocessing(tmp_path: P
     torch.manual_seed(4)
     path = plant_hf_cache(cache, "timm/resnet18.a1_in1k", timm.create_model("resnet18").state_dict())
     manifest = make_dataset(tmp_path / "data", 3, seed=5)
-    db = f"sqlite:///{tmp_path / 'runs.db'}"
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    proc = run_cli(
-        "run",
-        "--source",
-        str(manifest),
-        "--model",
-        "timm:resnet18",
-        "--methods",
-        "gradcam,cam",
-        "--database-url",
-        db,
-        "--storage-url",
-        str(tmp_path / "maps"),
-        "--json",
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    status = json.loads(proc.stdout)
-    assert status["status"] == "finished" and status["done"] == 3
-    with session_scope(db) as s:
-        run = s.execute(select(Run).where(Run.id == status["run_id"])).scalar_one()
-        assert run.model_ref == "timm:resnet18.a1_in1k" and run.checkpoint_sha256 == file_sha256(path)
-        assert run.layers == ["layer4"]
-        assert run.preprocess["interpolation"] == "bicubic" and run.preprocess["resize_to"] == [235, 235]
-        assert run.config["weights"]["zoo"] == "timm"
+    _, run = run_zoo_model(tmp_path, manifest, "timm:resnet18", "--methods", "gradcam,cam", env=env, done=3)
+    assert run.model_ref == "timm:resnet18.a1_in1k" and run.checkpoint_sha256 == file_sha256(path)
+    assert run.layers == ["layer4"]
+    assert run.preprocess["interpolation"] == "bicubic" and run.preprocess["resize_to"] == [235, 235]
+    assert run.config["weights"]["zoo"] == "timm"

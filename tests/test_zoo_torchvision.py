@@ -11,31 +11,18 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from sqlalchemy import select
 
 from scheduler.plan import plan_run
-from schema.db import session_scope
-from schema.models import Run
 from schema.payloads import RunSpec
 from schema.settings import Settings
 from tests.test_e2e_embedded import run_cli
+from tests.zoo_support import plant_torchvision, run_zoo_model
 from workers.images import decode_pixels, normalise_batch, stack_pixels
 from workers.models import ModelLoadError, clear_model_cache, file_sha256, load_model
 from workers.runtime import CheckpointChangedError
 from workers.shard import explain_shard
 from workers.synth import make_dataset
 from workers.zoo import tv_weights
-
-
-def plant(torch_home: Path, name: str, weights: object, seed: int = 0) -> tuple[Path, torch.nn.Module]:
-    """Random weights of the right shapes where torchvision's loader looks for ``weights``."""
-    torch.manual_seed(seed)
-    classes = len(weights.meta["categories"])  # type: ignore[attr-defined]
-    model = torchvision.models.get_model(name, weights=None, num_classes=classes).eval()
-    path = torch_home / "hub" / "checkpoints" / os.path.basename(weights.url)  # type: ignore[attr-defined]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return path, model
 
 
 @pytest.fixture
@@ -47,7 +34,7 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_pretrained_weights_bring_their_preprocessing_categories_and_file(torch_home: Path) -> None:
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    path, planted = plant(torch_home, "resnet18", weights)
+    path, planted = plant_torchvision(torch_home, "resnet18", weights)
     loaded = load_model("torchvision:resnet18@DEFAULT")
     assert loaded.ref == "torchvision:resnet18@IMAGENET1K_V1"  # DEFAULT pinned to what it meant
     assert loaded.class_names is not None and loaded.class_names[207] == "golden retriever"
@@ -130,41 +117,22 @@ def test_a_hub_file_that_would_run_code_is_refused_unopened(torch_home: Path, tm
 
 def test_a_run_with_pretrained_weights_records_them_and_answers_by_category(tmp_path: Path) -> None:
     home = tmp_path / "torch-home"
-    path, _ = plant(home, "resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+    path, _ = plant_torchvision(home, "resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
     manifest = make_dataset(tmp_path / "data", 4, seed=3)
-    db = f"sqlite:///{tmp_path / 'runs.db'}"
     env = {**os.environ, "TORCH_HOME": str(home)}
-    proc = run_cli(
-        "run",
-        "--source",
-        str(manifest),
-        "--model",
-        "torchvision:resnet18@DEFAULT",
-        "--methods",
-        "gradcam,cam",
-        "--targets",
-        "classes:207,1",
-        "--database-url",
-        db,
-        "--storage-url",
-        str(tmp_path / "maps"),
-        "--json",
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    status = json.loads(proc.stdout)
-    assert status["status"] == "finished" and status["done"] == 4
-    with session_scope(db) as s:
-        run = s.execute(select(Run).where(Run.id == status["run_id"])).scalar_one()
-        assert run.model_ref == "torchvision:resnet18@IMAGENET1K_V1"
-        assert run.checkpoint_sha256 == file_sha256(path)
-        assert run.config["weights"]["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
-        assert run.preprocess["resize"] == "center-crop" and run.preprocess["resize_to"] == [256, 256]
-        assert run.class_names is not None and len(run.class_names) == 1000
+    db, run = run_zoo_model(
+        tmp_path, manifest, "torchvision:resnet18@DEFAULT", "--methods", "gradcam,cam",
+        "--targets", "classes:207,1", env=env, done=4,
+    )  # fmt: skip
+    assert run.model_ref == "torchvision:resnet18@IMAGENET1K_V1"
+    assert run.checkpoint_sha256 == file_sha256(path)
+    assert run.config["weights"]["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
+    assert run.preprocess["resize"] == "center-crop" and run.preprocess["resize_to"] == [256, 256]
+    assert run.class_names is not None and len(run.class_names) == 1000
     top = run_cli(
         "top",
         "--run",
-        status["run_id"],
+        run.id,
         "--class",
         "golden retriever",
         "--method",
@@ -177,19 +145,20 @@ def test_a_run_with_pretrained_weights_records_them_and_answers_by_category(tmp_
     assert top.returncode == 0, top.stderr
     regions = json.loads(top.stdout)
     assert regions and all(r["class_name"] == "golden retriever" for r in regions)
-    wrong = run_cli("top", "--run", status["run_id"], "--class", "golden retreiver", "--database-url", db)
+    wrong = run_cli("top", "--run", run.id, "--class", "golden retreiver", "--database-url", db)
     assert wrong.returncode != 0 and "golden retriever" in wrong.stderr + wrong.stdout
 
 
 def test_a_worker_whose_cache_holds_other_weights_refuses_the_shard(torch_home: Path, tmp_path: Path) -> None:
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    plant(torch_home, "resnet18", weights, seed=0)
+    plant_torchvision(torch_home, "resnet18", weights, seed=0)
     manifest = make_dataset(tmp_path / "data", 2, seed=4)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'runs.db'}", storage_url=str(tmp_path / "maps"))
     planned = plan_run(
         RunSpec(source=str(manifest), model="torchvision:resnet18@DEFAULT", methods=["cam"]), settings
     )
     clear_model_cache()
-    plant(torch_home, "resnet18", weights, seed=1)  # this "worker" has other weights under the same name
+    # this "worker" has other weights under the same name
+    plant_torchvision(torch_home, "resnet18", weights, seed=1)
     with pytest.raises(CheckpointChangedError, match="planned with sha256"):
         explain_shard(planned.run_id, planned.shard_ids[0], settings)

@@ -82,20 +82,7 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None, region: str | None 
     """The whole object; a missing S3 object raises ``FileNotFoundError`` like a missing file."""
     if not uri.startswith("s3://"):
         return local_path(uri).read_bytes()
-    bucket, key = split_s3_uri(uri)
-    if not key:
-        raise ValueError(f"S3 URI {uri!r} names a bucket but no object key")
-    try:
-        response = s3_client(endpoint_url, region).get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _MISSING_CODES:
-            raise FileNotFoundError(f"no object {uri}") from exc
-        if code == "NoSuchBucket":
-            raise FileNotFoundError(f"no bucket {bucket!r} for {uri}") from exc
-        raise
-    with response["Body"] as body:
-        return body.read()
+    return _read_s3(uri, None, endpoint_url, region)
 
 
 def split_roots(value: str | Iterable[str] | None) -> list[str]:
@@ -191,7 +178,11 @@ def _check_size(size: int, max_bytes: int, *, at_least: bool = False) -> None:
         )
 
 
-def _read_s3(uri: str, max_bytes: int, endpoint_url: str | None, region: str | None) -> bytes:
+def _read_s3(uri: str, max_bytes: int | None, endpoint_url: str | None, region: str | None) -> bytes:
+    """An object's bytes (at most ``max_bytes``, else :class:`SourceRefused`; None: no cap).
+
+    A missing object or bucket raises ``FileNotFoundError``, like a missing file.
+    """
     bucket, key = split_s3_uri(uri)
     if not key:
         raise ValueError(f"S3 URI {uri!r} names a bucket but no object key")
@@ -205,6 +196,8 @@ def _read_s3(uri: str, max_bytes: int, endpoint_url: str | None, region: str | N
             raise FileNotFoundError(f"no bucket {bucket!r} for {uri}") from exc
         raise
     with response["Body"] as body:
+        if max_bytes is None:
+            return body.read()
         length = int(response.get("ContentLength") or 0)
         _check_size(length, max_bytes)
         data = body.read(min(length, max_bytes) + 1 if length else max_bytes + 1)

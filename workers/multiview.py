@@ -132,23 +132,5 @@ def explain_cases(
             first.setdefault(item.group_id, n)
         targets = targets[list(first.values())]
     result = engine(x, targets=targets)
-    index = torch.tensor(slots, device=result.targets.device)
-    per_case = torch.tensor([slot // len(views) for slot in slots], device=result.targets.device)
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])[index.to(t.device)]
-
-    return CamResult(
-        maps={m: rows(t) for m, t in result.maps.items()},
-        layer_maps={m: {layer: rows(t) for layer, t in per.items()} for m, per in result.layer_maps.items()},
-        raw={m: {layer: rows(t) for layer, t in per.items()} for m, per in result.raw.items()},
-        unrectified={
-            m: {layer: rows(t) for layer, t in per.items()} for m, per in result.unrectified.items()
-        },
-        valid=result.valid[per_case.to(result.valid.device)],
-        targets=result.targets[per_case],
-        scores=result.scores[per_case.to(result.scores.device)],
-        logits=None if result.logits is None else result.logits[per_case.to(result.logits.device)],
-        layers=result.layers,
-        views=None,
-    )
+    cases = [slot // len(views) for slot in slots]
+    return result.select_images(cases, views_of=[slot % len(views) for slot in slots])

@@ -22,7 +22,7 @@ from workers.cam import CamResult
 from workers.heatmap_io import to_uint8
 from workers.patches import patch_boxes, top_patches
 from workers.preprocess import ImageTransform
-from workers.shard_rows import MapStatistics
+from workers.shard_rows import MapStatistics, class_probabilities
 
 _FIXED = 4  # raw_max, raw_mean, map_mean, patch_total
 
@@ -48,6 +48,7 @@ class PackedBatch:
     top_k: int
     map_size: tuple[int, int]
     event: torch.cuda.Event | None
+    single_logit: bool = False  # a binary head: its predicted class is a decision on the sigmoid
 
     def wait(self) -> None:
         if self.event is not None:
@@ -72,7 +73,7 @@ def pack(
     top_k_predictions: int,
 ) -> PackedBatch:
     """Reduce ``result`` on its device and start the copies to the host (see the module docstring)."""
-    probs = torch.softmax(result.logits.float(), dim=1)
+    probs = class_probabilities(result.logits)  # softmax, or a single logit's sigmoid
     k = min(top_k_predictions, probs.shape[1])
     top_p, top_c = torch.topk(probs, k, dim=1)
     images, targets = result.targets.shape
@@ -120,6 +121,7 @@ def pack(
         top_k=k,
         map_size=tuple(result.layer_maps[methods[0]][result.layers[0]].shape[-2:]),
         event=event,
+        single_logit=probs.shape[1] == 1,
     )
 
 
@@ -130,6 +132,7 @@ class Unpacked:
     targets: list[int]  # [N]
     scores: list[float]
     statistics: dict[tuple[str, str], MapStatistics]
+    single_logit: bool = False
 
 
 def unpack(
@@ -177,4 +180,4 @@ def unpack(
         )
         u8_at += n * height * width
         raw_at += n * h * w
-    return Unpacked(top_p, top_c, targets, scores, statistics)
+    return Unpacked(top_p, top_c, targets, scores, statistics, packed.single_logit)

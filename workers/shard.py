@@ -76,7 +76,6 @@ from workers.shard_rows import (
     patch_rows,
     prediction_rows,
     prediction_rows_of,
-    select_images,
     valid_maps,
 )
 from workers.storage import ConcurrentWriter, S3Storage
@@ -475,7 +474,7 @@ def _drop_non_finite(
     keep = [b for b, reason in enumerate(reasons) if reason is None]
     if not keep:
         return [], result
-    return [batch[b] for b in keep], select_images(result, keep)
+    return [batch[b] for b in keep], result.select_images(keep)
 
 
 def _explain_batch(
@@ -496,26 +495,10 @@ def _explain_batch(
     if work.views:
         result = explain_cases(engine, batch, work.views, tuple(pre.mean), tuple(pre.std), targets, device)
     else:
-        pixels = stack_pixels([img for _, img in batch]).to(device, non_blocking=True)
-        try:
-            result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
-        except Exception as exc:
-            if not is_out_of_memory(exc) or len(batch) == 1:
-                raise
-            result = None  # split outside the handler: its traceback holds the batch's tensors
+        result = _explain_or_split(work, engine, batch, targets, device)
         if result is None:
-            half = len(batch) // 2
-            log.warning(
-                "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
-                work.run_id,
-                work.shard_index,
-                len(batch),
-                half,
-                len(batch) - half,
-            )
-            del pixels, targets
-            release_cached_memory(device)
-            for part in (batch[:half], batch[half:]):
+            del targets
+            for part in _halves(batch):
                 _explain_batch(work, loaded, engine, part, writer, encoder, rows, sources)
             return
         batch, result = _drop_non_finite(work, batch, result, rows.items)
@@ -542,6 +525,55 @@ def _explain_batch(
             rows.heatmaps.extend(heatmaps)
             rows.encoded.append((heatmaps, shas))
             rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
+
+
+def _explain_or_split(
+    work: ShardWork,
+    engine: CamEngine,
+    batch: list[tuple[WorkItem, DecodedPixels]],
+    targets: Any,
+    device: torch.device,
+    *,
+    pinned: bool = False,
+) -> CamResult | None:
+    """The engine's result for the batch, or None when the device ran out of memory on more than
+    one image: the attempt's tensors are then dropped and the cached blocks handed back, and the
+    caller explains :func:`_halves` of the batch one after the other. Out of memory on a single
+    image, and every other error, propagates.
+
+    ``pinned``: on CUDA the stacked pixels go through pinned memory, so the copy to the device is
+    truly asynchronous (the overlapped path, which must not wait on it).
+    """
+    pre = work.preprocess
+    pixels = stack_pixels([img for _, img in batch])
+    if pinned and device.type == "cuda":
+        pixels = pixels.pin_memory()
+    pixels = pixels.to(device, non_blocking=True)
+    try:
+        return engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(batch) == 1:
+            raise
+    # past the handler, whose traceback held the batch's tensors
+    half = len(batch) // 2
+    log.warning(
+        "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
+        work.run_id,
+        work.shard_index,
+        len(batch),
+        half,
+        len(batch) - half,
+    )
+    del pixels, targets
+    release_cached_memory(device)
+    return None
+
+
+def _halves(
+    batch: list[tuple[WorkItem, DecodedPixels]],
+) -> tuple[list[tuple[WorkItem, DecodedPixels]], list[tuple[WorkItem, DecodedPixels]]]:
+    half = len(batch) // 2
+    return batch[:half], batch[half:]
 
 
 def release_cached_memory(device: torch.device) -> None:
@@ -579,31 +611,12 @@ def _launch(
     failed.extend(rows.items)
     if not batch:
         return []
-    pixels = stack_pixels([img for _, img in batch])
-    if device.type == "cuda":
-        pixels = pixels.pin_memory()
-    pixels = pixels.to(device, non_blocking=True)
-    try:
-        result = engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
-    except Exception as exc:
-        if not is_out_of_memory(exc) or len(batch) == 1:
-            raise
-        result = None  # split outside the handler: its traceback holds the batch's tensors
+    result = _explain_or_split(work, engine, batch, targets, device, pinned=True)
     if result is None:
-        half = len(batch) // 2
-        log.warning(
-            "run=%s shard=%d: out of device memory on a batch of %d; retrying as %d + %d",
-            work.run_id,
-            work.shard_index,
-            len(batch),
-            half,
-            len(batch) - half,
-        )
-        del pixels, targets
-        release_cached_memory(device)
+        del targets
         return [
             launched
-            for part in (batch[:half], batch[half:])
+            for part in _halves(batch)
             for launched in _launch(work, loaded, engine, part, sources, failed)
         ]
     batch, result = _drop_non_finite(work, batch, result, failed)
@@ -625,7 +638,7 @@ def _finish(
     batch, packed = launched.batch, launched.packed
     transforms = map_transforms(batch, packed.targets)
     host = unpack(packed, work.patch_size, work.preprocess.size, transforms)
-    rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c))
+    rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c, single_logit=host.single_logit))
     layout = layout_of(batch, host.targets, host.scores)
     map_sources = [launched.sources.get(item_id) for item_id in layout.item_ids]
     for (method, layer), stats in host.statistics.items():
@@ -739,8 +752,9 @@ def _compute_serial(
 def _packs_results(work: ShardWork) -> bool:
     """Whether the overlapped path's one packed copy-back covers the run's targets.
 
-    It holds softmax predictions and the same number of maps for every image; sigmoid heads
-    (``positive``, ``labels``, ``above:T``) and ``python:`` scores take the serial path.
+    It holds softmax predictions (a single logit's sigmoid) and the same number of maps for every
+    image; sigmoid targets (``positive``, ``labels``, ``above:T``) and ``python:`` scores take the
+    serial path.
     """
     spec = work.target_spec
     return spec in ("top1", "all", "label") or spec.startswith(("topk:", "classes:"))

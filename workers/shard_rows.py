@@ -9,7 +9,7 @@ method and layer (:class:`MapLayout`).
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -189,45 +189,31 @@ def non_finite_reasons(result: CamResult) -> list[str | None]:
     return reasons
 
 
-def select_images(result: CamResult, keep: list[int]) -> CamResult:
-    """The result of only the images ``keep`` of the batch, in that order."""
-    index = torch.tensor(keep, dtype=torch.long, device=result.targets.device)
-
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        return t.index_select(0, index.to(t.device))
-
-    return replace(
-        result,
-        maps={m: pick(t) for m, t in result.maps.items()},
-        layer_maps={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.layer_maps.items()},
-        raw={m: {layer: pick(t) for layer, t in per.items()} for m, per in result.raw.items()},
-        unrectified={
-            m: {layer: pick(t) for layer, t in per.items()} for m, per in result.unrectified.items()
-        },
-        valid=pick(result.valid),
-        targets=pick(result.targets),
-        scores=pick(result.scores),
-        logits=None if result.logits is None else pick(result.logits),
-    )
-
-
 def failed_item_row(item: WorkItem, error: str) -> dict[str, Any]:
     return {"id": item.id, "status": ItemStatus.FAILED, "error": error}
+
+
+def class_probabilities(logits: torch.Tensor, independent: bool = False) -> torch.Tensor:
+    """[B, C] probabilities: sigmoid where each output is scored on its own, else softmax.
+
+    A single logit is always scored on its own: the softmax of one value is 1 whatever it is.
+    """
+    logits = logits.float()
+    if independent or logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)
 
 
 def prediction_rows(
     work: ShardWork, batch: list[tuple[WorkItem, DecodedPixels]], result: CamResult
 ) -> list[dict[str, Any]]:
     """One done item row per image: its top-k predictions, predicted class and whether it is right."""
-    logits = result.logits.float()
-    # a single logit or a multi-label head scores each class on its own: sigmoid, not softmax
-    independent = (
-        logits.shape[1] == 1 or work.target_spec in ("labels",) or work.target_spec.startswith("above:")
-    )
-    probs = torch.sigmoid(logits) if independent else torch.softmax(logits, dim=1)
+    # a multi-label head scores each class on its own: sigmoid, not softmax
+    independent = work.target_spec in ("labels",) or work.target_spec.startswith("above:")
+    probs = class_probabilities(result.logits, independent)
     k = min(work.top_k_predictions, probs.shape[1])
     top_p, top_c = (t.cpu() for t in torch.topk(probs, k, dim=1))
-    return prediction_rows_of(work, batch, top_p.tolist(), top_c.tolist())
+    return prediction_rows_of(work, batch, top_p.tolist(), top_c.tolist(), single_logit=probs.shape[1] == 1)
 
 
 def prediction_rows_of(
@@ -235,8 +221,16 @@ def prediction_rows_of(
     batch: list[tuple[WorkItem, DecodedPixels]],
     top_p: list[list[float]],
     top_c: list[list[int]],
+    *,
+    single_logit: bool = False,
 ) -> list[dict[str, Any]]:
-    """The rows from host lists: each image's top-k probabilities and classes."""
+    """The rows from host lists: each image's top-k probabilities and classes.
+
+    A single-logit (binary) head's one prediction is its logit's sigmoid, and its predicted
+    class is the decision: 1 (positive, the class its one name names) when the sigmoid is above
+    one half, i.e. the logit above 0, else 0. Such an item is correct when the decision agrees
+    with whether its label is that name.
+    """
     names = work.class_names
     rows = []
     for b, (item, img) in enumerate(batch):
@@ -250,7 +244,11 @@ def prediction_rows_of(
         ]
         pred = int(top_c[b][0])
         correct = None
-        if item.label is not None and names:
+        if single_logit:
+            pred = int(float(top_p[b][0]) > 0.5)
+            if item.label is not None and names:
+                correct = (pred == 1) == (item.label == names[0])
+        elif item.label is not None and names:
             correct = names[pred] == item.label if pred < len(names) else False
         rows.append(
             {

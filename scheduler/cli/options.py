@@ -51,6 +51,25 @@ def make_settings(**overrides: str | None) -> Settings:
         fail(f"bad setting: {exc.errors()[0]['msg']}")
 
 
+def service_settings(
+    database_url: str | None,
+    broker_url: str | None,
+    storage_url: str | None,
+    s3_endpoint_url: str | None,
+    /,
+    **more: str | None,
+) -> Settings:
+    """The settings of a command that reaches the database, the broker and the heatmap storage
+    (``DatabaseUrl``, ``BrokerUrl``, ``StorageUrl``, ``S3Endpoint``), plus its own ``more``."""
+    return make_settings(
+        database_url=database_url,
+        broker_url=broker_url,
+        storage_url=storage_url,
+        s3_endpoint_url=s3_endpoint_url,
+        **more,
+    )
+
+
 def fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)

@@ -29,6 +29,7 @@ from scheduler.cli.options import (
     fail,
     failing_on,
     make_settings,
+    service_settings,
     setup_logging,
     split_values,
 )
@@ -232,13 +233,8 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="print the final status as JSON")] = False,
 ) -> None:
     """Run an audit: explain every image of SOURCE with the given methods."""
-    settings = make_settings(
-        database_url=database_url,
-        storage_url=storage_url,
-        broker_url=broker_url,
-        s3_endpoint_url=s3_endpoint_url,
-        device=device,
-        amp=amp,
+    settings = service_settings(
+        database_url, broker_url, storage_url, s3_endpoint_url, device=device, amp=amp
     )
     setup_logging(settings.log_level)
     try:
@@ -295,12 +291,7 @@ def resume(
     from scheduler.plan import PlanError, reopen_run
     from scheduler.runner import enqueue, run_embedded
 
-    settings = make_settings(
-        database_url=database_url,
-        broker_url=broker_url,
-        storage_url=storage_url,
-        s3_endpoint_url=s3_endpoint_url,
-    )
+    settings = service_settings(database_url, broker_url, storage_url, s3_endpoint_url)
     setup_logging(settings.log_level)
     run_status(settings.database_url, run_id)
     with failing_on(PlanError):

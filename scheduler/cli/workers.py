@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from scheduler.cli.options import BrokerUrl, DatabaseUrl, S3Endpoint, StorageUrl, fail, make_settings
+from scheduler.cli.options import BrokerUrl, DatabaseUrl, S3Endpoint, StorageUrl, fail, service_settings
 from scheduler.cli.root import app
 
 
@@ -46,12 +46,7 @@ def worker(
     s3_endpoint_url: S3Endpoint = None,
 ) -> None:
     """Start a Celery worker that explains shards."""
-    settings = make_settings(
-        database_url=database_url,
-        broker_url=broker_url,
-        storage_url=storage_url,
-        s3_endpoint_url=s3_endpoint_url,
-    )
+    settings = service_settings(database_url, broker_url, storage_url, s3_endpoint_url)
     if settings.embedded:
         fail(
             "a worker needs a broker: set --broker-url or CAMAUDIT_BROKER_URL (e.g. redis://127.0.0.1:6379/0)"

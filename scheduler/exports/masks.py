@@ -1,10 +1,13 @@
 """Pseudo-labels for weak supervision: each map at source size, thresholded into a mask with boxes.
 
 The stored PNG is the map as people see it (min-max normalised, at model-input size). It is
-stretched back to the source's size the way the model's input was stretched from it, with
-bilinear interpolation (half-pixel centres), so a threshold means the same share of the map's
-peak in every image. Connected components (8-connected, ``scipy.ndimage.label``) of at least
-``min_area`` source pixels become the instances; smaller specks are dropped from the mask too.
+mapped back onto source pixels through the run's own transform (the stretch, centre crop or
+letterbox the model's input was made with; ``workers.preprocess.ImageTransform``), sampled
+bilinearly with half-pixel centres, so a threshold means the same share of the map's peak in
+every image and a mask lies on the source pixels the map's input pixels showed. Source pixels a
+centre crop cut off were never seen by the model and are never in a mask. Connected
+components (8-connected, ``scipy.ndimage.label``) of at least ``min_area`` source pixels
+become the instances; smaller specks are dropped from the mask too.
 
 Two formats: ``png`` writes one 1-bit PNG per (item, class) and a ``masks.jsonl`` manifest with
 each mask's instance boxes; ``coco`` writes one COCO instances file, ``coco.json``, whose
@@ -18,8 +21,6 @@ import json
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
@@ -33,7 +34,8 @@ from scheduler.exports.common import (
     write_manifest,
 )
 from schema.models import Heatmap, Item, Run
-from workers.heatmap_io import decode_png_gray
+from workers.heatmap_io import decode_png_gray, map_to_source
+from workers.preprocess import ImageTransform, Preprocess, PreprocessError
 from workers.storage import ObjectNotFoundError, Storage, StorageError, open_storage
 
 __all__ = [
@@ -59,12 +61,12 @@ def mask_key(choice: MapChoice, item_id: int, target: int) -> str:
     return f"masks/{choice.method}/{choice.layer}/{item_id}/c{target}.png"
 
 
-def map_at_source(levels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """[H, W] float32 in [0, 1]: a stored uint8 map stretched to ``width`` x ``height`` pixels."""
-    tensor = torch.from_numpy(np.ascontiguousarray(levels, dtype=np.float32) / 255.0)[None, None]
-    if tensor.shape[-2:] != (height, width):
-        tensor = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
-    return tensor[0, 0].clamp_(0.0, 1.0).numpy()
+def map_at_source(levels: np.ndarray, transform: ImageTransform) -> np.ndarray:
+    """[h, w] float32 in [0, 1] at the source's size: a stored uint8 map (input size) mapped back
+    through the image's transform; 0 where the model saw nothing of the source (cropped off)."""
+    values, seen = map_to_source(np.asarray(levels, dtype=np.float32) / 255.0, transform)
+    values[~seen] = 0.0
+    return np.clip(values, 0.0, 1.0, out=values)
 
 
 class Instance:
@@ -176,6 +178,10 @@ def export_masks(
         )
     except StorageError as exc:
         raise ExportError(f"cannot open the run's heatmaps at {choice.run.output_uri}: {exc}") from exc
+    try:
+        geometry = Preprocess.from_dict(choice.run.preprocess, geometry_only=True)
+    except PreprocessError as exc:
+        raise ExportError(f"run {choice.run.id} records no usable preprocessing: {exc}") from exc
     key = MANIFEST_KEY if fmt == "png" else COCO_KEY
     report = ExportReport(out=storage.url, manifest=storage.locate(key))
     have = existing_keys(storage, f"masks/{choice.method}/{choice.layer}/") if fmt == "png" else set()
@@ -186,7 +192,7 @@ def export_masks(
         if item.id in report.failed:
             continue
         try:
-            found = _item_instances(heatmaps, item, heatmap, threshold, min_area)
+            found = _item_instances(heatmaps, geometry, item, heatmap, threshold, min_area)
         except ExportError as exc:
             report.failed[item.id] = str(exc)
             continue
@@ -237,13 +243,18 @@ def export_masks(
 
 
 def _item_instances(
-    heatmaps: Storage, item: Item, heatmap: Heatmap, threshold: float, min_area: int
+    heatmaps: Storage, geometry: Preprocess, item: Item, heatmap: Heatmap, threshold: float, min_area: int
 ) -> list[Instance]:
     if not item.width or not item.height:
         raise ExportError("the run recorded no source size for it")
-    return instances(
-        map_at_source(_read_map(heatmaps, heatmap), item.width, item.height), threshold, min_area
-    )
+    levels = _read_map(heatmaps, heatmap)
+    transform = geometry.transform(item.width, item.height)
+    if levels.shape != (transform.input[1], transform.input[0]):
+        raise ExportError(
+            f"its stored map is {levels.shape[1]}x{levels.shape[0]}, not the run's input size "
+            f"{transform.input[0]}x{transform.input[1]}"
+        )
+    return instances(map_at_source(levels, transform), threshold, min_area)
 
 
 def _png_row(

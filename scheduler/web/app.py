@@ -88,7 +88,7 @@ def _redactor(database_url: str) -> Callable[[str], str]:
 def _templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(TEMPLATES))
     env = templates.env
-    env.globals.update(qs=_qs, pct=_pct, class_label=data.class_label)
+    env.globals.update(qs=_qs, pct=_pct, class_label=data.class_label, prediction_label=data.prediction_label)
     env.filters.update(when=_when, num=_num, basename=lambda uri: str(uri).rstrip("/").rsplit("/", 1)[-1])
     return templates
 

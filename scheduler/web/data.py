@@ -24,6 +24,7 @@ from scheduler.query import (
     QueryError,
     RegionFilters,
     patch_fields,
+    prediction_name,
     resolve_class,
     top_regions_statement,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "gallery_statement",
     "item_run",
     "item_view",
+    "prediction_label",
     "recent_run_ids",
     "run_shards",
     "runs_page",
@@ -73,6 +75,13 @@ def class_label(run: Run, index: int | None) -> str:
         return "–"
     names = list(run.class_names or [])
     return names[index] if 0 <= index < len(names) else str(index)
+
+
+def prediction_label(run: Run, pred: int | None) -> str:
+    """An item's or case's prediction in words: its class, or a binary head's decision."""
+    if pred is None:
+        return "–"
+    return prediction_name(run, pred) or str(pred)
 
 
 def box_css(x0: int, y0: int, x1: int, y1: int, width: int | None, height: int | None) -> str:

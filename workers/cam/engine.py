@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -53,6 +53,45 @@ class CamResult:
     logits: torch.Tensor | None
     layers: list[str]
     views: int | None = None
+
+    def select_images(self, keep: Sequence[int], *, views_of: Sequence[int] | None = None) -> CamResult:
+        """The result of only the images ``keep`` (batch indices, repeats allowed), in that order.
+
+        ``views_of`` (a multi-view result only) names, per kept row, the view whose maps it
+        takes: the maps lose their view axis, every other output is the kept image's own, and
+        the result is single-view, one row per view.
+        """
+        index = torch.tensor(list(keep), dtype=torch.long, device=self.targets.device)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, index.to(t.device))
+
+        pick_map = pick
+        if views_of is not None:
+            if self.views is None:
+                raise ValueError("views_of picks one view of a multi-view result; this result has no views")
+            views = self.views
+            slots = [k * views + v for k, v in zip(keep, views_of, strict=True)]
+            flat = torch.tensor(slots, dtype=torch.long, device=self.targets.device)
+
+            def pick_map(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]).index_select(0, flat.to(t.device))
+
+        def per_layer(maps: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+            return {m: {name: pick_map(t) for name, t in per.items()} for m, per in maps.items()}
+
+        return replace(
+            self,
+            maps={m: pick_map(t) for m, t in self.maps.items()},
+            layer_maps=per_layer(self.layer_maps),
+            raw=per_layer(self.raw),
+            unrectified=per_layer(self.unrectified),
+            valid=pick(self.valid),
+            targets=pick(self.targets),
+            scores=pick(self.scores),
+            logits=None if self.logits is None else pick(self.logits),
+            views=None if views_of is not None else self.views,
+        )
 
 
 @dataclass(frozen=True)
