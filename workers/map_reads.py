@@ -8,6 +8,7 @@ small request either way (workers/packing.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from workers.heatmap_io import decode_npy, decode_png_gray
 from workers.storage import Storage
 
-__all__ = ["map_bytes", "raw_bytes", "read_map_png", "read_map_raw"]
+__all__ = ["MapRef", "StoredMap", "map_bytes", "raw_bytes", "read_map_png", "read_map_raw"]
 
 
 class StoredMap(Protocol):
@@ -27,6 +28,29 @@ class StoredMap(Protocol):
     object_length: int | None
     raw_offset: int | None
     raw_length: int | None
+
+
+@dataclass(frozen=True)
+class MapRef:
+    """Where one map's bytes are, apart from its row: for readers that select columns, not rows."""
+
+    object_key: str
+    raw_key: str
+    object_offset: int | None = None
+    object_length: int | None = None
+    raw_offset: int | None = None
+    raw_length: int | None = None
+
+    @classmethod
+    def of(cls, heatmap: StoredMap) -> MapRef:
+        return cls(
+            heatmap.object_key,
+            heatmap.raw_key,
+            heatmap.object_offset,
+            heatmap.object_length,
+            heatmap.raw_offset,
+            heatmap.raw_length,
+        )
 
 
 def _read(storage: Storage, key: str, offset: Any, length: Any) -> bytes:

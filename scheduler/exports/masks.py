@@ -33,7 +33,7 @@ from scheduler.exports.common import (
     write_manifest,
 )
 from schema.models import Heatmap, Item, Run
-from workers.heatmap_io import decode_png_gray
+from workers.map_reads import read_map_png
 from workers.storage import ObjectNotFoundError, Storage, StorageError, open_storage
 
 __all__ = [
@@ -127,7 +127,7 @@ def check_options(threshold: float, min_area: int, fmt: str) -> None:
 
 def _read_map(heatmaps: Storage, heatmap: Heatmap) -> np.ndarray:
     try:
-        return decode_png_gray(heatmaps.get(heatmap.object_key))
+        return read_map_png(heatmaps, heatmap)
     except ObjectNotFoundError as exc:
         raise ExportError(f"its map is missing at {heatmaps.locate(heatmap.object_key)}") from exc
     except ValueError as exc:
