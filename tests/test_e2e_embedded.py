@@ -189,6 +189,8 @@ def test_overlays_are_written_at_source_size_only_when_asked(dataset: Path, tmp_
         "--targets",
         "topk:2",
         "--overlay",
+        "--layout",
+        "files",
         "--json",
         "--database-url",
         db,

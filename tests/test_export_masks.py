@@ -21,7 +21,7 @@ from scheduler.exports.masks import instances, rle_encode
 from schema.db import session_scope
 from schema.models import Heatmap, Item
 from tests.test_drift import cli_run
-from workers.heatmap_io import decode_png_gray
+from workers.map_reads import read_map_png
 from workers.storage import open_storage
 from workers.synth import CLASS_NAMES, make_dataset, render_sample, sample_rng
 
@@ -42,7 +42,8 @@ def mask_run(tmp_path_factory: pytest.TempPathFactory) -> MaskRun:
     root = tmp_path_factory.mktemp("masks")
     manifest = make_dataset(root / "data", N_IMAGES, seed=SEED)
     db = f"sqlite:///{root / 'runs.db'}"
-    return MaskRun(db, cli_run(manifest, db, root / "heatmaps"), root / "heatmaps")
+    # one object per map: a test below removes one map's object
+    return MaskRun(db, cli_run(manifest, db, root / "heatmaps", "--layout", "files"), root / "heatmaps")
 
 
 def export(run: MaskRun, *args: str) -> Any:
@@ -59,7 +60,7 @@ def stored_maps(run: MaskRun) -> dict[int, tuple[int, np.ndarray, tuple[int, int
     with session_scope(run.db) as session:
         found = session.query(Item, Heatmap).join(Heatmap, Heatmap.item_id == Item.id)
         return {
-            item.id: (item.ordinal, decode_png_gray(storage.get(h.object_key)), (item.width, item.height))
+            item.id: (item.ordinal, read_map_png(storage, h), (item.width, item.height))
             for item, h in found.filter(Heatmap.run_id == run.run_id, Heatmap.method == "gradcam")
         }
 

@@ -82,6 +82,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> StoredRun:
         patch_size=PATCH,
         top_patches=GRID[0] * GRID[1],  # every patch, so the whole order is checked
         batch_size=4,  # two batches, the second one short
+        layout="files",  # the keys of one object per map are checked below
     )
     planned = plan_run(spec, settings)
     for shard_id in planned.shard_ids:
