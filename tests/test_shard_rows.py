@@ -294,6 +294,11 @@ def test_rows_of_a_batch_follow_each_map_index_to_its_item_and_class() -> None:
             "target_score": layout.scores[n],
             "object_key": f"k{n}.png",
             "raw_key": f"k{n}.npy",
+            # whole objects until a packed layout fills in the byte ranges (workers/packing.py)
+            "object_offset": None,
+            "object_length": None,
+            "raw_offset": None,
+            "raw_length": None,
             "sha256": "",
             "raw_max": stats.raw_max[n],
             "raw_mean": stats.raw_mean[n],
