@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from celery.schedules import crontab
@@ -42,6 +42,7 @@ class Audit(BaseModel):
     batch_size: int | None = Field(None, ge=1)
     shard_size: int | None = Field(None, ge=1)
     score_batch_size: int | None = Field(None, ge=1)
+    layout: Literal["packed", "files"] | None = None  # None: CAMAUDIT_LAYOUT
     alerts: AlertRules | None = None
     notify: list[WebhookTarget] = Field(default_factory=list)
 
@@ -77,6 +78,7 @@ class Audit(BaseModel):
             batch_size=self.batch_size,
             shard_size=self.shard_size,
             score_batch_size=self.score_batch_size,
+            layout=self.layout,
             name=self.name,
             audit_name=self.name,
             alerts=self.alerts,

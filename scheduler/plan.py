@@ -139,6 +139,8 @@ def plan_run(spec: RunSpec, settings: Settings, *, baseline_run_id: str | None =
     run_id = uuid.uuid4().hex[:16]
     if spec.shard_size is None:
         spec = spec.model_copy(update={"shard_size": defaults_for(settings.device).shard_size})
+    if spec.layout is None:  # recorded, so every worker and reader of the run agrees
+        spec = spec.model_copy(update={"layout": settings.layout})
     assert spec.shard_size is not None
     shard_of = cut_shards([item.group_id for item in items], spec.shard_size)
     shard_sizes = Counter(shard_of)

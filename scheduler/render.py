@@ -24,8 +24,9 @@ from schema.models import Heatmap, Item, Run
 from schema.redact import hide_password
 from schema.settings import get_settings
 from workers.fetch import read_source, run_roots
-from workers.heatmap_io import JPEG_MAX_SIDE, decode_png_gray, overlay_jpeg
+from workers.heatmap_io import JPEG_MAX_SIDE, overlay_jpeg
 from workers.images import ImageDecodeError, open_rgb
+from workers.map_reads import read_map_png
 from workers.preprocess import Preprocess
 from workers.storage import ObjectNotFoundError, open_storage
 
@@ -158,7 +159,7 @@ def render_overlay(
         found.run.output_uri, endpoint_url=endpoint_url, region=region, create_bucket=False
     )
     try:
-        levels = decode_png_gray(storage.get(found.heatmap.object_key))
+        levels = read_map_png(storage, found.heatmap)
     except ObjectNotFoundError as exc:
         raise RenderError(
             f"the map of item {item_id} is missing at {storage.locate(found.heatmap.object_key)}; "

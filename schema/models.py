@@ -177,6 +177,12 @@ class Heatmap(Base):
     target_score: Mapped[float] = mapped_column(Float)
     object_key: Mapped[str] = mapped_column(String(1000))
     raw_key: Mapped[str] = mapped_column(String(1000))
+    # Packed layout (workers/packing.py): the PNG's and the npy's bytes inside the shard's tar
+    # ``object_key`` (= ``raw_key``); NULL in the files layout, where each key is a whole object.
+    object_offset: Mapped[int | None] = mapped_column(BigInteger)
+    object_length: Mapped[int | None] = mapped_column(BigInteger)
+    raw_offset: Mapped[int | None] = mapped_column(BigInteger)
+    raw_length: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     raw_max: Mapped[float] = mapped_column(Float)
     raw_mean: Mapped[float] = mapped_column(Float)

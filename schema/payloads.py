@@ -41,6 +41,9 @@ class RunSpec(BaseModel):
     name: str | None = None
     audit_name: str | None = None
     overlay: bool = False
+    # Where maps go: one tar per shard, method and layer, or one object per map (workers/packing.py);
+    # None: the settings' (CAMAUDIT_LAYOUT). The planned run records the one it used.
+    layout: Literal["packed", "files"] | None = None
     # Overrides of the model's own preprocessing: "stretch", "center-crop[:PCT]", "letterbox"
     # and an input size (H, W); None keeps what the weights, config or checkpoint define.
     preprocess: str | None = None
@@ -60,6 +63,18 @@ class RunSpec(BaseModel):
         value = [v.strip() for v in value if v.strip()]
         if len(value) < 2 or len(set(value)) != len(value):
             raise ValueError(f"views must name at least two distinct views in input order, got {value}")
+        return value
+
+    @field_validator("layout", mode="before")
+    @classmethod
+    def _layout_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value not in ("packed", "files"):
+                raise ValueError(
+                    f"layout {value!r} is not known; use packed (one tar per shard, method and layer) "
+                    "or files (one object per map)"
+                )
         return value
 
     @field_validator("methods")

@@ -12,6 +12,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+# Where a run's maps go (workers/packing.py): one tar per shard, method and layer, or one object per map.
+LAYOUT_CHOICES = ("packed", "files")
 
 
 class Settings(BaseSettings):
@@ -25,6 +27,8 @@ class Settings(BaseSettings):
     result_backend: str | None = None
     device: str = "auto"
     amp: str = "auto"
+    # The heatmap layout of runs that do not name one (`camaudit run --layout`, an audit's `layout`).
+    layout: str = "packed"
     log_level: str = "INFO"
     # Threads per shard stage; unset = follow the cores (and S3 vs local folder for uploads).
     fetch_workers: int | None = None
@@ -103,6 +107,17 @@ class Settings(BaseSettings):
         value = value.lower()
         if value not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {value!r}")
+        return value
+
+    @field_validator("layout")
+    @classmethod
+    def _check_layout(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in LAYOUT_CHOICES:
+            raise ValueError(
+                f"layout must be {' or '.join(LAYOUT_CHOICES)} (packed: one tar per shard, method "
+                f"and layer; files: one object per map), not {value!r}"
+            )
         return value
 
     @property

@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 from schema.db import session_scope
 from schema.models import Heatmap, Item, PatchScore, Run
 from workers.heatmap_io import decode_npy, decode_png_gray
+from workers.map_reads import map_bytes, raw_bytes
 from workers.storage import Storage
 
 
@@ -41,11 +42,11 @@ def assert_run_complete(database_url: str, run_id: str, storage: Storage, *, fai
         w, h = sizes[item_id]
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
     for h in heatmaps:
-        png = storage.get(h.object_key)
+        png = map_bytes(storage, h)
         img = decode_png_gray(png)
         assert img.shape == (height, width) and img.dtype.name == "uint8"
         assert img.max() == 255  # a normalised map reaches 1.0 somewhere
-        raw = decode_npy(storage.get(h.raw_key))
+        raw = decode_npy(raw_bytes(storage, h))
         assert raw.dtype.name == "float16" and raw.ndim == 2
         assert abs(float(raw.max()) - h.raw_max) <= 1e-2 * max(1.0, h.raw_max)
     return run

@@ -74,10 +74,12 @@ def test_embedded_run_end_to_end(dataset: Path, tmp_path: Path) -> None:
         errors = dict(s.execute(select(Item.source_uri, Item.error).where(Item.status == "failed")).all())
     assert "0 bytes" in errors[str(dataset.parent / "empty.jpg")]
     assert "truncated" in errors[str(dataset.parent / "corrupt.png")]
-    # deterministic keys under the run's prefix
+    # deterministic keys under the run's prefix: by default one tar per shard, method and layer
     keys = list(open_storage(str(out)).list(f"runs/{run.id}/"))
-    assert len(keys) == 2 * 20 * 2 and all(
-        k.startswith(f"runs/{run.id}/gradcam/") or "/cam/" in k for k in keys
+    assert sorted(keys) == sorted(
+        f"runs/{run.id}/packed/{method}/features/shard-{index:05d}.tar"
+        for method in ("cam", "gradcam")
+        for index in range(3)
     )
 
     top = run_cli(
@@ -189,6 +191,8 @@ def test_overlays_are_written_at_source_size_only_when_asked(dataset: Path, tmp_
         "--targets",
         "topk:2",
         "--overlay",
+        "--layout",
+        "files",
         "--json",
         "--database-url",
         db,

@@ -23,6 +23,7 @@ from schema.db import session_scope
 from schema.models import Heatmap, Item, Run
 from tests.test_drift import cli_run
 from workers.heatmap_io import decode_png_gray, encode_png_gray
+from workers.map_reads import read_map_png
 from workers.preprocess import Preprocess
 from workers.storage import open_storage
 from workers.synth import CLASS_NAMES, make_dataset, render_sample, sample_rng
@@ -46,7 +47,8 @@ def mask_run(tmp_path_factory: pytest.TempPathFactory) -> MaskRun:
     root = tmp_path_factory.mktemp("masks")
     manifest = make_dataset(root / "data", N_IMAGES, seed=SEED)
     db = f"sqlite:///{root / 'runs.db'}"
-    return MaskRun(db, cli_run(manifest, db, root / "heatmaps"), root / "heatmaps")
+    # one object per map: a test below removes one map's object
+    return MaskRun(db, cli_run(manifest, db, root / "heatmaps", "--layout", "files"), root / "heatmaps")
 
 
 def export(run: MaskRun, *args: str) -> Any:
@@ -63,7 +65,7 @@ def stored_maps(run: MaskRun) -> dict[int, tuple[int, np.ndarray, tuple[int, int
     with session_scope(run.db) as session:
         found = session.query(Item, Heatmap).join(Heatmap, Heatmap.item_id == Item.id)
         return {
-            item.id: (item.ordinal, decode_png_gray(storage.get(h.object_key)), (item.width, item.height))
+            item.id: (item.ordinal, read_map_png(storage, h), (item.width, item.height))
             for item, h in found.filter(Heatmap.run_id == run.run_id, Heatmap.method == "gradcam")
         }
 
@@ -271,10 +273,27 @@ def cropped_run(tmp_path_factory: pytest.TempPathFactory) -> CroppedRun:
     db = f"sqlite:///{root / 'runs.db'}"
     result = runner.invoke(
         app,
-        ["run", "--source", str(manifest), "--methods", "gradcam", "--targets", "label",
-         "--preprocess", "center-crop:0.75", "--input-size", "96", "--database-url", db,
-         "--storage-url", str(root / "heatmaps"), "--json"],
-    )  # fmt: skip
+        [
+            "run",
+            "--source",
+            str(manifest),
+            "--methods",
+            "gradcam",
+            "--targets",
+            "label",
+            "--preprocess",
+            "center-crop:0.75",
+            "--input-size",
+            "96",
+            "--database-url",
+            db,
+            "--storage-url",
+            str(root / "heatmaps"),
+            "--layout",
+            "files",
+            "--json",
+        ],
+    )  # fmt: skip  (one object per map, so a test can plant maps of its own)
     assert result.exit_code == 0, result.output
     run_id = json.loads(result.stdout)["run_id"]
     with session_scope(db) as session:
@@ -346,7 +365,7 @@ def test_centre_crop_masks_of_the_model_cover_the_objects(cropped_run: CroppedRu
     storage = open_storage(str(cropped_run.heatmaps))
     with session_scope(cropped_run.db) as session:
         found = session.query(Item, Heatmap).join(Heatmap, Heatmap.item_id == Item.id)
-        levels = {item.id: (item.ordinal, decode_png_gray(storage.get(h.object_key))) for item, h in found}
+        levels = {item.id: (item.ordinal, read_map_png(storage, h)) for item, h in found}
     ours, stretched = [], []
     for line in (out / "masks.jsonl").read_text().splitlines():
         row = json.loads(line)

@@ -197,7 +197,10 @@ def test_gc_force_waits_for_a_shard_in_flight_and_leaves_nothing_behind(tmp_path
     out = tmp_path / "heatmaps"
     settings = Settings(database_url=url, storage_url=str(out), lease_s=1.5, heartbeat_interval_s=0.3)
     dataset = make_dataset(tmp_path / "data", 8, seed=3)
-    spec = RunSpec(source=str(dataset), methods=["gradcam", "scorecam"], shard_size=8, batch_size=2)
+    # one object per map, uploaded while the shard runs (a packed shard writes only at its end)
+    spec = RunSpec(
+        source=str(dataset), methods=["gradcam", "scorecam"], shard_size=8, batch_size=2, layout="files"
+    )
     planned = plan_run(spec, settings)
     outcome: list[ShardOutcome] = []
     shard = threading.Thread(

@@ -15,7 +15,8 @@ from scheduler.groups import _group_row, fuse
 from schema.db import session_scope
 from schema.models import Group, Heatmap, Item, ItemStatus, Run, Shard
 from tests.test_e2e_embedded import run_cli
-from workers.heatmap_io import decode_npy, overlay_rgb
+from workers.heatmap_io import overlay_rgb
+from workers.map_reads import MapRef, read_map_raw
 from workers.storage import open_storage
 
 
@@ -169,7 +170,7 @@ def test_web_shows_a_case_side_by_side_on_one_colour_scale(tmp_path: Path) -> No
     storage = open_storage(str(tmp_path / "maps"))
     with session_scope(db) as session:
         shown = {
-            h.id: (h.raw_key, h.raw_max, uri)
+            h.id: (MapRef.of(h), h.raw_max, uri)
             for h, uri in session.execute(
                 select(Heatmap, Item.source_uri).join(Item, Item.id == Heatmap.item_id)
                 .where(Item.group_id == "case000000")
@@ -180,8 +181,8 @@ def test_web_shows_a_case_side_by_side_on_one_colour_scale(tmp_path: Path) -> No
         assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
         with Image.open(io.BytesIO(image.content)) as jpeg:
             got = np.asarray(jpeg.convert("RGB"), dtype=np.float64)
-        raw_key, own_max, uri = shown[int(src.split("/")[2])]
-        raw = decode_npy(storage.get(raw_key)).astype(np.float32)
+        stored, own_max, uri = shown[int(src.split("/")[2])]
+        raw = read_map_raw(storage, stored).astype(np.float32)
         with Image.open(uri) as source:
             base = source.convert("RGB")
             base.thumbnail((512, 512), Image.Resampling.BILINEAR)

@@ -162,7 +162,7 @@ def test_a_source_too_wide_for_a_jpeg_overlay_fails_alone(tmp_path: Path) -> Non
     db = f"sqlite:///{tmp_path / 'runs.db'}"
     out = tmp_path / "out"
     run_id = _run(
-        RunSpec(source=str(manifest), methods=["gradcam"], shard_size=10, overlay=True),
+        RunSpec(source=str(manifest), methods=["gradcam"], shard_size=10, overlay=True, layout="files"),
         CAMAUDIT_DATABASE_URL=db,
         CAMAUDIT_STORAGE_URL=str(out),
     )

@@ -47,6 +47,8 @@ def cropped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Pat
         "--patch-size",
         "16",
         "--overlay",
+        "--layout",
+        "files",
         "--database-url",
         db,
         "--storage-url",

@@ -23,6 +23,8 @@ CASES = {
     "topk-overlay": {"target_spec": "topk:2", "overlay": True, "batch_size": 3},
     # per-item target failures in the middle of batches, three methods, a failed decode
     "labels": {"target_spec": "label", "batch_size": 4, "methods": ["gradcam", "eigencam", "cam"]},
+    # the packed layout: one tar per method and layer, the rows' byte ranges into it
+    "packed-overlay": {"target_spec": "topk:2", "overlay": True, "batch_size": 3, "layout": "packed"},
 }
 
 
@@ -66,5 +68,8 @@ def test_overlapped_rows_and_objects_equal_the_serial_ones(tmp_path: Path, case:
     assert overlapped.n_failed == serial.n_failed > 0 and overlapped.n_done == serial.n_done > 0
     serial_objects, overlap_objects = objects(tmp_path / "serial"), objects(tmp_path / "overlap")
     assert serial_objects and overlap_objects == serial_objects
-    if options.get("overlay"):
+    if options.get("layout") == "packed":
+        assert all(key.endswith(".tar") for key in serial_objects) and len(serial_objects) == 2
+        assert all(row["object_offset"] is not None for row in serial.heatmaps)
+    elif options.get("overlay"):
         assert any(key.endswith(".jpg") for key in serial_objects)

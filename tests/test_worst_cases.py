@@ -18,8 +18,8 @@ from schema.db import session_scope
 from schema.models import Heatmap, Item
 from tests.shortcut_net import train_on
 from tests.test_e2e_embedded import run_cli
-from workers.heatmap_io import decode_png_gray
 from workers.localisation import border_mask
+from workers.map_reads import read_map_png
 from workers.storage import open_storage
 
 runner = CliRunner()
@@ -131,7 +131,7 @@ def stretched_box_mask(box: list[float], source: tuple[int, int], shape: tuple[i
 def test_columns_match_the_stored_maps(runs: ShortcutRuns) -> None:
     storage = open_storage(str(runs.heatmaps))
     for heatmap, item in stored(runs, runs.demo_run)[:40]:
-        levels = decode_png_gray(storage.get(heatmap.object_key)).astype(np.float64)
+        levels = read_map_png(storage, heatmap).astype(np.float64)
         inside = stretched_box_mask(item.box, (item.width, item.height), levels.shape)
         assert heatmap.box_energy == pytest.approx(levels[inside].sum() / levels.sum())
         peak = np.unravel_index(int(levels.argmax()), levels.shape)

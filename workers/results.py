@@ -144,6 +144,10 @@ _HEATMAPS = _Staged(
         ("target_score", "float8"),
         ("object_key", "text"),
         ("raw_key", "text"),
+        ("object_offset", "int8"),
+        ("object_length", "int8"),
+        ("raw_offset", "int8"),
+        ("raw_length", "int8"),
         ("sha256", "text"),
         ("raw_max", "float8"),
         ("raw_mean", "float8"),
@@ -180,6 +184,8 @@ _PATCHES = _Staged(
 # Every patch-score row carries all of these.
 PATCH_COLUMNS: tuple[str, ...] = _PATCHES.names
 HEATMAP_COLUMNS: tuple[str, ...] = _HEATMAPS.names
+_BYTE_RANGES = ("object_offset", "object_length", "raw_offset", "raw_length")
+_NO_RANGES: dict[str, Any] = dict.fromkeys(_BYTE_RANGES)
 
 
 def _dialect(session: Session) -> str:
@@ -245,8 +251,11 @@ def upsert_heatmaps(
 ) -> dict[tuple[int, str, str, int], int]:
     """Insert or refresh heatmap rows; return their ids by (item, method, layer, class).
 
-    ``mode`` as for :func:`upsert_patch_scores`.
+    ``mode`` as for :func:`upsert_patch_scores`. Rows without the packed layout's byte ranges
+    (``object_offset`` ...) name whole objects: those columns are NULL.
     """
+    if rows and any(column not in rows[0] for column in _BYTE_RANGES):
+        rows = [{**_NO_RANGES, **row} for row in rows]
     returned = _upsert(session, _HEATMAPS, rows, mode, "heatmap")
     return {(item, method, layer, target): hid for hid, item, method, layer, target in returned}
 

@@ -57,6 +57,7 @@ from workers.lease import (
 from workers.models import LoadedModel
 from workers.multiview import case_batches, explain_cases, order_cases
 from workers.packed_statistics import PackedBatch, pack, unpack
+from workers.packing import MapWriter, Sink, map_writer
 from workers.pools import PoolSizes, pool_sizes
 from workers.preprocess import ImageTransform, Preprocess
 from workers.provenance import shard_provenance
@@ -121,6 +122,7 @@ class ShardWork:
     worker: str = ""
     score_batch_size: int | None = None  # None: by the worker's device
     max_targets: int | None = None  # with above:T targets, the most per image
+    layout: str = "files"  # where maps go: workers/packing.py
 
     @functools.cached_property
     def preprocess(self) -> Preprocess:
@@ -147,11 +149,6 @@ class ShardOutcome:
 def worker_name(node: str | None = None) -> str:
     """The Celery node (``gpu0@host``) or the host, and the process: who holds a lease."""
     return f"{node or socket.gethostname()}:{os.getpid()}"
-
-
-def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int, ext: str) -> str:
-    """Deterministic, so a retried shard overwrites its own objects instead of adding new ones."""
-    return f"runs/{run_id}/{method}/{layer}/{item_id}/{target}.{ext}"
 
 
 def _lock_shard(session: Session, shard_id: int) -> Shard | None:
@@ -280,6 +277,7 @@ def claim_shard(
             attempt=attempt,
             worker=me,
             max_targets=run.config.get("max_targets"),
+            layout=str(run.config.get("layout") or "files"),
         )
 
 
@@ -371,7 +369,7 @@ def _targets_for(work: ShardWork, batch: list[WorkItem]) -> tuple[Any, list[str 
 
 
 def _encode_and_upload(
-    writer: ConcurrentWriter,
+    writer: Sink,
     keys: list[tuple[str, str]],
     maps_u8: np.ndarray,
     raws16: np.ndarray,
@@ -380,7 +378,8 @@ def _encode_and_upload(
 ) -> list[str]:
     """Runs on the encoder pool (zlib releases the GIL), so the device never waits on PNG encoding.
 
-    One task per method, layer and batch: ``keys[n]`` are the PNG and npy keys of map ``n``.
+    One task per method, layer and batch: ``keys[n]`` are the PNG and npy names of map ``n`` in
+    ``writer`` (the storage, or the shard's tar: workers/packing.py).
     Returns each PNG's sha256, in order. An item's source is decoded once per task for its
     overlays, however many targets it has.
     """
@@ -443,21 +442,15 @@ def _submit_encoding(
     layout: MapLayout,
     stats: MapStatistics,
     sources: list[bytes | None],
-    writer: ConcurrentWriter,
+    writer: MapWriter,
     encoder: ThreadPoolExecutor,
 ) -> tuple[list[tuple[str, str]], Future[list[str]]]:
-    """The PNG and npy keys of every map, and the encoder task that writes them (and overlays)."""
-    keys = [
-        (
-            heatmap_key(work.run_id, method, layer, item_id, target, "png"),
-            heatmap_key(work.run_id, method, layer, item_id, target, "npy"),
-        )
-        for item_id, target in zip(layout.item_ids, layout.targets, strict=True)
-    ]
+    """The PNG and npy keys of every map's row, and the encoder task that writes them (and overlays)."""
+    keys = writer.keys(method, layer, layout.item_ids, layout.targets)
     shas = encoder.submit(
-        _encode_and_upload, writer, keys, stats.maps_u8, stats.raw16, sources, layout.transforms
+        _encode_and_upload, keys.sink, keys.names, stats.maps_u8, stats.raw16, sources, layout.transforms
     )
-    return keys, shas
+    return keys.rows, shas
 
 
 def _drop_non_finite(
@@ -482,7 +475,7 @@ def _explain_batch(
     loaded: LoadedModel,
     engine: CamEngine,
     batch: list[tuple[WorkItem, DecodedPixels]],
-    writer: ConcurrentWriter,
+    writer: MapWriter,
     encoder: ThreadPoolExecutor,
     rows: ShardRows,
     sources: dict[int, bytes],
@@ -630,7 +623,7 @@ def _finish(
     work: ShardWork,
     loaded: LoadedModel,
     launched: _Launched,
-    writer: ConcurrentWriter,
+    writer: MapWriter,
     encoder: ThreadPoolExecutor,
     rows: ShardRows,
 ) -> None:
@@ -715,7 +708,7 @@ def _compute_overlapped(
     loaded: LoadedModel,
     engine: CamEngine,
     batches: Callable[[Callable[[dict[str, Any]], None]], Iterator[tuple[Batch, dict[int, bytes]]]],
-    writer: ConcurrentWriter,
+    writer: MapWriter,
     encoder: ThreadPoolExecutor,
     rows: ShardRows,
 ) -> None:
@@ -741,7 +734,7 @@ def _compute_serial(
     loaded: LoadedModel,
     engine: CamEngine,
     batches: Callable[[Callable[[dict[str, Any]], None]], Iterator[tuple[Batch, dict[int, bytes]]]],
-    writer: ConcurrentWriter,
+    writer: MapWriter,
     encoder: ThreadPoolExecutor,
     rows: ShardRows,
 ) -> None:
@@ -783,9 +776,10 @@ def compute_shard(
     sizes = pool_sizes(settings, remote_storage=isinstance(storage, S3Storage), remote_sources=remote_sources)
     rows = ShardRows(provenance=shard_provenance(device, amp_argument(settings.amp)))
     with (
-        ConcurrentWriter(storage, max_workers=sizes.upload) as writer,
+        ConcurrentWriter(storage, max_workers=sizes.upload) as uploads,
         ThreadPoolExecutor(max_workers=sizes.encode, thread_name_prefix="encode") as encoder,
     ):
+        writer = map_writer(work.layout, uploads, work.run_id, work.shard_index)
         if work.views:
             work = replace(work, items=order_cases(work.items))
             for cases, failed in case_batches(work, _decoded_stream(work, settings, sizes)):
@@ -806,8 +800,9 @@ def compute_shard(
         for heatmap_rows, shas in rows.encoded:
             for row, sha in zip(heatmap_rows, shas.result(), strict=True):
                 row["sha256"] = sha
+        writer.finish(rows.heatmaps)
         check()
-        writer.flush()
+        uploads.flush()
     return rows
 
 

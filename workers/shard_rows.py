@@ -273,7 +273,8 @@ def heatmap_rows(
     stats: MapStatistics,
     keys: list[tuple[str, str]],
 ) -> list[dict[str, Any]]:
-    """One row per map; ``keys[n]`` are its PNG and npy keys. ``sha256`` is filled in once encoded."""
+    """One row per map; ``keys[n]`` are its PNG and npy keys. ``sha256`` is filled in once encoded,
+    and in the packed layout the byte ranges once the shard's tars are built (workers/packing.py)."""
     rows = []
     located = localisation_columns(stats.maps_u8, stats.raw16, layout.boxes, layout.transforms)
     for n, (item_id, target) in enumerate(zip(layout.item_ids, layout.targets, strict=True)):
@@ -288,6 +289,10 @@ def heatmap_rows(
                 "target_score": layout.scores[n],
                 "object_key": keys[n][0],
                 "raw_key": keys[n][1],
+                "object_offset": None,
+                "object_length": None,
+                "raw_offset": None,
+                "raw_length": None,
                 "sha256": "",
                 "raw_max": stats.raw_max[n],
                 "raw_mean": stats.raw_mean[n],

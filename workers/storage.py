@@ -41,6 +41,7 @@ from workers.libc import libc_function
 __all__ = [
     "ConcurrentWriter",
     "InvalidKeyError",
+    "InvalidRangeError",
     "LocalStorage",
     "ObjectNotFoundError",
     "PutResult",
@@ -79,6 +80,10 @@ class InvalidKeyError(StorageError, ValueError):
     """A key or prefix that could escape the storage root or differs between backends."""
 
 
+class InvalidRangeError(StorageError, ValueError):
+    """A byte range that is empty, negative or reaches past the end of its object."""
+
+
 class UploadError(StorageError):
     """Some uploads of a :class:`ConcurrentWriter` failed for good; ``failures`` maps key -> cause."""
 
@@ -114,6 +119,10 @@ class Storage(Protocol):
         ...
 
     def get(self, key: str) -> bytes: ...
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the object from byte ``offset``; all of them, or an error."""
+        ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -178,6 +187,29 @@ def _folder_prefix(prefix: str) -> str:
     if not prefix.strip("/"):
         raise InvalidKeyError("refusing to delete the whole storage root; pass a folder such as 'runs/42/'")
     return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def _check_range(key: str, offset: int, length: int) -> None:
+    if (
+        isinstance(offset, bool)
+        or isinstance(length, bool)
+        or not isinstance(offset, int)
+        or not isinstance(length, int)
+    ):
+        raise InvalidRangeError(f"byte range of {key!r} must be two integers, got {offset!r} and {length!r}")
+    if offset < 0 or length < 1:
+        raise InvalidRangeError(
+            f"byte range of {key!r} starts at {offset} with length {length}; "
+            "the offset must be >= 0 and the length >= 1"
+        )
+
+
+def _short_range(key: str, offset: int, length: int, got: int, size: int | None) -> InvalidRangeError:
+    whole = f"the object has {size} bytes" if size is not None else f"only {got} bytes came back"
+    return InvalidRangeError(
+        f"byte range {offset}..{offset + length - 1} of {key!r} reaches past its end: {whole}; "
+        "the row's offset and length do not match the stored object (rewritten or damaged?)"
+    )
 
 
 def _sha256(data: bytes) -> str:
@@ -291,6 +323,25 @@ class LocalStorage:
             raise ObjectNotFoundError(f"no object {key!r} under {self.root}") from exc
         except OSError as exc:
             raise StorageError(f"cannot read {key!r} under {self.root}: {exc}") from exc
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """One seek and one read: a member of a packed tar without reading the rest of it."""
+        _check_range(key, offset, length)
+        path = self._path(key)
+        try:
+            with path.open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if offset + length > size:
+                    raise _short_range(key, offset, length, 0, size)
+                handle.seek(offset)
+                data = handle.read(length)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFoundError(f"no object {key!r} under {self.root}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {key!r} under {self.root}: {exc}") from exc
+        if len(data) != length:  # shrunk while being read
+            raise _short_range(key, offset, length, len(data), None)
+        return data
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -589,6 +640,26 @@ class S3Storage:
             raise
         except Exception as exc:
             raise self._error(exc, "downloading", key) from exc
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """One ``Range: bytes=a-b`` GET: a member of a packed tar for one round trip."""
+        _check_range(key, offset, length)
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            data = response["Body"].read()
+        except InvalidKeyError:
+            raise
+        except Exception as exc:
+            code, _ = _client_error_details(exc)
+            if code == "InvalidRange":
+                raise _short_range(key, offset, length, 0, None) from exc
+            raise self._error(exc, "downloading a range of", key) from exc
+        if len(data) != length:
+            total = str(response.get("ContentRange", "")).rpartition("/")[2]
+            raise _short_range(key, offset, length, len(data), int(total) if total.isdigit() else None)
+        return data
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session, aliased
 from scheduler.query import DELETING, QueryError, get_run
 from schema.db import session_scope
 from schema.models import Heatmap, Item, ItemStatus, PatchScore, Run, Shard, ShardStatus
-from workers.heatmap_io import decode_npy
+from workers.map_reads import MapRef, read_map_raw
 from workers.preprocess import ImageTransform, Preprocess
 from workers.storage import ObjectNotFoundError, Storage, open_storage
 
@@ -276,8 +276,8 @@ class _Pair:
     source_size: tuple[int, int]  # (w, h) of the source, as run A decoded it
     heatmap_a: int
     heatmap_b: int
-    key_a: str
-    key_b: str
+    map_a: MapRef
+    map_b: MapRef
 
 
 @dataclass
@@ -322,12 +322,12 @@ def _check_classes(a: Run, b: Run) -> None:
             )
 
 
-def _read_map(side: _Side, key: str) -> np.ndarray:
+def _read_map(side: _Side, stored: MapRef) -> np.ndarray:
     try:
-        return decode_npy(side.storage.get(key))
+        return read_map_raw(side.storage, stored)
     except ObjectNotFoundError as exc:
         raise DriftError(
-            f"raw map of run {side.run.id} is missing at {side.storage.locate(key)}; "
+            f"raw map of run {side.run.id} is missing at {side.storage.locate(stored.raw_key)}; "
             "was its storage moved or emptied?"
         ) from exc
 
@@ -351,8 +351,14 @@ def _pairs(session: Session, run_a: str, run_b: str) -> Iterator[tuple[tuple[str
             ia.height,
             ha.id,
             hb.id,
+            ha.object_key,
             ha.raw_key,
+            ha.raw_offset,
+            ha.raw_length,
+            hb.object_key,
             hb.raw_key,
+            hb.raw_offset,
+            hb.raw_length,
         )
         .join(ia, ia.id == ha.item_id)
         .join(ib, and_(ib.run_id == run_b, ib.source_uri == ia.source_uri))
@@ -371,13 +377,15 @@ def _pairs(session: Session, run_a: str, run_b: str) -> Iterator[tuple[tuple[str
     )
     used_a: set[int] = set()
     used_b: set[int] = set()
-    for method, layer, target, uri, item_a, item_b, w, h, h_a, h_b, key_a, key_b in session.execute(stmt):
+    for method, layer, target, uri, item_a, item_b, w, h, h_a, h_b, *where in session.execute(stmt):
         if h_a in used_a or h_b in used_b:
             continue
         used_a.add(h_a)
         used_b.add(h_b)
         size = (int(w or 0), int(h or 0))
-        yield (method, layer, int(target)), _Pair(uri, item_a, item_b, size, h_a, h_b, key_a, key_b)
+        map_a = MapRef(where[0], where[1], raw_offset=where[2], raw_length=where[3])
+        map_b = MapRef(where[4], where[5], raw_offset=where[6], raw_length=where[7])
+        yield (method, layer, int(target)), _Pair(uri, item_a, item_b, size, h_a, h_b, map_a, map_b)
 
 
 def _patches(session: Session, heatmap_ids: list[int]) -> dict[int, list[tuple[int, int, Box]]]:
@@ -606,8 +614,8 @@ def _reduce_chunk(
     chunk: list[tuple[tuple[str, str, int], _Pair]],
 ) -> None:
     a, b = comparison.a, comparison.b
-    maps_a = pool.map(lambda item: _read_map(a, item[1].key_a), chunk)
-    maps_b = pool.map(lambda item: _read_map(b, item[1].key_b), chunk)
+    maps_a = pool.map(lambda item: _read_map(a, item[1].map_a), chunk)
+    maps_b = pool.map(lambda item: _read_map(b, item[1].map_b), chunk)
     patches = _patches(session, [p.heatmap_a for _, p in chunk] + [p.heatmap_b for _, p in chunk])
     for (key, pair), raw_a, raw_b in zip(chunk, maps_a, maps_b, strict=True):
         comparison.add(key, pair, raw_a, raw_b, patches[pair.heatmap_a], patches[pair.heatmap_b])

@@ -52,9 +52,9 @@ from scheduler.render import read_item_source
 from schema.db import session_scope
 from schema.models import Heatmap, Item, ItemStatus, Run
 from workers.cam import CamEngine
-from workers.heatmap_io import decode_png_gray
 from workers.images import decode_image
 from workers.localisation import box_mask
+from workers.map_reads import StoredMap, read_map_png
 from workers.models import LoadedModel, ModelLoadError, load_model
 from workers.preprocess import Preprocess
 from workers.runtime import pick_device
@@ -190,12 +190,12 @@ def _storage(run: Run, endpoint_url: str | None, region: str | None) -> Storage:
     return open_storage(run.output_uri, endpoint_url=endpoint_url, region=region, create_bucket=False)
 
 
-def _read_png(storage: Storage, key: str) -> np.ndarray:
+def _read_png(storage: Storage, heatmap: StoredMap) -> np.ndarray:
     try:
-        return decode_png_gray(storage.get(key))
+        return read_map_png(storage, heatmap)
     except ObjectNotFoundError as exc:
         raise QualityError(
-            f"stored map {storage.locate(key)} is missing; was the storage moved or emptied?"
+            f"stored map {storage.locate(heatmap.object_key)} is missing; was the storage moved or emptied?"
         ) from exc
 
 
@@ -309,7 +309,7 @@ def localisation(
     per_method: dict[tuple[str, str], _Tally] = defaultdict(_Tally)
     per_class: dict[tuple[str, str, int], _Tally] = defaultdict(_Tally)
     with ThreadPoolExecutor(READERS, "quality-read") as pool:
-        maps = pool.map(lambda job: _read_png(storage, job[0].object_key), jobs)
+        maps = pool.map(lambda job: _read_png(storage, job[0]), jobs)
         for (heatmap, box, transform), levels in zip(jobs, maps, strict=True):
             if levels.shape != (transform.input[1], transform.input[0]):
                 raise QualityError(
@@ -346,7 +346,7 @@ class _Sample:
     item_ids: list[int]
     images: torch.Tensor  # [N, 3, H, W] normalised, on the CPU
     targets: torch.Tensor  # [N] int64
-    maps: dict[tuple[str, str], dict[int, str]]  # (method, layer) -> {row in sample: object key}
+    maps: dict[tuple[str, str], dict[int, StoredMap]]  # (method, layer) -> {row in sample: its map}
 
 
 def _choose_target(item: Item, own: list[Heatmap]) -> int:
@@ -395,11 +395,11 @@ def _load_sample(
             f"run {run.id} has no item with stored maps whose source image can still be read; "
             "faithfulness and the sanity check re-run the model on the source images"
         )
-    maps: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    maps: dict[tuple[str, str], dict[int, StoredMap]] = defaultdict(dict)
     for row, (_, target, _, own) in enumerate(chosen):
         for h in own:
             if h.target_class == target:
-                maps[h.method, h.layer][row] = h.object_key
+                maps[h.method, h.layer][row] = h
     return _Sample(
         item_ids=[c[0].id for c in chosen],
         images=torch.stack([c[2] for c in chosen]),

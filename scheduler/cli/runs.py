@@ -204,6 +204,13 @@ def run(
     ] = None,
     name: str | None = None,
     overlay: Annotated[bool, typer.Option(help="also store a JET overlay JPEG at source size")] = False,
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            help="packed (one tar per shard, method and layer) or files (one object per map); "
+            "default: CAMAUDIT_LAYOUT, else packed"
+        ),
+    ] = None,
     preprocess: Annotated[
         str | None,
         typer.Option(help="override the model's preprocessing: stretch, center-crop[:CROP_PCT] or letterbox"),
@@ -253,6 +260,7 @@ def run(
             score_batch_size=score_batch_size,
             name=name,
             overlay=overlay,
+            layout=layout,
             preprocess=preprocess,
             input_size=input_size,
             group_fusion=group_fusion,

@@ -34,7 +34,8 @@ from scheduler.exports.common import (
     write_manifest,
 )
 from schema.models import Heatmap, Item, Run
-from workers.heatmap_io import decode_png_gray, map_to_source
+from workers.heatmap_io import map_to_source
+from workers.map_reads import read_map_png
 from workers.preprocess import ImageTransform, Preprocess, PreprocessError
 from workers.storage import ObjectNotFoundError, Storage, StorageError, open_storage
 
@@ -129,7 +130,7 @@ def check_options(threshold: float, min_area: int, fmt: str) -> None:
 
 def _read_map(heatmaps: Storage, heatmap: Heatmap) -> np.ndarray:
     try:
-        return decode_png_gray(heatmaps.get(heatmap.object_key))
+        return read_map_png(heatmaps, heatmap)
     except ObjectNotFoundError as exc:
         raise ExportError(f"its map is missing at {heatmaps.locate(heatmap.object_key)}") from exc
     except ValueError as exc:

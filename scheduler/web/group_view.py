@@ -22,8 +22,9 @@ from scheduler.render import RenderError, read_item_source
 from schema.db import session_scope
 from schema.models import Group, Heatmap, Item, Run
 from workers.fetch import SourceRefused
-from workers.heatmap_io import decode_npy, overlay_jpeg
+from workers.heatmap_io import overlay_jpeg
 from workers.images import ImageDecodeError, open_rgb
+from workers.map_reads import read_map_raw
 from workers.storage import ObjectNotFoundError, open_storage
 
 __all__ = ["GroupView", "ViewMap", "group_view", "shared_scale_overlay"]
@@ -128,7 +129,7 @@ def shared_scale_overlay(
         session.expunge_all()
     storage = open_storage(run.output_uri, endpoint_url=endpoint_url, region=region, create_bucket=False)
     try:
-        raw = decode_npy(storage.get(heatmap.raw_key)).astype(np.float32)
+        raw = read_map_raw(storage, heatmap).astype(np.float32)
     except ObjectNotFoundError as exc:
         raise RenderError(
             f"the raw map of item {item.id} is missing at {storage.locate(heatmap.raw_key)}"
