@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from schema.db import get_engine, session_scope
@@ -155,6 +155,21 @@ def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int,
     return f"runs/{run_id}/{method}/{layer}/{item_id}/{target}.{ext}"
 
 
+def lock_run_row(run_id: str) -> Select[tuple[Run]]:
+    """The run row, locked ``FOR NO KEY UPDATE``: what claims, commits and sweeps take on it.
+
+    Every shard commit inserts heatmaps whose foreign key takes a ``KEY SHARE`` lock on this
+    row first, and only then locks the row to update its counters. A plain ``FOR UPDATE``
+    conflicts with ``KEY SHARE``: two commits of one run at once each waited for the other's
+    key-share lock, and PostgreSQL aborted one of them as deadlocked (bench/scale.py at two
+    workers), while every other worker's inserts queued behind the one commit holding it.
+    ``NO KEY UPDATE`` still serialises the commits' counter updates with each other and with
+    gc (whose ``FOR UPDATE`` waits for every key-share holder), and leaves inserts alone.
+    SQLite has no row locks; there it changes nothing.
+    """
+    return select(Run).where(Run.id == run_id).with_for_update(key_share=True)
+
+
 def _lock_shard(session: Session, shard_id: int) -> Shard | None:
     return session.execute(
         select(Shard).where(Shard.id == shard_id).with_for_update().execution_options(populate_existing=True)
@@ -202,7 +217,7 @@ def claim_shard(
     settings = settings or get_settings()
     me = worker or worker_name()
     with session_scope(database_url) as session:
-        run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one_or_none()
+        run = session.execute(lock_run_row(run_id)).scalar_one_or_none()
         shard = _lock_shard(session, shard_id)
         if shard is None or run is None or shard.run_id != run_id:
             raise LookupError(
@@ -827,8 +842,7 @@ def _refresh_run(session: Session, run: Run) -> str | None:
 
 
 def _lock_run(session: Session, run_id: str) -> Run:
-    run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one()
-    return run
+    return session.execute(lock_run_row(run_id)).scalar_one()
 
 
 def _check_holder(run: Run, shard: Shard, work: ShardWork) -> None:

@@ -1,0 +1,768 @@
+"""Many workers against one PostgreSQL and one bucket: shard commits per second as workers grow.
+
+No model runs. Each of N worker processes claims shards of a planned run and commits them with
+the worker's own functions (``claim_shard``, ``ConcurrentWriter`` over the worker's storage,
+``commit_shard``), with rows built by the worker's own row builders (``heatmap_rows``,
+``patch_rows``, ``prediction_rows_of``) from synthetic maps of realistic size. A shard is what
+a real one is: ``--images`` items (256), one map per image for each of two methods, top-5
+patches per map, and the heatmaps packed as one tar per (method, layer) holding every map's
+8-bit PNG (224 px, bilinear like a CAM upsampled from 7 x 7) and raw float16 npy, encoded
+with ``workers/heatmap_io.py``. So what is timed is the part of a night that grows with the
+number of workers: the database's commits and the bucket's PUTs.
+
+Per N it prints rows/s, objects/s and shard commits/s, their ratio to N=1 measured in the same
+process, and where each shard's time went (claim, upload, commit; inside the commit, the wait
+for the run row's lock and how long it was then held). A sampler thread reads
+``pg_stat_activity`` every 10 ms and names what the bench's backends waited on (the run row,
+a foreign-key check, WAL), the PostgreSQL backends' CPU and the S3 server's CPU (from /proc),
+and the WAL written (``pg_current_wal_lsn``; cluster-wide, so other users of a shared cluster
+count too).
+
+    python bench/scale.py                              # N = 1, 2, 4, 8; moto S3, direct
+    python bench/scale.py --rtt-ms 20                  # moto behind a proxy adding 20 ms RTT
+    python bench/scale.py --processes 1,2 --shards 2   # smaller
+    python bench/scale.py --admin-url postgresql+psycopg://postgres@127.0.0.1:55432/test
+
+It creates a database of its own on the server of ``--admin-url`` and drops it afterwards.
+Figures and their reading: docs/SCALING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit
+
+# Run as a script from a checkout: the test plugin provides the moto server and the proxy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import psycopg
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+DEFAULT_ADMIN_URL = os.environ.get(
+    "CAMAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:55432/test"
+)
+BUCKET = "camaudit-scale"
+SAMPLE_S = 0.01
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one shard writes: its images, methods, top patches, and the size of every map."""
+
+    images: int = 256
+    methods: tuple[str, ...] = ("gradcam", "cam")
+    top_patches: int = 5
+    map_side: int = 224  # the normalised PNG, at input resolution
+    raw_side: int = 7  # the raw map: a ResNet's last stage at 224 px
+    distinct_maps: int = 32  # real encodings, reused across the shard's images
+
+
+@dataclass
+class ShardTiming:
+    claim_s: float = 0.0
+    upload_s: float = 0.0
+    commit_s: float = 0.0
+    lock_wait_s: float = 0.0  # commit_shard's SELECT … FROM runs … FOR UPDATE
+    lock_hold_s: float = 0.0  # from that lock to the end of the commit
+    rows: int = 0
+    objects: int = 0
+    bytes: int = 0
+    put_s: float = 0.0  # summed over the upload threads
+    deadlocks: int = 0  # commits PostgreSQL aborted as deadlocked, then tried again
+
+
+@dataclass
+class Sampled:
+    """What the bench's PostgreSQL backends were doing, every ``SAMPLE_S``."""
+
+    samples: int = 0
+    active: int = 0  # backend-samples running a statement
+    waits: Counter[str] = field(default_factory=Counter)  # backend-samples waiting, by what
+    pg_cpu_s: float = 0.0
+    s3_cpu_s: float = 0.0
+    wal_bytes: int = 0
+
+
+@dataclass
+class RoundResult:
+    processes: int
+    run_id: str
+    shards: int
+    wall_s: float
+    timings: list[ShardTiming]
+    sampled: Sampled
+    run_status: str
+    load: tuple[float, float, float]
+
+    def total(self, name: str) -> float:
+        return float(sum(getattr(t, name) for t in self.timings))
+
+    def mean_ms(self, name: str) -> float:
+        return 1000 * self.total(name) / max(1, len(self.timings))
+
+    @property
+    def commits_per_s(self) -> float:
+        return self.shards / self.wall_s
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.total("rows") / self.wall_s
+
+    @property
+    def objects_per_s(self) -> float:
+        return self.total("objects") / self.wall_s
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.total("bytes") / self.wall_s / 1e6
+
+
+# ---------------------------------------------------------------------------------- synthetic maps
+
+
+@dataclass(frozen=True)
+class SyntheticMaps:
+    """Real encodings of CAM-like maps: what the encoders of a worker would have produced."""
+
+    png: list[bytes]
+    npy: list[bytes]
+    sha256: list[str]
+    maps_u8: np.ndarray  # [distinct, H, W]
+    raw16: np.ndarray  # [distinct, h, w]
+
+
+def synthetic_maps(shape: Shape, seed: int) -> SyntheticMaps:
+    """Raw maps as a CAM leaves them (non-negative, low resolution), upsampled bilinearly."""
+    import hashlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from workers.heatmap_io import encode_npy, encode_png_gray, to_uint8
+
+    generator = torch.Generator().manual_seed(seed)
+    raw = torch.relu(torch.randn(shape.distinct_maps, 1, shape.raw_side, shape.raw_side, generator=generator))
+    up = F.interpolate(raw, size=(shape.map_side, shape.map_side), mode="bilinear", align_corners=False)[:, 0]
+    lo = up.amin(dim=(1, 2), keepdim=True)
+    hi = up.amax(dim=(1, 2), keepdim=True)
+    maps_u8 = to_uint8((up - lo) / (hi - lo).clamp_min(1e-6)).numpy()
+    raw16 = raw[:, 0].to(torch.float16).numpy()
+    png = [encode_png_gray(m) for m in maps_u8]
+    npy = [encode_npy(r) for r in raw16]
+    return SyntheticMaps(png, npy, [hashlib.sha256(p).hexdigest() for p in png], maps_u8, raw16)
+
+
+def packed_key(run_id: str, method: str, layer: str, shard_index: int) -> str:
+    """One object per (shard, method, layer), overwritten under the same key by a retried shard."""
+    return f"runs/{run_id}/{method}/{layer}/shard-{shard_index:06d}.tar"
+
+
+def member_name(item_id: int, target: int) -> str:
+    """A WebDataset sample key: everything up to the first dot groups a map's PNG and npy."""
+    return f"{item_id:012d}_{target}"
+
+
+def pack_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A plain ustar archive (no compression, fixed times): ``tar tf`` lists the maps."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@dataclass
+class BuiltShard:
+    rows: Any  # workers.shard_rows.ShardRows
+    objects: list[tuple[str, bytes]]
+
+
+def build_shard(work: Any, shape: Shape, maps: SyntheticMaps, seed: int) -> BuiltShard:
+    """The rows and packed objects one shard commits, from the worker's own row builders."""
+    from workers.preprocess import ImageTransform
+    from workers.shard_rows import (
+        MapLayout,
+        MapStatistics,
+        ShardRows,
+        heatmap_rows,
+        patch_rows,
+        prediction_rows_of,
+    )
+
+    rng = np.random.default_rng(seed)
+    n = len(work.items)
+    pick = rng.integers(0, len(maps.png), size=n)
+    side = shape.map_side
+    transform = ImageTransform(source=(side, side), resized=(side, side), offset=(0, 0), input=(side, side))
+    n_classes = len(work.class_names) if work.class_names else 1000
+    top_c = [list(map(int, rng.choice(n_classes, size=5, replace=False))) for _ in range(n)]
+    probs = np.sort(rng.dirichlet(np.ones(n_classes) * 0.1, size=n)[:, :5], axis=1)[:, ::-1]
+    batch = [(item, SimpleNamespace(width=side, height=side, transform=transform)) for item in work.items]
+    rows = ShardRows(items=prediction_rows_of(work, batch, probs.tolist(), top_c))
+    layout = MapLayout(
+        item_ids=[item.id for item in work.items],
+        targets=[c[0] for c in top_c],
+        scores=[float(p[0]) for p in probs],
+        transforms=[transform] * n,
+        boxes=[None] * n,
+    )
+    grid = 224 // 32
+    k = shape.top_patches
+    cells = np.stack([rng.choice(grid * grid, size=k, replace=False) for _ in range(n)])
+    scores = np.sort(rng.random((n, k)), axis=1)[:, ::-1]
+    stats = MapStatistics(
+        maps_u8=maps.maps_u8[pick],
+        raw16=maps.raw16[pick],
+        raw_max=maps.raw16[pick].max(axis=(1, 2)).astype(float).tolist(),
+        raw_mean=maps.raw16[pick].mean(axis=(1, 2), dtype=np.float64).tolist(),
+        map_mean=(maps.maps_u8[pick].mean(axis=(1, 2)) / 255).tolist(),
+        patch_scores=scores.tolist(),
+        patch_rows=(cells // grid).tolist(),
+        patch_cols=(cells % grid).tolist(),
+        patch_boxes=[
+            [
+                [int(c % grid) * 32, int(c // grid) * 32, int(c % grid) * 32 + 32, int(c // grid) * 32 + 32]
+                for c in row
+            ]
+            for row in cells
+        ],
+        patch_total=(scores.sum(axis=1) * 4).tolist(),
+    )
+    objects = []
+    for method in work.methods:
+        for layer in work.layers:
+            key = packed_key(work.run_id, method, layer, work.shard_index)
+            members: list[tuple[str, bytes]] = []
+            for item_id, target, m in zip(layout.item_ids, layout.targets, pick, strict=True):
+                name = member_name(item_id, target)
+                members += [(f"{name}.png", maps.png[m]), (f"{name}.npy", maps.npy[m])]
+            objects.append((key, pack_tar(members)))
+            heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, [(key, key)] * n)
+            for row, m in zip(heatmaps, pick, strict=True):
+                row["sha256"] = maps.sha256[m]
+            rows.heatmaps.extend(heatmaps)
+            rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
+    return BuiltShard(rows, objects)
+
+
+def rows_of(rows: Any) -> int:
+    return len(rows.items) + len(rows.heatmaps) + len(rows.patches)
+
+
+# ------------------------------------------------------------------------------------ one worker
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    index: int
+    database_url: str
+    storage_url: str
+    endpoint_url: str | None
+    run_id: str
+    shard_ids: list[int]
+    shape: Shape
+    upload_workers: int
+    maps: SyntheticMaps
+
+
+def _worker(args: WorkerArgs, ready: Any, go: Any, out: Any) -> None:
+    """One worker process: claim, upload and commit its shards as fast as it can."""
+    try:
+        out.put((args.index, _work(args, ready, go)))
+    except BaseException as exc:  # the parent reports it instead of waiting forever
+        out.put((args.index, f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def _work(args: WorkerArgs, ready: Any, go: Any) -> list[ShardTiming]:
+    from schema.settings import Settings
+    from workers import shard as shard_module
+    from workers.runtime import storage_for
+    from workers.shard import ShardOutcome, claim_shard, commit_shard
+    from workers.storage import ConcurrentWriter
+
+    settings = Settings(
+        database_url=args.database_url,
+        storage_url=args.storage_url,
+        s3_endpoint_url=args.endpoint_url,
+        s3_region="us-east-1",
+        device="cpu",
+    )
+    storage = storage_for(args.storage_url, settings)
+    me = f"scale-{args.index}@bench:{os.getpid()}"
+    current = ShardTiming()
+    lock_run = shard_module._lock_run
+
+    def timed_lock_run(session: Any, run_id: str) -> Any:
+        asked = time.monotonic()
+        run = lock_run(session, run_id)
+        current.lock_wait_s = time.monotonic() - asked
+        current.lock_hold_s = -time.monotonic()  # completed when the commit returns
+        return run
+
+    shard_module._lock_run = timed_lock_run  # type: ignore[assignment]
+    put = storage.put
+    put_lock = threading.Lock()
+
+    def timed_put(*a: Any, **kw: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return put(*a, **kw)
+        finally:
+            with put_lock:
+                current.put_s += time.monotonic() - started
+
+    storage.put = timed_put  # type: ignore[method-assign]
+    maps = args.maps
+    # Rows are built before the clock starts: a real worker builds them while its device
+    # computes, on its own host; what is timed here is what all workers share.
+    from sqlalchemy import select
+
+    from schema.db import session_scope
+    from schema.models import Item, Run, Shard
+    from workers.shard import WorkItem
+
+    prepared: list[tuple[int, BuiltShard]] = []
+    with session_scope(args.database_url) as session:
+        run = session.get(Run, args.run_id)
+        assert run is not None
+        for shard_id in args.shard_ids:
+            index = session.execute(select(Shard.index).where(Shard.id == shard_id)).scalar_one()
+            ids = session.execute(
+                select(Item.id).where(Item.shard_id == shard_id).order_by(Item.ordinal)
+            ).scalars()
+            work = SimpleNamespace(
+                run_id=args.run_id,
+                shard_index=index,
+                methods=list(run.methods),
+                layers=list(run.layers),
+                class_names=list(run.class_names) if run.class_names else None,
+                top_k_predictions=5,
+                items=[WorkItem(i, "", None) for i in ids],
+            )
+            prepared.append((shard_id, build_shard(work, args.shape, maps, seed=shard_id)))
+    ready.wait()
+    go.wait()
+    timings = []
+    for shard_id, built in prepared:
+        current = ShardTiming()
+        started = time.monotonic()
+        work = claim_shard(args.database_url, args.run_id, shard_id, settings, worker=me)
+        if isinstance(work, ShardOutcome):
+            raise RuntimeError(f"shard {shard_id} was not claimed: {work.reason}")
+        claimed = time.monotonic()
+        with ConcurrentWriter(storage, max_workers=args.upload_workers) as writer:
+            for key, data in built.objects:
+                writer.submit(key, data, "application/x-tar")
+            writer.flush()
+        uploaded = time.monotonic()
+        while True:
+            try:
+                outcome = commit_shard(args.database_url, work, built.rows)
+                break
+            except OperationalError as exc:
+                # A worker's task would retry the whole shard; the bench retries the commit.
+                if not isinstance(exc.orig, psycopg.errors.DeadlockDetected):
+                    raise
+                current.deadlocks += 1
+        done = time.monotonic()
+        if outcome.status != "done":
+            raise RuntimeError(f"shard {shard_id} did not commit: {outcome}")
+        current.claim_s, current.upload_s, current.commit_s = (
+            claimed - started,
+            uploaded - claimed,
+            done - uploaded,
+        )
+        current.lock_hold_s += done
+        current.rows = rows_of(built.rows)
+        current.objects = len(built.objects)
+        current.bytes = sum(len(data) for _, data in built.objects)
+        timings.append(current)
+    return timings
+
+
+# --------------------------------------------------------------------------------------- sampler
+
+
+def _classify(query: str) -> str:
+    """Which statement of the commit path a waiting backend is in."""
+    q = " ".join(query.split()).lower()
+    if q.startswith("select runs.") and "for update" in q:
+        return "run row lock"
+    if "insert into heatmaps" in q or "insert into patch_scores" in q:
+        return "insert (FK key-share on run)"
+    if q.startswith("update items") or "update items" in q:
+        return "items update"
+    if q.startswith("select shards.") and "for update" in q:
+        return "shard row lock"
+    if q.startswith("commit"):
+        return "commit"
+    return "other"
+
+
+def _cpu_s(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Sampler:
+    """Samples the bench database's backends from a thread: waits, CPU, and the S3 server's CPU."""
+
+    def __init__(self, database_url: str, s3_pid: int | None) -> None:
+        url = make_url(database_url)
+        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._s3_pid = s3_pid
+        self.result = Sampled()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-sampler", daemon=True)
+        self._first_cpu: dict[int, float] = {}
+        self._last_cpu: dict[int, float] = {}
+
+    def __enter__(self) -> Sampler:
+        self._conn = psycopg.connect(self._dsn, autocommit=True)
+        self._lsn = self._conn.execute("select pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
+        self._s3_start = _cpu_s(self._s3_pid) if self._s3_pid else None
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        got = self._conn.execute(
+            "select pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (self._lsn,)
+        ).fetchone()
+        self.result.wal_bytes = int(got[0]) if got else 0
+        self._conn.close()
+        self.result.pg_cpu_s = sum(self._last_cpu[p] - self._first_cpu[p] for p in self._last_cpu)
+        if self._s3_pid and self._s3_start is not None:
+            self.result.s3_cpu_s = (_cpu_s(self._s3_pid) or self._s3_start) - self._s3_start
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            rows = self._conn.execute(
+                "select pid, state, wait_event_type, wait_event, query from pg_stat_activity "
+                "where datname = current_database() and pid <> pg_backend_pid() "
+                "and backend_type = 'client backend'"
+            ).fetchall()
+            self.result.samples += 1
+            for pid, state, wait_type, wait_event, query in rows:
+                cpu = _cpu_s(pid)
+                if cpu is not None:
+                    self._first_cpu.setdefault(pid, cpu)
+                    self._last_cpu[pid] = cpu
+                if state != "active":
+                    continue
+                self.result.active += 1
+                if wait_type == "Lock":
+                    self.result.waits[f"lock: {_classify(query or '')}"] += 1
+                elif wait_type in ("IO", "LWLock") and wait_event and "WAL" in wait_event.upper():
+                    self.result.waits[f"WAL: {wait_event}"] += 1
+                elif wait_type:
+                    self.result.waits[f"{wait_type}: {wait_event}"] += 1
+
+
+# ------------------------------------------------------------------------------------ one round
+
+
+def plan_synthetic_run(
+    database_url: str, storage_url: str, endpoint_url: str | None, n_images: int, shape: Shape, tmp: Path
+) -> Any:
+    """Plan a run as `camaudit run` would (real rows for run, shards and items); the sources
+    are never read, since no model runs."""
+    from scheduler.plan import plan_run
+    from schema.payloads import RunSpec
+    from schema.settings import Settings
+
+    manifest = tmp / f"manifest-{uuid.uuid4().hex[:8]}.jsonl"
+    with manifest.open("w") as f:
+        for i in range(n_images):
+            f.write(json.dumps({"uri": f"images/{i:08d}.jpg"}) + "\n")
+    settings = Settings(
+        database_url=database_url, storage_url=storage_url, s3_endpoint_url=endpoint_url, device="cpu"
+    )
+    spec = RunSpec(
+        source=str(manifest),
+        model="demo",
+        methods=list(shape.methods),
+        top_patches=shape.top_patches,
+        shard_size=shape.images,
+        name="scale bench",
+    )
+    return plan_run(spec, settings)
+
+
+def run_round(
+    database_url: str,
+    storage_url: str,
+    endpoint_url: str | None,
+    processes: int,
+    shards_per_process: int,
+    shape: Shape = Shape(),
+    *,
+    s3_pid: int | None = None,
+    upload_workers: int = 16,
+    tmp: Path | None = None,
+) -> RoundResult:
+    """Plan one run of ``processes * shards_per_process`` shards and commit them from N processes."""
+    from schema.db import dispose_engines, session_scope
+    from schema.models import Run
+
+    with tempfile.TemporaryDirectory() as scratch:
+        planned = plan_synthetic_run(
+            database_url,
+            storage_url,
+            endpoint_url,
+            processes * shards_per_process * shape.images,
+            shape,
+            tmp or Path(scratch),
+        )
+    # Forked, so the workers start at once with everything imported; the parent's pooled
+    # connections are closed first, and the workers run no torch code (the maps are made here).
+    dispose_engines()
+    maps = synthetic_maps(shape, seed=0)
+    ctx = mp.get_context("fork")
+    ready = ctx.Barrier(processes + 1)
+    go = ctx.Barrier(processes + 1)
+    out = ctx.Queue()
+    children = [
+        ctx.Process(
+            target=_worker,
+            args=(
+                WorkerArgs(
+                    index=p,
+                    database_url=database_url,
+                    storage_url=storage_url,
+                    endpoint_url=endpoint_url,
+                    run_id=planned.run_id,
+                    shard_ids=planned.shard_ids[p::processes],
+                    shape=shape,
+                    upload_workers=upload_workers,
+                    maps=maps,
+                ),
+                ready,
+                go,
+                out,
+            ),
+            daemon=True,
+        )
+        for p in range(processes)
+    ]
+    for child in children:
+        child.start()
+    try:
+        ready.wait(timeout=600)
+        load = os.getloadavg()
+        with Sampler(database_url, s3_pid) as sampler:
+            go.wait(timeout=60)
+            started = time.monotonic()
+            results: dict[int, list[ShardTiming]] = {}
+            while len(results) < processes:
+                index, got = out.get(timeout=900)
+                if isinstance(got, str):
+                    raise RuntimeError(f"worker {index} failed: {got}")
+                results[index] = got
+            wall = time.monotonic() - started
+    finally:
+        for child in children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.terminate()
+    with session_scope(database_url) as session:
+        run = session.get(Run, planned.run_id)
+        assert run is not None
+        status = run.status
+    return RoundResult(
+        processes=processes,
+        run_id=planned.run_id,
+        shards=len(planned.shard_ids),
+        wall_s=wall,
+        timings=[t for index in sorted(results) for t in results[index]],
+        sampled=sampler.result,
+        run_status=status,
+        load=load,
+    )
+
+
+# ------------------------------------------------------------------------------------ servers
+
+
+@contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    name = f"camaudit_scale_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        from schema.db import dispose_engines
+
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def s3_server(rtt_ms: float) -> Iterator[tuple[str, int | None]]:
+    """A moto S3 server (its pid, for its CPU time), behind a delaying proxy when ``rtt_ms``."""
+    from tests.plugins.s3 import DUMMY_AWS_ENV, MotoServer, TcpProxy
+
+    os.environ.update(DUMMY_AWS_ENV)
+    with MotoServer() as server:
+        pid = server._process.pid if server._process else None
+        if not rtt_ms:
+            yield server.url, pid
+            return
+        upstream = urlsplit(server.url)
+        with TcpProxy(
+            upstream.hostname or "127.0.0.1", upstream.port or 80, one_way_delay_s=rtt_ms / 2000
+        ) as proxy:
+            yield proxy.url, pid
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def flattening(results: list[RoundResult]) -> str:
+    """The first N whose doubling gained less than a quarter, and what its backends waited on."""
+    for before, after in itertools.pairwise(results):
+        gain = after.commits_per_s / before.commits_per_s
+        if gain < 1.25:
+            waits = after.sampled.waits.most_common(3)
+            shown = ", ".join(f"{what} {n / after.sampled.samples:.2f}" for what, n in waits) or "nothing"
+            return (
+                f"flattens between N={before.processes} and N={after.processes} "
+                f"(x{gain:.2f} commits/s); mean backends waiting at N={after.processes}: {shown}"
+            )
+    return "no flattening up to N=" + str(results[-1].processes)
+
+
+def report(results: list[RoundResult], describe: str) -> None:
+    base = results[0]
+    print(f"\n{describe}")
+    head = (
+        f"{'N':>2} {'shards':>6} {'wall s':>7} {'commits/s':>9} {'rows/s':>8} {'objects/s':>9} {'MB/s':>6} "
+        f"{'x N=1':>6} {'claim ms':>8} {'upload ms':>9} {'commit ms':>9} {'lock wait':>9} {'lock hold':>9} "
+        f"{'PG cpu ms':>9} {'S3 cpu ms':>9} {'WAL MB':>7} {'deadlk':>6} {'load':>5}"
+    )
+    print(head)
+    for r in results:
+        per = 1000 / r.shards
+        print(
+            f"{r.processes:>2} {r.shards:>6} {r.wall_s:>7.2f} {r.commits_per_s:>9.2f} {r.rows_per_s:>8.0f} "
+            f"{r.objects_per_s:>9.1f} {r.mb_per_s:>6.1f} {r.commits_per_s / base.commits_per_s:>6.2f} "
+            f"{r.mean_ms('claim_s'):>8.1f} {r.mean_ms('upload_s'):>9.1f} {r.mean_ms('commit_s'):>9.1f} "
+            f"{r.mean_ms('lock_wait_s'):>9.1f} {r.mean_ms('lock_hold_s'):>9.1f} "
+            f"{r.sampled.pg_cpu_s * per:>9.1f} {r.sampled.s3_cpu_s * per:>9.1f} "
+            f"{r.sampled.wal_bytes / r.shards / 1e6:>7.2f} {int(r.total('deadlocks')):>6} {r.load[0]:>5.1f}"
+        )
+    print("per shard: claim/upload/commit/lock/CPU ms are means; WAL is cluster-wide per shard")
+    for r in results:
+        waits = ", ".join(
+            f"{what} {n / max(1, r.sampled.samples):.2f}" for what, n in r.sampled.waits.most_common(5)
+        )
+        active = r.sampled.active / max(1, r.sampled.samples)
+        print(f"N={r.processes}: mean active backends {active:.2f}; waiting on: {waits or 'nothing'}")
+    print(flattening(results))
+
+
+def best(rounds: list[RoundResult]) -> RoundResult:
+    return max(rounds, key=lambda r: r.commits_per_s)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", default="1,2,4,8", help="comma-separated worker counts")
+    parser.add_argument("--shards", type=int, default=4, help="shards per process per round")
+    parser.add_argument("--images", type=int, default=256, help="images per shard")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per N; the best counts")
+    parser.add_argument(
+        "--rtt-ms", type=float, default=0.0, help="round trip the proxy adds to S3 (0: direct)"
+    )
+    parser.add_argument(
+        "--upload-workers", type=int, default=16, help="upload threads per worker (S3 default)"
+    )
+    parser.add_argument(
+        "--admin-url", default=DEFAULT_ADMIN_URL, help="a PostgreSQL database to create one in"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    counts = [int(n) for n in args.processes.split(",")]
+    shape = Shape(images=args.images)
+    maps = synthetic_maps(shape, seed=0)
+    png = sum(map(len, maps.png)) / len(maps.png)
+    npy = sum(map(len, maps.npy)) / len(maps.npy)
+    print(
+        f"one map: PNG {png:.0f} B ({shape.map_side} px) + npy {npy:.0f} B "
+        f"({shape.raw_side} x {shape.raw_side} "
+        f"float16); one shard: {shape.images} images x {len(shape.methods)} methods, top-{shape.top_patches} "
+        f"patches, {len(shape.methods)} tars of ~{shape.images * (png + npy + 1024) / 1e6:.2f} MB"
+    )
+    with s3_server(args.rtt_ms) as (endpoint, s3_pid), fresh_database(args.admin_url) as database_url:
+        storage_url = f"s3://{BUCKET}/scale"
+        results = []
+        for n in counts:
+            rounds = []
+            for _ in range(args.rounds):
+                r = run_round(
+                    database_url,
+                    storage_url,
+                    endpoint,
+                    n,
+                    args.shards,
+                    shape,
+                    s3_pid=s3_pid,
+                    upload_workers=args.upload_workers,
+                )
+                if r.run_status != "finished":
+                    print(f"run {r.run_id} ended {r.run_status}, not finished", file=sys.stderr)
+                    return 1
+                print(
+                    f"  N={n}: {r.commits_per_s:.2f} commits/s, {r.rows_per_s:.0f} rows/s "
+                    f"(load {r.load[0]:.1f})",
+                    flush=True,
+                )
+                rounds.append(r)
+            results.append(best(rounds))
+        where = f"moto S3 behind a {args.rtt_ms:g} ms RTT proxy" if args.rtt_ms else "moto S3, direct"
+        report(
+            results,
+            f"PostgreSQL {make_url(database_url).host}:{make_url(database_url).port}, {where}; "
+            f"best of {args.rounds} rounds",
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
