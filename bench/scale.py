@@ -35,6 +35,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
 import tarfile
 import tempfile
@@ -411,7 +412,9 @@ def _work(args: WorkerArgs, ready: Any, go: Any) -> list[ShardTiming]:
 def _classify(query: str) -> str:
     """Which statement of the commit path a waiting backend is in."""
     q = " ".join(query.split()).lower()
-    if q.startswith("select runs.") and "for update" in q:
+    if q.startswith("select runs.") and (
+        "for update" in q or "for no key update" in q or "for key share" in q
+    ):
         return "run row lock"
     if "insert into heatmaps" in q or "insert into patch_scores" in q:
         return "insert (FK key-share on run)"
@@ -528,9 +531,16 @@ def run_round(
     *,
     s3_pid: int | None = None,
     upload_workers: int = 16,
+    prior_shards: int = 0,
+    time_limit_s: float = 900.0,
     tmp: Path | None = None,
 ) -> RoundResult:
-    """Plan one run of ``processes * shards_per_process`` shards and commit them from N processes."""
+    """Plan one run of ``processes * shards_per_process`` shards and commit them from N processes.
+
+    ``prior_shards`` more shards of the run are recorded as done already (rows of the shards
+    table only): the state late in a long night, when every commit's run row has that many
+    shards under it. A round still running after ``time_limit_s`` raises :class:`RoundStalled`.
+    """
     from schema.db import dispose_engines, session_scope
     from schema.models import Run
 
@@ -543,6 +553,8 @@ def run_round(
             shape,
             tmp or Path(scratch),
         )
+    if prior_shards:
+        add_done_shards(database_url, planned.run_id, prior_shards, shape.images)
     # Forked, so the workers start at once with everything imported; the parent's pooled
     # connections are closed first, and the workers run no torch code (the maps are made here).
     dispose_engines()
@@ -576,6 +588,7 @@ def run_round(
     ]
     for child in children:
         child.start()
+    started = time.monotonic()
     try:
         ready.wait(timeout=600)
         load = os.getloadavg()
@@ -584,16 +597,20 @@ def run_round(
             started = time.monotonic()
             results: dict[int, list[ShardTiming]] = {}
             while len(results) < processes:
-                index, got = out.get(timeout=900)
+                try:
+                    index, got = out.get(timeout=max(0.1, started + time_limit_s - time.monotonic()))
+                except queue.Empty:
+                    raise RoundStalled(stalled(database_url, planned.run_id, time_limit_s)) from None
                 if isinstance(got, str):
                     raise RuntimeError(f"worker {index} failed: {got}")
                 results[index] = got
             wall = time.monotonic() - started
     finally:
         for child in children:
-            child.join(timeout=60)
+            child.join(timeout=0 if time.monotonic() > started + time_limit_s else 60)
             if child.is_alive():
                 child.terminate()
+                child.join(timeout=30)
     with session_scope(database_url) as session:
         run = session.get(Run, planned.run_id)
         assert run is not None
@@ -608,6 +625,61 @@ def run_round(
         run_status=status,
         load=load,
     )
+
+
+class RoundStalled(RuntimeError):
+    """The workers did not commit every shard in time; the message says how far they got."""
+
+
+def stalled(database_url: str, run_id: str, time_limit_s: float) -> str:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            done, total = conn.execute(
+                text(
+                    "select count(*) filter (where status = 'done'), count(*) from shards where run_id = :r"
+                ),
+                {"r": run_id},
+            ).one()
+            deadlocks = conn.execute(
+                text("select deadlocks from pg_stat_database where datname = current_database()")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    return (
+        f"stalled: {done} of {total} shards committed after {time_limit_s:g} s; "
+        f"{deadlocks} deadlocks in this database so far"
+    )
+
+
+def add_done_shards(database_url: str, run_id: str, count: int, images: int) -> None:
+    """Shards (and their counts on the run) as if ``count`` shards had committed before."""
+    from sqlalchemy import func, insert, select
+
+    from schema.db import session_scope
+    from schema.models import Run, Shard, ShardStatus
+
+    with session_scope(database_url) as session:
+        run = session.get(Run, run_id)
+        assert run is not None
+        first = session.execute(select(func.max(Shard.index)).where(Shard.run_id == run_id)).scalar_one() + 1
+        for start in range(0, count, 5000):
+            session.execute(
+                insert(Shard),
+                [
+                    {
+                        "run_id": run_id,
+                        "index": first + i,
+                        "status": ShardStatus.DONE,
+                        "n_items": images,
+                        "n_done": images,
+                        "attempts": 1,
+                    }
+                    for i in range(start, min(count, start + 5000))
+                ],
+            )
+        run.n_shards += count
+        run.n_items += count * images
 
 
 # ------------------------------------------------------------------------------------ servers
@@ -694,6 +766,23 @@ def report(results: list[RoundResult], describe: str) -> None:
     print(flattening(results))
 
 
+def table_sizes(database_url: str) -> list[tuple[str, int, int]]:
+    """(table, rows, bytes with indexes and TOAST) of the tables a shard commit writes."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return [
+                (
+                    table,
+                    int(conn.execute(text(f"select count(*) from {table}")).scalar_one()),
+                    int(conn.execute(text(f"select pg_total_relation_size('{table}')")).scalar_one()),
+                )
+                for table in ("items", "heatmaps", "patch_scores", "shards")
+            ]
+    finally:
+        engine.dispose()
+
+
 def best(rounds: list[RoundResult]) -> RoundResult:
     return max(rounds, key=lambda r: r.commits_per_s)
 
@@ -710,6 +799,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--upload-workers", type=int, default=16, help="upload threads per worker (S3 default)"
     )
+    parser.add_argument("--time-limit", type=float, default=600, help="seconds a round may take")
+    parser.add_argument(
+        "--prior-shards",
+        type=int,
+        default=0,
+        help="shards of the run recorded as done before (39063: 10M images)",
+    )
     parser.add_argument(
         "--admin-url", default=DEFAULT_ADMIN_URL, help="a PostgreSQL database to create one in"
     )
@@ -723,11 +819,22 @@ def main(argv: list[str] | None = None) -> int:
     maps = synthetic_maps(shape, seed=0)
     png = sum(map(len, maps.png)) / len(maps.png)
     npy = sum(map(len, maps.npy)) / len(maps.npy)
+    distinct = len(maps.png)
+    tar_bytes = len(
+        pack_tar(
+            [
+                (f"{member_name(i, 0)}.{ext}", data)
+                for i in range(shape.images)
+                for ext, data in (("png", maps.png[i % distinct]), ("npy", maps.npy[i % distinct]))
+            ]
+        )
+    )
     print(
         f"one map: PNG {png:.0f} B ({shape.map_side} px) + npy {npy:.0f} B "
         f"({shape.raw_side} x {shape.raw_side} "
         f"float16); one shard: {shape.images} images x {len(shape.methods)} methods, top-{shape.top_patches} "
-        f"patches, {len(shape.methods)} tars of ~{shape.images * (png + npy + 1024) / 1e6:.2f} MB"
+        f"patches, {len(shape.methods)} tars of {tar_bytes / 1e6:.2f} MB "
+        f"({tar_bytes / shape.images:.0f} B per map)"
     )
     with s3_server(args.rtt_ms) as (endpoint, s3_pid), fresh_database(args.admin_url) as database_url:
         storage_url = f"s3://{BUCKET}/scale"
@@ -735,16 +842,22 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             rounds = []
             for _ in range(args.rounds):
-                r = run_round(
-                    database_url,
-                    storage_url,
-                    endpoint,
-                    n,
-                    args.shards,
-                    shape,
-                    s3_pid=s3_pid,
-                    upload_workers=args.upload_workers,
-                )
+                try:
+                    r = run_round(
+                        database_url,
+                        storage_url,
+                        endpoint,
+                        n,
+                        args.shards,
+                        shape,
+                        s3_pid=s3_pid,
+                        upload_workers=args.upload_workers,
+                        prior_shards=args.prior_shards,
+                        time_limit_s=args.time_limit,
+                    )
+                except RoundStalled as exc:
+                    print(f"  N={n}: {exc}", flush=True)
+                    break
                 if r.run_status != "finished":
                     print(f"run {r.run_id} ended {r.run_status}, not finished", file=sys.stderr)
                     return 1
@@ -754,13 +867,22 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 rounds.append(r)
+            if not rounds:
+                break  # more workers would stall as well
             results.append(best(rounds))
         where = f"moto S3 behind a {args.rtt_ms:g} ms RTT proxy" if args.rtt_ms else "moto S3, direct"
+        if not results:
+            return 1
         report(
             results,
             f"PostgreSQL {make_url(database_url).host}:{make_url(database_url).port}, {where}; "
-            f"best of {args.rounds} rounds",
+            f"best of {args.rounds} rounds"
+            + (f"; {args.prior_shards} shards of each run done before" if args.prior_shards else ""),
         )
+        for table, rows, size in table_sizes(database_url):
+            print(
+                f"{table}: {rows} rows, {size / 1e6:.1f} MB with indexes, {size / max(1, rows):.0f} B per row"
+            )
     return 0
 
 

@@ -170,6 +170,34 @@ def lock_run_row(run_id: str) -> Select[tuple[Run]]:
     return select(Run).where(Run.id == run_id).with_for_update(key_share=True)
 
 
+def _run_for_claim(session: Session, run_id: str, shard_id: int) -> tuple[Run | None, bool]:
+    """The run row for a claim, and whether it is locked to be changed (``FOR NO KEY UPDATE``).
+
+    Most claims only read the run: a ``FOR KEY SHARE`` lock keeps gc (``FOR UPDATE``) from
+    marking it deleting meanwhile, and neither waits for other claims nor for commits holding
+    the run row (bench/scale.py: at eight workers, claims spent most of their time there). The
+    first claims of a pending run and a claim taking over an expired lease change the run, and
+    lock it so before the shard, in the order commits take them.
+    """
+    readable = select(Run).where(Run.id == run_id).with_for_update(read=True, key_share=True)
+    run = session.execute(readable).scalar_one_or_none()
+    if run is None:
+        return None, False
+    lease = session.execute(
+        select(Shard.status, Shard.lease_expires_at).where(Shard.id == shard_id)
+    ).one_or_none()
+    expired = (
+        lease is not None
+        and lease.status == ShardStatus.RUNNING
+        and lease.lease_expires_at is not None
+        and aware(lease.lease_expires_at) <= db_now(session)
+    )
+    if run.status != RunStatus.PENDING and not expired:
+        return run, False
+    locked = lock_run_row(run_id).execution_options(populate_existing=True)
+    return session.execute(locked).scalar_one(), True
+
+
 def _lock_shard(session: Session, shard_id: int) -> Shard | None:
     return session.execute(
         select(Shard).where(Shard.id == shard_id).with_for_update().execution_options(populate_existing=True)
@@ -217,7 +245,7 @@ def claim_shard(
     settings = settings or get_settings()
     me = worker or worker_name()
     with session_scope(database_url) as session:
-        run = session.execute(lock_run_row(run_id)).scalar_one_or_none()
+        run, run_locked = _run_for_claim(session, run_id, shard_id)
         shard = _lock_shard(session, shard_id)
         if shard is None or run is None or shard.run_id != run_id:
             raise LookupError(
@@ -236,6 +264,10 @@ def claim_shard(
             if expires > now and shard.worker != me:
                 holder = f"attempt {shard.attempts} holds it on {shard.worker} until {expires:%H:%M:%S}"
                 return ShardOutcome(run_id, shard.index, "skipped", reason=holder)
+            if expires <= now and not run_locked:
+                # It ran out after _run_for_claim looked; the lease sweep records the loss.
+                reason = f"the lease of attempt {shard.attempts} ran out just now; it is enqueued again"
+                return ShardOutcome(run_id, shard.index, "skipped", reason=reason)
             if expires <= now:
                 run_status = note_lost_lease(session, run, shard, now, settings.max_lost_leases)
                 if shard.status == ShardStatus.FAILED:
