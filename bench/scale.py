@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -724,17 +723,19 @@ def s3_server(rtt_ms: float) -> Iterator[tuple[str, int | None]]:
 
 
 def flattening(results: list[RoundResult]) -> str:
-    """The first N whose doubling gained less than a quarter, and what its backends waited on."""
-    for before, after in itertools.pairwise(results):
-        gain = after.commits_per_s / before.commits_per_s
-        if gain < 1.25:
-            waits = after.sampled.waits.most_common(3)
-            shown = ", ".join(f"{what} {n / after.sampled.samples:.2f}" for what, n in waits) or "nothing"
+    """The first N at which the workers get less than half of N times one worker's commits/s
+    (parallel efficiency below 0.5), and what the backends waited on there."""
+    base = results[0].commits_per_s
+    for r in results[1:]:
+        efficiency = r.commits_per_s / (r.processes * base)
+        if efficiency < 0.5:
+            waits = r.sampled.waits.most_common(3)
+            shown = ", ".join(f"{what} {n / max(1, r.sampled.samples):.2f}" for what, n in waits) or "nothing"
             return (
-                f"flattens between N={before.processes} and N={after.processes} "
-                f"(x{gain:.2f} commits/s); mean backends waiting at N={after.processes}: {shown}"
+                f"flattens at N={r.processes}: x{r.commits_per_s / base:.2f} of N=1's commits/s "
+                f"(efficiency {efficiency:.2f}); mean backends waiting there: {shown}"
             )
-    return "no flattening up to N=" + str(results[-1].processes)
+    return f"no flattening up to N={results[-1].processes} (efficiency stays >= 0.5)"
 
 
 def report(results: list[RoundResult], describe: str) -> None:
