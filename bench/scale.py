@@ -21,9 +21,12 @@ count too).
     python bench/scale.py                              # N = 1, 2, 4, 8; moto S3, direct
     python bench/scale.py --rtt-ms 20                  # moto behind a proxy adding 20 ms RTT
     python bench/scale.py --processes 1,2 --shards 2   # smaller
+    python bench/scale.py --prior-shards 39063         # late in a 10-million-image run
     python bench/scale.py --admin-url postgresql+psycopg://postgres@127.0.0.1:55432/test
 
 It creates a database of its own on the server of ``--admin-url`` and drops it afterwards.
+A round that has not committed every shard after ``--time-limit`` seconds is reported as
+stalled (how many shards committed, how many deadlocks) and the larger N are skipped.
 Figures and their reading: docs/SCALING.md.
 """
 
