@@ -419,7 +419,7 @@ def _classify(query: str) -> str:
     ):
         return "run row lock"
     if "insert into heatmaps" in q or "insert into patch_scores" in q:
-        return "insert (FK key-share on run)"
+        return "insert into heatmaps or patch_scores"
     if q.startswith("update items") or "update items" in q:
         return "items update"
     if q.startswith("select shards.") and "for update" in q:
