@@ -156,7 +156,7 @@ def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int,
 
 
 def lock_run_row(run_id: str) -> Select[tuple[Run]]:
-    """The run row, locked ``FOR NO KEY UPDATE``: what claims, commits and sweeps take on it.
+    """The run row, locked ``FOR NO KEY UPDATE``: what commits, sweeps and claims changing it take.
 
     Every shard commit inserts heatmaps whose foreign key takes a ``KEY SHARE`` lock on this
     row first, and only then locks the row to update its counters. A plain ``FOR UPDATE``
