@@ -33,21 +33,18 @@ Figures and their reading: docs/SCALING.md.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
 import os
 import queue
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -56,29 +53,27 @@ from urllib.parse import urlsplit
 # Run as a script from a checkout: the test plugin provides the moto server and the proxy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import psycopg
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from bench.scale_sampler import Sampled, Sampler
+from bench.scale_shard import (
+    BuiltShard,
+    Shape,
+    SyntheticMaps,
+    build_shard,
+    member_name,
+    pack_tar,
+    rows_of,
+    synthetic_maps,
+)
+
 DEFAULT_ADMIN_URL = os.environ.get(
     "CAMAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:55432/test"
 )
 BUCKET = "camaudit-scale"
-SAMPLE_S = 0.01
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What one shard writes: its images, methods, top patches, and the size of every map."""
-
-    images: int = 256
-    methods: tuple[str, ...] = ("gradcam", "cam")
-    top_patches: int = 5
-    map_side: int = 224  # the normalised PNG, at input resolution
-    raw_side: int = 7  # the raw map: a ResNet's last stage at 224 px
-    distinct_maps: int = 32  # real encodings, reused across the shard's images
 
 
 @dataclass
@@ -93,18 +88,6 @@ class ShardTiming:
     bytes: int = 0
     put_s: float = 0.0  # summed over the upload threads
     deadlocks: int = 0  # commits PostgreSQL aborted as deadlocked, then tried again
-
-
-@dataclass
-class Sampled:
-    """What the bench's PostgreSQL backends were doing, every ``SAMPLE_S``."""
-
-    samples: int = 0
-    active: int = 0  # backend-samples running a statement
-    waits: Counter[str] = field(default_factory=Counter)  # backend-samples waiting, by what
-    pg_cpu_s: float = 0.0
-    s3_cpu_s: float = 0.0
-    wal_bytes: int = 0
 
 
 @dataclass
@@ -139,141 +122,6 @@ class RoundResult:
     @property
     def mb_per_s(self) -> float:
         return self.total("bytes") / self.wall_s / 1e6
-
-
-# ---------------------------------------------------------------------------------- synthetic maps
-
-
-@dataclass(frozen=True)
-class SyntheticMaps:
-    """Real encodings of CAM-like maps: what the encoders of a worker would have produced."""
-
-    png: list[bytes]
-    npy: list[bytes]
-    sha256: list[str]
-    maps_u8: np.ndarray  # [distinct, H, W]
-    raw16: np.ndarray  # [distinct, h, w]
-
-
-def synthetic_maps(shape: Shape, seed: int) -> SyntheticMaps:
-    """Raw maps as a CAM leaves them (non-negative, low resolution), upsampled bilinearly."""
-    import hashlib
-
-    import torch
-    import torch.nn.functional as F
-
-    from workers.heatmap_io import encode_npy, encode_png_gray, to_uint8
-
-    generator = torch.Generator().manual_seed(seed)
-    raw = torch.relu(torch.randn(shape.distinct_maps, 1, shape.raw_side, shape.raw_side, generator=generator))
-    up = F.interpolate(raw, size=(shape.map_side, shape.map_side), mode="bilinear", align_corners=False)[:, 0]
-    lo = up.amin(dim=(1, 2), keepdim=True)
-    hi = up.amax(dim=(1, 2), keepdim=True)
-    maps_u8 = to_uint8((up - lo) / (hi - lo).clamp_min(1e-6)).numpy()
-    raw16 = raw[:, 0].to(torch.float16).numpy()
-    png = [encode_png_gray(m) for m in maps_u8]
-    npy = [encode_npy(r) for r in raw16]
-    return SyntheticMaps(png, npy, [hashlib.sha256(p).hexdigest() for p in png], maps_u8, raw16)
-
-
-def packed_key(run_id: str, method: str, layer: str, shard_index: int) -> str:
-    """One object per (shard, method, layer), overwritten under the same key by a retried shard."""
-    return f"runs/{run_id}/{method}/{layer}/shard-{shard_index:06d}.tar"
-
-
-def member_name(item_id: int, target: int) -> str:
-    """A WebDataset sample key: everything up to the first dot groups a map's PNG and npy."""
-    return f"{item_id:012d}_{target}"
-
-
-def pack_tar(members: list[tuple[str, bytes]]) -> bytes:
-    """A plain ustar archive (no compression, fixed times): ``tar tf`` lists the maps."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-@dataclass
-class BuiltShard:
-    rows: Any  # workers.shard_rows.ShardRows
-    objects: list[tuple[str, bytes]]
-
-
-def build_shard(work: Any, shape: Shape, maps: SyntheticMaps, seed: int) -> BuiltShard:
-    """The rows and packed objects one shard commits, from the worker's own row builders."""
-    from workers.preprocess import ImageTransform
-    from workers.shard_rows import (
-        MapLayout,
-        MapStatistics,
-        ShardRows,
-        heatmap_rows,
-        patch_rows,
-        prediction_rows_of,
-    )
-
-    rng = np.random.default_rng(seed)
-    n = len(work.items)
-    pick = rng.integers(0, len(maps.png), size=n)
-    side = shape.map_side
-    transform = ImageTransform(source=(side, side), resized=(side, side), offset=(0, 0), input=(side, side))
-    n_classes = len(work.class_names) if work.class_names else 1000
-    top_c = [list(map(int, rng.choice(n_classes, size=5, replace=False))) for _ in range(n)]
-    probs = np.sort(rng.dirichlet(np.ones(n_classes) * 0.1, size=n)[:, :5], axis=1)[:, ::-1]
-    batch = [(item, SimpleNamespace(width=side, height=side, transform=transform)) for item in work.items]
-    rows = ShardRows(items=prediction_rows_of(work, batch, probs.tolist(), top_c))
-    layout = MapLayout(
-        item_ids=[item.id for item in work.items],
-        targets=[c[0] for c in top_c],
-        scores=[float(p[0]) for p in probs],
-        transforms=[transform] * n,
-        boxes=[None] * n,
-    )
-    grid = 224 // 32
-    k = shape.top_patches
-    cells = np.stack([rng.choice(grid * grid, size=k, replace=False) for _ in range(n)])
-    scores = np.sort(rng.random((n, k)), axis=1)[:, ::-1]
-    stats = MapStatistics(
-        maps_u8=maps.maps_u8[pick],
-        raw16=maps.raw16[pick],
-        raw_max=maps.raw16[pick].max(axis=(1, 2)).astype(float).tolist(),
-        raw_mean=maps.raw16[pick].mean(axis=(1, 2), dtype=np.float64).tolist(),
-        map_mean=(maps.maps_u8[pick].mean(axis=(1, 2)) / 255).tolist(),
-        patch_scores=scores.tolist(),
-        patch_rows=(cells // grid).tolist(),
-        patch_cols=(cells % grid).tolist(),
-        patch_boxes=[
-            [
-                [int(c % grid) * 32, int(c // grid) * 32, int(c % grid) * 32 + 32, int(c // grid) * 32 + 32]
-                for c in row
-            ]
-            for row in cells
-        ],
-        patch_total=(scores.sum(axis=1) * 4).tolist(),
-    )
-    objects = []
-    for method in work.methods:
-        for layer in work.layers:
-            key = packed_key(work.run_id, method, layer, work.shard_index)
-            members: list[tuple[str, bytes]] = []
-            for item_id, target, m in zip(layout.item_ids, layout.targets, pick, strict=True):
-                name = member_name(item_id, target)
-                members += [(f"{name}.png", maps.png[m]), (f"{name}.npy", maps.npy[m])]
-            objects.append((key, pack_tar(members)))
-            heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, [(key, key)] * n)
-            for row, m in zip(heatmaps, pick, strict=True):
-                row["sha256"] = maps.sha256[m]
-            rows.heatmaps.extend(heatmaps)
-            rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
-    return BuiltShard(rows, objects)
-
-
-def rows_of(rows: Any) -> int:
-    return len(rows.items) + len(rows.heatmaps) + len(rows.patches)
 
 
 # ------------------------------------------------------------------------------------ one worker
@@ -406,91 +254,6 @@ def _work(args: WorkerArgs, ready: Any, go: Any) -> list[ShardTiming]:
         current.bytes = sum(len(data) for _, data in built.objects)
         timings.append(current)
     return timings
-
-
-# --------------------------------------------------------------------------------------- sampler
-
-
-def _classify(query: str) -> str:
-    """Which statement of the commit path a waiting backend is in."""
-    q = " ".join(query.split()).lower()
-    if q.startswith("select runs.") and (
-        "for update" in q or "for no key update" in q or "for key share" in q
-    ):
-        return "run row lock"
-    if "insert into heatmaps" in q or "insert into patch_scores" in q:
-        return "insert into heatmaps or patch_scores"
-    if q.startswith("update items") or "update items" in q:
-        return "items update"
-    if q.startswith("select shards.") and "for update" in q:
-        return "shard row lock"
-    if q.startswith("commit"):
-        return "commit"
-    return "other"
-
-
-def _cpu_s(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Sampler:
-    """Samples the bench database's backends from a thread: waits, CPU, and the S3 server's CPU."""
-
-    def __init__(self, database_url: str, s3_pid: int | None) -> None:
-        url = make_url(database_url)
-        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self._s3_pid = s3_pid
-        self.result = Sampled()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pg-sampler", daemon=True)
-        self._first_cpu: dict[int, float] = {}
-        self._last_cpu: dict[int, float] = {}
-
-    def __enter__(self) -> Sampler:
-        self._conn = psycopg.connect(self._dsn, autocommit=True)
-        self._lsn = self._conn.execute("select pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
-        self._s3_start = _cpu_s(self._s3_pid) if self._s3_pid else None
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        got = self._conn.execute(
-            "select pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (self._lsn,)
-        ).fetchone()
-        self.result.wal_bytes = int(got[0]) if got else 0
-        self._conn.close()
-        self.result.pg_cpu_s = sum(self._last_cpu[p] - self._first_cpu[p] for p in self._last_cpu)
-        if self._s3_pid and self._s3_start is not None:
-            self.result.s3_cpu_s = (_cpu_s(self._s3_pid) or self._s3_start) - self._s3_start
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            rows = self._conn.execute(
-                "select pid, state, wait_event_type, wait_event, query from pg_stat_activity "
-                "where datname = current_database() and pid <> pg_backend_pid() "
-                "and backend_type = 'client backend'"
-            ).fetchall()
-            self.result.samples += 1
-            for pid, state, wait_type, wait_event, query in rows:
-                cpu = _cpu_s(pid)
-                if cpu is not None:
-                    self._first_cpu.setdefault(pid, cpu)
-                    self._last_cpu[pid] = cpu
-                if state != "active":
-                    continue
-                self.result.active += 1
-                if wait_type == "Lock":
-                    self.result.waits[f"lock: {_classify(query or '')}"] += 1
-                elif wait_type in ("IO", "LWLock") and wait_event and "WAL" in wait_event.upper():
-                    self.result.waits[f"WAL: {wait_event}"] += 1
-                elif wait_type:
-                    self.result.waits[f"{wait_type}: {wait_event}"] += 1
 
 
 # ------------------------------------------------------------------------------------ one round
