@@ -22,7 +22,7 @@ from scheduler.exports.masks import instances, rle_encode
 from schema.db import session_scope
 from schema.models import Heatmap, Item, Run
 from tests.test_drift import cli_run
-from workers.heatmap_io import decode_png_gray, encode_png_gray
+from workers.heatmap_io import encode_png_gray
 from workers.map_reads import read_map_png
 from workers.preprocess import Preprocess
 from workers.storage import open_storage

@@ -47,8 +47,9 @@ def _expired(now: object) -> list[object]:
     ]
 
 
-def _lock(session: Session, stmt: object) -> object:
-    return session.execute(stmt.with_for_update(skip_locked=True)).scalar_one_or_none()  # type: ignore[attr-defined]
+def _lock(session: Session, stmt: object, *, key_share: bool = False) -> object:
+    locked = stmt.with_for_update(skip_locked=True, key_share=key_share)  # type: ignore[attr-defined]
+    return session.execute(locked).scalar_one_or_none()
 
 
 def _reclaim_one(
@@ -59,7 +60,9 @@ def _reclaim_one(
     if run_id is None:
         return None
     # Run before shard, the order every writer of a shard's status takes them in.
-    run = _lock(session, select(Run).where(Run.id == run_id))
+    # NO KEY UPDATE, as claims and commits take it (workers/shard.py lock_run_row): a plain
+    # FOR UPDATE would skip the run whenever any shard commit's inserts hold a key-share lock.
+    run = _lock(session, select(Run).where(Run.id == run_id), key_share=True)
     fresh = select(Shard).where(Shard.id == shard_id).execution_options(populate_existing=True)
     shard = _lock(session, fresh)
     if not isinstance(run, Run) or not isinstance(shard, Shard) or run.status == RunStatus.DELETING:

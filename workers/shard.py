@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from schema.db import get_engine, session_scope
@@ -151,6 +151,49 @@ def worker_name(node: str | None = None) -> str:
     return f"{node or socket.gethostname()}:{os.getpid()}"
 
 
+def lock_run_row(run_id: str) -> Select[tuple[Run]]:
+    """The run row, locked ``FOR NO KEY UPDATE``: what commits, sweeps and claims changing it take.
+
+    Every shard commit inserts heatmaps whose foreign key takes a ``KEY SHARE`` lock on this
+    row first, and only then locks the row to update its counters. A plain ``FOR UPDATE``
+    conflicts with ``KEY SHARE``: two commits of one run at once each waited for the other's
+    key-share lock, and PostgreSQL aborted one of them as deadlocked (bench/scale.py at two
+    workers), while every other worker's inserts queued behind the one commit holding it.
+    ``NO KEY UPDATE`` still serialises the commits' counter updates with each other and with
+    gc (whose ``FOR UPDATE`` waits for every key-share holder), and leaves inserts alone.
+    SQLite has no row locks; there it changes nothing.
+    """
+    return select(Run).where(Run.id == run_id).with_for_update(key_share=True)
+
+
+def _run_for_claim(session: Session, run_id: str, shard_id: int) -> tuple[Run | None, bool]:
+    """The run row for a claim, and whether it is locked to be changed (``FOR NO KEY UPDATE``).
+
+    Most claims only read the run: a ``FOR KEY SHARE`` lock keeps gc (``FOR UPDATE``) from
+    marking it deleting meanwhile, and neither waits for other claims nor for commits holding
+    the run row (bench/scale.py: at eight workers, claims spent most of their time there). The
+    first claims of a pending run and a claim taking over an expired lease change the run, and
+    lock it so before the shard, in the order commits take them.
+    """
+    readable = select(Run).where(Run.id == run_id).with_for_update(read=True, key_share=True)
+    run = session.execute(readable).scalar_one_or_none()
+    if run is None:
+        return None, False
+    lease = session.execute(
+        select(Shard.status, Shard.lease_expires_at).where(Shard.id == shard_id)
+    ).one_or_none()
+    expired = (
+        lease is not None
+        and lease.status == ShardStatus.RUNNING
+        and lease.lease_expires_at is not None
+        and aware(lease.lease_expires_at) <= db_now(session)
+    )
+    if run.status != RunStatus.PENDING and not expired:
+        return run, False
+    locked = lock_run_row(run_id).execution_options(populate_existing=True)
+    return session.execute(locked).scalar_one(), True
+
+
 def _lock_shard(session: Session, shard_id: int) -> Shard | None:
     return session.execute(
         select(Shard).where(Shard.id == shard_id).with_for_update().execution_options(populate_existing=True)
@@ -198,7 +241,7 @@ def claim_shard(
     settings = settings or get_settings()
     me = worker or worker_name()
     with session_scope(database_url) as session:
-        run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one_or_none()
+        run, run_locked = _run_for_claim(session, run_id, shard_id)
         shard = _lock_shard(session, shard_id)
         if shard is None or run is None or shard.run_id != run_id:
             raise LookupError(
@@ -217,6 +260,10 @@ def claim_shard(
             if expires > now and shard.worker != me:
                 holder = f"attempt {shard.attempts} holds it on {shard.worker} until {expires:%H:%M:%S}"
                 return ShardOutcome(run_id, shard.index, "skipped", reason=holder)
+            if expires <= now and not run_locked:
+                # It ran out after _run_for_claim looked; the lease sweep records the loss.
+                reason = f"the lease of attempt {shard.attempts} ran out just now; it is enqueued again"
+                return ShardOutcome(run_id, shard.index, "skipped", reason=reason)
             if expires <= now:
                 run_status = note_lost_lease(session, run, shard, now, settings.max_lost_leases)
                 if shard.status == ShardStatus.FAILED:
@@ -836,8 +883,7 @@ def _refresh_run(session: Session, run: Run) -> str | None:
 
 
 def _lock_run(session: Session, run_id: str) -> Run:
-    run = session.execute(select(Run).where(Run.id == run_id).with_for_update()).scalar_one()
-    return run
+    return session.execute(lock_run_row(run_id)).scalar_one()
 
 
 def _check_holder(run: Run, shard: Shard, work: ShardWork) -> None:
