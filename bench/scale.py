@@ -64,11 +64,10 @@ from bench.scale_shard import (
     Shape,
     SyntheticMaps,
     build_shard,
-    member_name,
-    pack_tar,
     rows_of,
     synthetic_maps,
 )
+from workers.packing import build_tar, sample_key
 
 DEFAULT_ADMIN_URL = os.environ.get(
     "CAMAUDIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:55432/test"
@@ -588,13 +587,13 @@ def main(argv: list[str] | None = None) -> int:
     npy = sum(map(len, maps.npy)) / len(maps.npy)
     distinct = len(maps.png)
     tar_bytes = len(
-        pack_tar(
-            [
-                (f"{member_name(i, 0)}.{ext}", data)
+        build_tar(
+            {
+                f"{sample_key(i, 0)}.{ext}": data
                 for i in range(shape.images)
                 for ext, data in (("png", maps.png[i % distinct]), ("npy", maps.npy[i % distinct]))
-            ]
-        )
+            }
+        )[0]
     )
     print(
         f"one map: PNG {png:.0f} B ({shape.map_side} px) + npy {npy:.0f} B "

@@ -1,4 +1,4 @@
-"""The rows and packed objects of one synthetic shard, built with the worker's own row builders.
+"""The rows and packed objects of one synthetic shard, built with the worker's own row and tar builders.
 
 bench/scale.py commits these from many processes; the maps are real encodings
 (``workers/heatmap_io.py``) of CAM-like maps, so the bytes and rows have a real shard's size.
@@ -7,13 +7,13 @@ bench/scale.py commits these from many processes; the maps are real encodings
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from workers.packing import build_tar, packed_key, sample_key
 
 
 @dataclass(frozen=True)
@@ -56,28 +56,6 @@ def synthetic_maps(shape: Shape, seed: int) -> SyntheticMaps:
     png = [encode_png_gray(m) for m in maps_u8]
     npy = [encode_npy(r) for r in raw16]
     return SyntheticMaps(png, npy, [hashlib.sha256(p).hexdigest() for p in png], maps_u8, raw16)
-
-
-def packed_key(run_id: str, method: str, layer: str, shard_index: int) -> str:
-    """One object per (shard, method, layer), overwritten under the same key by a retried shard."""
-    return f"runs/{run_id}/{method}/{layer}/shard-{shard_index:06d}.tar"
-
-
-def member_name(item_id: int, target: int) -> str:
-    """A WebDataset sample key: everything up to the first dot groups a map's PNG and npy."""
-    return f"{item_id:012d}_{target}"
-
-
-def pack_tar(members: list[tuple[str, bytes]]) -> bytes:
-    """A plain ustar archive (no compression, fixed times): ``tar tf`` lists the maps."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 @dataclass
@@ -141,14 +119,18 @@ def build_shard(work: Any, shape: Shape, maps: SyntheticMaps, seed: int) -> Buil
     for method in work.methods:
         for layer in work.layers:
             key = packed_key(work.run_id, method, layer, work.shard_index)
-            members: list[tuple[str, bytes]] = []
+            members: dict[str, bytes] = {}
             for item_id, target, m in zip(layout.item_ids, layout.targets, pick, strict=True):
-                name = member_name(item_id, target)
-                members += [(f"{name}.png", maps.png[m]), (f"{name}.npy", maps.npy[m])]
-            objects.append((key, pack_tar(members)))
+                name = sample_key(item_id, target)
+                members[f"{name}.png"], members[f"{name}.npy"] = maps.png[m], maps.npy[m]
+            tar, spans = build_tar(members)
+            objects.append((key, tar))
             heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, [(key, key)] * n)
             for row, m in zip(heatmaps, pick, strict=True):
+                name = sample_key(row["item_id"], row["target_class"])
                 row["sha256"] = maps.sha256[m]
+                row["object_offset"], row["object_length"] = spans[f"{name}.png"]
+                row["raw_offset"], row["raw_length"] = spans[f"{name}.npy"]
             rows.heatmaps.extend(heatmaps)
             rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
     return BuiltShard(rows, objects)

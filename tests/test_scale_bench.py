@@ -13,9 +13,10 @@ from collections import Counter
 import boto3
 from sqlalchemy import create_engine, func, select
 
-from bench.scale import BUCKET, Shape, member_name, run_round
+from bench.scale import BUCKET, Shape, run_round
 from schema.models import Heatmap, Item, ItemStatus, PatchScore, Run, RunStatus, Shard, ShardStatus
 from workers.heatmap_io import decode_npy, decode_png_gray
+from workers.packing import sample_key
 
 SHAPE = Shape(images=6, top_patches=3, map_side=32, distinct_maps=4)
 
@@ -42,9 +43,15 @@ def test_two_workers_commit_every_row_and_object_they_count(postgres_url: str, s
         ).scalar_one()
         assert done == n_items
         maps = conn.execute(
-            select(Heatmap.object_key, Heatmap.item_id, Heatmap.target_class).where(
-                Heatmap.run_id == result.run_id
-            )
+            select(
+                Heatmap.object_key,
+                Heatmap.item_id,
+                Heatmap.target_class,
+                Heatmap.object_offset,
+                Heatmap.object_length,
+                Heatmap.raw_offset,
+                Heatmap.raw_length,
+            ).where(Heatmap.run_id == result.run_id)
         ).all()
         patches = conn.execute(select(func.count()).where(PatchScore.run_id == result.run_id)).scalar_one()
     engine.dispose()
@@ -53,19 +60,20 @@ def test_two_workers_commit_every_row_and_object_they_count(postgres_url: str, s
     client = boto3.client("s3", endpoint_url=s3_endpoint_url, region_name="us-east-1")
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"small/runs/{result.run_id}/")
     keys = {item["Key"].removeprefix("small/") for item in listed.get("Contents", [])}
-    per_object = Counter(key for key, _, _ in maps)
+    per_object = Counter(row[0] for row in maps)
     assert keys == set(per_object) and len(keys) == n_shards * len(SHAPE.methods)
     for key in keys:
         body = client.get_object(Bucket=BUCKET, Key=f"small/{key}")["Body"].read()
         with tarfile.open(fileobj=io.BytesIO(body)) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
         expected = {
-            f"{member_name(item, target)}.{ext}"
-            for object_key, item, target in maps
-            if object_key == key
-            for ext in ("png", "npy")
+            f"{sample_key(row[1], row[2])}.{ext}" for row in maps if row[0] == key for ext in ("png", "npy")
         }
         assert set(members) == expected
+        for _, item, target, png_at, png_len, npy_at, npy_len in (row for row in maps if row[0] == key):
+            # each row's byte ranges are exactly its members' bytes
+            assert body[png_at : png_at + png_len] == members[f"{sample_key(item, target)}.png"]
+            assert body[npy_at : npy_at + npy_len] == members[f"{sample_key(item, target)}.npy"]
         png = next(data for name, data in members.items() if name.endswith(".png"))
         npy = next(data for name, data in members.items() if name.endswith(".npy"))
         assert decode_png_gray(png).shape == (SHAPE.map_side, SHAPE.map_side)
