@@ -267,6 +267,7 @@ def _jpeg_work(tmp_path: Path, out: str) -> shard.ShardWork:
     return dataclasses.replace(work, items=items, source_roots=[str(folder)])
 
 
+@pytest.mark.slow
 def test_a_shard_decoded_on_the_device_path_equals_the_cpu_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,9 +111,15 @@ def _nearest(in_size: int, out_size: int) -> torch.Tensor:
     return torch.tensor(picks, dtype=torch.int64)
 
 
-def _pass(x: torch.Tensor, matrix: np.ndarray, dim: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _on_device(in_size: int, out_size: int, interpolation: str, device: torch.device) -> torch.Tensor:
+    """:func:`weights` copied to the device once, not once per image."""
+    return torch.from_numpy(weights(in_size, out_size, interpolation)).to(device)
+
+
+def _pass(x: torch.Tensor, matrix: np.ndarray | torch.Tensor, dim: int) -> torch.Tensor:
     """One pass along ``dim`` of float64 integer levels: weights, Pillow's rounding, clip to 8 bits."""
-    w = torch.from_numpy(matrix).to(x.device)
+    w = matrix if isinstance(matrix, torch.Tensor) else torch.from_numpy(matrix).to(x.device)
     moved = x.movedim(dim, -1)
     acc = moved @ w.T + float(1 << (PRECISION_BITS - 1))
     out = torch.floor(acc / float(1 << PRECISION_BITS)).clamp_(0.0, 255.0)
@@ -209,7 +215,7 @@ def resize(
     if order == "vertical" and vertical is not None:
         x = _pass(x, vertical, dim=1)
     if out_w != in_w:
-        x = _pass(x, weights(in_w, out_w, interpolation), dim=2)
+        x = _pass(x, _on_device(in_w, out_w, interpolation, x.device), dim=2)
     if order == "horizontal" and vertical is not None:
         x = _pass(x, vertical, dim=1)
     return x.to(torch.uint8)
