@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,45 @@ def test_a_shard_decoded_on_the_device_path_equals_the_cpu_path(
     assert objects(tmp_path / "device") == objects(tmp_path / "cpu")
     failed = [row for row in device_rows.items if row.get("error")]
     assert len(failed) == 1 and "JPEG" in failed[0]["error"]
+
+
+@pytest.mark.parametrize("device_refuses", [False, True])
+def test_auto_measures_the_first_batch_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device_refuses: bool
+) -> None:
+    """On CUDA in auto mode: the first batch's JPEGs timed both ways (simulated clock), kept after."""
+    device_decode.forget()
+    clock = _Clock()
+    calls: list[int] = []
+    real_decode_pixels = shard.decode_pixels
+
+    ticking = threading.Lock()
+
+    def cpu_decode(*args, **kwargs):
+        with ticking:  # called on the decode pool's threads
+            clock.now += 0.005  # 5 ms per image on the CPU pool
+        return real_decode_pixels(*args, **kwargs)
+
+    def device_decode_fake(pending, pre, device, *args):
+        calls.append(len(pending))
+        clock.now += 0.001 * len(pending)  # 1 ms per image on the device
+        return [None if device_refuses else real_decode_pixels(p.data, pre) for p in pending]
+
+    monkeypatch.setattr(shard, "decode_pixels", cpu_decode)
+    monkeypatch.setattr(shard, "decode_on_device", device_decode_fake)
+    monkeypatch.setattr(shard, "calibrate", lambda *a, **k: calibrate(*a, **k, clock=clock))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    work = dataclasses.replace(_jpeg_work(tmp_path, "auto"), batch_size=4)
+    gpu = torch.device("cuda:0")
+    sizes = shard.pool_sizes(cpu_settings(), remote_storage=False)
+    choice = shard._decode_choice(work, cpu_settings(), gpu, sizes)
+    if device_refuses:
+        assert not choice.on_device and "refused 3 of 3" in choice.reason
+        assert calls == [3]  # the check call only: nothing timed
+    else:
+        # 3 JPEGs in the first 4 items (one is CMYK): a check call, a warm-up, two timed rounds
+        assert choice.on_device and calls == [3, 3, 3, 3]
+        assert choice.device_ms == pytest.approx(1.0) and choice.cpu_ms == pytest.approx(5.0, rel=0.01)
+    assert shard._decode_choice(work, cpu_settings(), gpu, sizes) is choice  # measured once
+    assert len(calls) == (1 if device_refuses else 4)
+    device_decode.forget()

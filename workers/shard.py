@@ -453,7 +453,7 @@ def _decode_choice(
         jpeg = prepare_jpeg(data, pre, max_pixels=settings.max_image_pixels)
         if jpeg is not None:
             samples.append(jpeg)
-    if len(samples) < min(8, work.batch_size):
+    if len(samples) < max(1, min(8, len(work.items), work.batch_size) // 2):
         # too few JPEGs to measure (PNG sources, a tiny shard): the CPU for now, measured on a later shard
         return DecodeChoice(
             False, f"auto: {len(samples)} device-decodable JPEGs in the first batch; not measured"
@@ -468,7 +468,14 @@ def _decode_choice(
 
     with ThreadPoolExecutor(max_workers=sizes.decode, thread_name_prefix="decode") as pool:
         try:
-            choice = calibrate(on_cpu, on_device, len(samples), sizes.decode)
+            refused = sum(pixels is None for pixels in decode_on_device(samples, pre, device))
+            if 2 * refused > len(samples):
+                # every refusal is a CPU decode on the main thread: fast-looking, slow in fact
+                choice = DecodeChoice(
+                    False, f"auto: the device decoder refused {refused} of {len(samples)} JPEGs"
+                )
+            else:
+                choice = calibrate(on_cpu, on_device, len(samples), sizes.decode)
         except Exception as exc:
             if is_device_error(exc):
                 raise
