@@ -335,11 +335,11 @@ def test_auto_measures_the_first_batch_once_per_process(
     sizes = shard.pool_sizes(cpu_settings(), remote_storage=False)
     choice = shard._decode_choice(work, cpu_settings(), gpu, sizes)
     if device_refuses:
-        assert not choice.on_device and "refused 3 of 3" in choice.reason
-        assert calls == [3]  # the check call only: nothing timed
+        assert not choice.on_device and "refused 2 of 2" in choice.reason
+        assert calls == [2]  # the check call only: nothing timed
     else:
-        # 3 JPEGs in the first 4 items (one is CMYK): a check call, a warm-up, two timed rounds
-        assert choice.on_device and calls == [3, 3, 3, 3]
+        # 2 JPEGs in the first 4 items (one is CMYK, one broken): a check, a warm-up, two timed rounds
+        assert choice.on_device and calls == [2, 2, 2, 2]
         assert choice.device_ms == pytest.approx(1.0) and choice.cpu_ms == pytest.approx(5.0, rel=0.01)
     assert shard._decode_choice(work, cpu_settings(), gpu, sizes) is choice  # measured once
     assert len(calls) == (1 if device_refuses else 4)
