@@ -144,7 +144,9 @@ def torchvision_decode(data: list[torch.Tensor], device: torch.device) -> list[t
     """One batched ``decode_jpeg`` call: uint8 [3, H, W] per file, on ``device``."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    if len(data) == 1:  # one file: the single-tensor call, which every torchvision has
+        return [decode_jpeg(data[0], mode=ImageReadMode.RGB, device=device)]
+    out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)  # a list: torchvision >= 0.19
     return list(out) if isinstance(out, list | tuple) else [out]
 
 
