@@ -467,6 +467,10 @@ def run_sections(
         try:
             with time_box(budget * check.args.budget_scale):
                 fn(check)
+        except ModuleNotFoundError as exc:  # a package this machine lacks: carry its wheel in ./.whl
+            check.add(
+                name, "section", "unmeasured", note=f"needs the package of module {exc.name!r} (./.whl)"
+            )
         except Exception as exc:
             check.add(name, "section", "failed", note=f"{type(exc).__name__}: {exc}"[:200])
             traceback.print_exc(file=sys.stderr)
