@@ -42,19 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 import torchvision
-from pytorch_grad_cam import (
-    AblationCAM,
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    ScoreCAM,
-    XGradCAM,
-)
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from bench.fidelity import tf32_off
 from workers.cam import METHODS, CamEngine
@@ -62,20 +49,41 @@ from workers.cam.memory_format import ChannelsLast
 from workers.cam.precision import autocast, resolve_amp
 from workers.libc import libc_function
 
-# "cam" has no counterpart in the reference; on a GAP + linear head Grad-CAM gives the same map.
-REFERENCE = {
-    "cam": GradCAM,
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "gradcam-elementwise": GradCAMElementWise,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-    "scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
-}
+# pytorch-grad-cam is the reference, optional: without it (a GPU machine with torch alone) the
+# engine's own figures still run (bench/device_check.py), and this script says what is missing.
+try:
+    from pytorch_grad_cam import (
+        AblationCAM,
+        EigenCAM,
+        EigenGradCAM,
+        GradCAM,
+        GradCAMElementWise,
+        GradCAMPlusPlus,
+        HiResCAM,
+        LayerCAM,
+        ScoreCAM,
+        XGradCAM,
+    )
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    # "cam" has no counterpart in the reference; on a GAP + linear head Grad-CAM gives the same map.
+    REFERENCE = {
+        "cam": GradCAM,
+        "gradcam": GradCAM,
+        "gradcam++": GradCAMPlusPlus,
+        "xgradcam": XGradCAM,
+        "hirescam": HiResCAM,
+        "gradcam-elementwise": GradCAMElementWise,
+        "layercam": LayerCAM,
+        "eigencam": EigenCAM,
+        "eigengradcam": EigenGradCAM,
+        "scorecam": ScoreCAM,
+        "ablationcam": AblationCAM,
+    }
+    REFERENCE_MISSING: str | None = None
+except ImportError as _missing:
+    REFERENCE = dict.fromkeys(METHODS)  # type: ignore[arg-type]
+    REFERENCE_MISSING = f"pytorch-grad-cam is not installed ({_missing})"
 PERTURBATION = ("scorecam", "ablationcam")
 ALLOCATORS = {
     "default": {},
@@ -549,6 +557,8 @@ def _configure(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if REFERENCE_MISSING:
+        raise SystemExit(f"{REFERENCE_MISSING}: pip install grad-cam")
     _configure(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in REFERENCE]

@@ -6,6 +6,7 @@ settings object from the same environment variables (prefix ``CAMAUDIT_``).
 
 from __future__ import annotations
 
+import difflib
 from functools import lru_cache
 
 from pydantic import Field, field_validator, model_validator
@@ -14,6 +15,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 # Where a run's maps go (workers/packing.py): one tar per shard, method and layer, or one object per map.
 LAYOUT_CHOICES = ("packed", "files")
+DEVICE_DECODE_CHOICES = ("auto", "on", "off")
+
+
+def parse_device_decode(value: str) -> str:
+    """``CAMAUDIT_DEVICE_DECODE``: auto, on or off (case-insensitive); anything else is refused."""
+    mode = str(value).strip().lower()
+    if mode in DEVICE_DECODE_CHOICES:
+        return mode
+    close = difflib.get_close_matches(mode, DEVICE_DECODE_CHOICES, n=1, cutoff=0.4)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"device_decode must be one of {', '.join(DEVICE_DECODE_CHOICES)} (auto: measure on a GPU "
+        f"worker's first batch and keep the faster; on: decode JPEGs on the GPU; off: on the CPU), "
+        f"not {value!r}{hint}"
+    )
 
 
 class Settings(BaseSettings):
@@ -29,6 +45,8 @@ class Settings(BaseSettings):
     amp: str = "auto"
     # The heatmap layout of runs that do not name one (`camaudit run --layout`, an audit's `layout`).
     layout: str = "packed"
+    # Where a GPU worker decodes JPEGs: workers/device_decode.py (CPU workers always use the CPU).
+    device_decode: str = "auto"
     log_level: str = "INFO"
     # Threads per shard stage; unset = follow the cores (and S3 vs local folder for uploads).
     fetch_workers: int | None = None
@@ -119,6 +137,11 @@ class Settings(BaseSettings):
                 f"and layer; files: one object per map), not {value!r}"
             )
         return value
+
+    @field_validator("device_decode")
+    @classmethod
+    def _check_device_decode(cls, value: str) -> str:
+        return parse_device_decode(value)
 
     @property
     def embedded(self) -> bool:

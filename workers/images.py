@@ -114,7 +114,7 @@ class DecodedPixels:
     its convolutions, and :func:`normalise_batch` normalises it in one vectorised step.
     """
 
-    pixels: torch.Tensor  # uint8 [H, W, 3], upright, at model input size
+    pixels: torch.Tensor  # uint8 [H, W, 3], upright, at model input size; on the CPU or the decoding device
     width: int  # source width in pixels, after EXIF orientation
     height: int
     transform: ImageTransform  # where the source's pixels went in the input
@@ -181,7 +181,15 @@ def decode_pixels(
 
 
 def stack_pixels(images: Sequence[DecodedPixels]) -> torch.Tensor:
-    """A batch as uint8 [B, 3, H, W] in channels-last memory: one copy, no transpose."""
+    """A batch as uint8 [B, 3, H, W] in channels-last memory: one copy, no transpose.
+
+    Images decoded on an accelerator stay there; a batch that mixes them with images decoded on
+    the CPU (a file the device decoder refused) is stacked on the accelerator.
+    """
+    devices = {image.pixels.device for image in images}
+    if len(devices) > 1:
+        device = next(d for d in devices if d.type != "cpu")
+        return torch.stack([image.pixels.to(device) for image in images]).permute(0, 3, 1, 2)
     return torch.stack([image.pixels for image in images]).permute(0, 3, 1, 2)
 
 
@@ -308,13 +316,8 @@ def _open(
         return _Opened(pixels, pixels.width, pixels.height, 1)
     src_w, src_h = img.size  # the declared size: a JPEG draft below shrinks img.size
     try:
-        if draft_for is not None and isinstance(img, JpegImagePlugin.JpegImageFile):
-            # libjpeg downscales while decoding (by up to 8): a 20k x 20k scan never exists in
-            # full. Twice the resize size keeps the final resize antialiased.
-            turned = _orientation(img) in (5, 6, 7, 8)
-            upright = draft_for(src_h, src_w) if turned else draft_for(src_w, src_h)
-            want = (upright[1], upright[0]) if turned else upright
-            img.draft("RGB", (2 * want[0], 2 * want[1]))
+        if draft_for is not None:
+            apply_draft(img, draft_for)
         img.load()
         bits = _png_significant_bits(data) if img.format == "PNG" else None
         eight = _to_8bit(img, significant_bits=bits)
@@ -330,6 +333,29 @@ def _open(
     if orientation in (5, 6, 7, 8):
         src_w, src_h = src_h, src_w
     return _Opened(eight, src_w, src_h, orientation)
+
+
+def apply_draft(img: Image.Image, draft_for: Callable[[int, int], tuple[int, int]]) -> None:
+    """Let libjpeg downscale a JPEG while decoding (by up to 8): a 20k x 20k scan never exists in
+    full. Twice the resize size keeps the final resize antialiased. Other formats are left alone;
+    ``img.size`` shrinks when the draft applies."""
+    if not isinstance(img, JpegImagePlugin.JpegImageFile):
+        return
+    src_w, src_h = img.size
+    turned = _orientation(img) in (5, 6, 7, 8)
+    upright = draft_for(src_h, src_w) if turned else draft_for(src_w, src_h)
+    want = (upright[1], upright[0]) if turned else upright
+    img.draft("RGB", (2 * want[0], 2 * want[1]))
+
+
+def identify(data: bytes, max_pixels: int) -> Image.Image:
+    """The header of an accepted image (nothing decoded); :class:`ImageDecodeError` otherwise."""
+    return _identify(data, max_pixels)
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation 1..8 (1 when absent or unreadable)."""
+    return _orientation(img)
 
 
 def _identify(data: bytes, max_pixels: int) -> Image.Image:

@@ -218,6 +218,27 @@ class Preprocess:
         canvas.paste(resized, (ox, oy))
         return canvas
 
+    def place_tensor(self, resized: Any, geometry: ImageTransform) -> Any:
+        """:meth:`place` for a uint8 ``[3, h, w]`` tensor on any device (images decoded there).
+
+        The same crop offsets and the same fill, so a tensor placed here equals the Pillow image
+        placed by :meth:`place`, pixel for pixel.
+        """
+        import torch  # the scheduler reads preprocessing records without torch's import cost
+
+        if tuple(resized.shape[1:]) != (geometry.resized[1], geometry.resized[0]):
+            raise PreprocessError(f"expected a {geometry.resized} image, got {tuple(resized.shape)}")
+        ox, oy = geometry.offset
+        in_w, in_h = geometry.input
+        fill = torch.tensor(self.fill, dtype=resized.dtype, device=resized.device).view(3, 1, 1)
+        canvas = fill.expand(3, in_h, in_w).clone()
+        # the overlap of the resized image, placed at (ox, oy), with the input
+        x0, y0 = max(0, ox), max(0, oy)
+        x1, y1 = min(in_w, ox + geometry.resized[0]), min(in_h, oy + geometry.resized[1])
+        if x1 > x0 and y1 > y0:
+            canvas[:, y0:y1, x0:x1] = resized[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        return canvas
+
     def with_overrides(
         self, *, resize: str | None = None, size: tuple[int, int] | None = None, crop_pct: float | None = None
     ) -> Preprocess:

@@ -33,7 +33,16 @@ from schema.redact import hide_password
 from schema.settings import Settings, get_settings
 from workers import metrics, results
 from workers.cam import CamEngine, CamResult
-from workers.cam.device_errors import is_out_of_memory
+from workers.cam.device_errors import is_device_error, is_out_of_memory
+from workers.device_decode import (
+    DecodeChoice,
+    PendingJpeg,
+    calibrate,
+    decided,
+    decode_on_device,
+    prepare_jpeg,
+    remember,
+)
 from workers.device_defaults import defaults_for
 from workers.fetch import SourceRefused, read_source, run_roots
 from workers.heatmap_io import JPEG_MAX_SIDE, encode_npy, encode_png_gray, overlay_jpeg
@@ -329,16 +338,19 @@ def claim_shard(
 
 
 Decoded = tuple[DecodedPixels, bytes | None]
+Opened = tuple[DecodedPixels | PendingJpeg, bytes | None]
 
 
 def _decoded_stream(
-    work: ShardWork, settings: Settings, sizes: PoolSizes
-) -> Iterator[tuple[WorkItem, Decoded | str]]:
+    work: ShardWork, settings: Settings, sizes: PoolSizes, *, on_device: bool = False
+) -> Iterator[tuple[WorkItem, Opened | str]]:
     """Fetch and decode ahead of the model; yields (item, image or failure reason) in order.
 
     Reads run on a fetch pool of their own (with S3, tens of round trips in flight) and hand
     their bytes to the decode pool, so a decode thread never waits on the network. The source
-    bytes come along only when overlays are wanted, to draw them at source size.
+    bytes come along only when overlays are wanted, to draw them at source size. With
+    ``on_device`` a decode thread only reads the header of a JPEG the device can decode and
+    yields it as a :class:`PendingJpeg` (:func:`_device_decoded` decodes those by batch).
     """
 
     def failure(item: WorkItem, exc: Exception) -> str:
@@ -358,8 +370,13 @@ def _decoded_stream(
             region=settings.s3_region,
         )
 
-    def decode(item: WorkItem, data: bytes, done: Future[Decoded | str]) -> None:
+    def decode(item: WorkItem, data: bytes, done: Future[Opened | str]) -> None:
         try:
+            if on_device:
+                pending = prepare_jpeg(data, work.preprocess, max_pixels=settings.max_image_pixels)
+                if pending is not None:
+                    done.set_result((pending, data if work.overlay else None))
+                    return
             pixels = decode_pixels(
                 data, work.preprocess, max_pixels=settings.max_image_pixels, name=item.source_uri
             )
@@ -367,8 +384,8 @@ def _decoded_stream(
         except Exception as exc:
             done.set_result(failure(item, exc))
 
-    def start(item: WorkItem) -> Future[Decoded | str]:
-        done: Future[Decoded | str] = Future()
+    def start(item: WorkItem) -> Future[Opened | str]:
+        done: Future[Opened | str] = Future()
 
         def fetched(read: Future[bytes]) -> None:
             try:
@@ -388,7 +405,7 @@ def _decoded_stream(
         ThreadPoolExecutor(max_workers=sizes.decode, thread_name_prefix="decode") as decoder,
         ThreadPoolExecutor(max_workers=sizes.fetch, thread_name_prefix="fetch") as fetcher,
     ):
-        pending: list[tuple[WorkItem, Future[Decoded | str]]] = []
+        pending: list[tuple[WorkItem, Future[Opened | str]]] = []
         items = iter(work.items)
         for item in items:
             pending.append((item, start(item)))
@@ -400,6 +417,114 @@ def _decoded_stream(
             if nxt is not None:
                 pending.append((nxt, start(nxt)))
             yield item, fut.result()
+
+
+def _device_decoded(
+    work: ShardWork,
+    settings: Settings,
+    device: torch.device,
+    stream: Iterator[tuple[WorkItem, Opened | str]],
+    counts: collections.Counter[str],
+) -> Iterator[tuple[WorkItem, Decoded | str]]:
+    """Decode the stream's pending JPEGs on the device, a batch at a time, keeping the order.
+
+    A file the device refuses is decoded on the CPU here (and fails only if that fails too).
+    ``counts`` tallies where each JPEG was decoded, for the shard's log line.
+    """
+    assert work.batch_size is not None
+    group: list[tuple[WorkItem, Opened | str]] = []
+
+    def flush() -> Iterator[tuple[WorkItem, Decoded | str]]:
+        waiting = [
+            n
+            for n, (_, opened) in enumerate(group)
+            if not isinstance(opened, str) and isinstance(opened[0], PendingJpeg)
+        ]
+        pending = [group[n][1][0] for n in waiting]  # type: ignore[index]
+        decoded = decode_on_device(pending, work.preprocess, device) if pending else []  # type: ignore[arg-type]
+        done: dict[int, Decoded | str] = {}
+        for n, jpeg, pixels in zip(waiting, pending, decoded, strict=True):
+            source = group[n][1][1]  # type: ignore[index]
+            if pixels is not None:
+                counts["device"] += 1
+                done[n] = (pixels, source)
+                continue
+            counts["cpu fallback"] += 1
+            try:
+                cpu = decode_pixels(
+                    jpeg.data,
+                    work.preprocess,
+                    max_pixels=settings.max_image_pixels,
+                    name=group[n][0].source_uri,
+                )
+                done[n] = (cpu, source)
+            except ImageDecodeError as exc:
+                done[n] = str(exc)
+            except Exception as exc:  # one unreadable item must never fail its shard
+                done[n] = f"cannot read {group[n][0].source_uri}: {type(exc).__name__}: {exc}"
+        for n, (item, opened) in enumerate(group):
+            yield item, done.get(n, opened)  # type: ignore[misc]
+        group.clear()
+
+    for entry in stream:
+        group.append(entry)
+        if len(group) >= work.batch_size:
+            yield from flush()
+    yield from flush()
+
+
+def _decode_choice(
+    work: ShardWork, settings: Settings, device: torch.device, sizes: PoolSizes
+) -> DecodeChoice:
+    """Where this worker decodes JPEGs; in ``auto`` on CUDA, measured once on the first batch's JPEGs."""
+    known = decided(settings.device_decode, device)
+    if known is not None:
+        return known
+    assert work.batch_size is not None
+    pre = work.preprocess
+    samples: list[PendingJpeg] = []
+    for item in work.items[: work.batch_size]:
+        try:
+            data = read_source(
+                item.source_uri,
+                roots=work.source_roots,
+                max_bytes=settings.max_source_bytes,
+                endpoint_url=settings.s3_endpoint_url,
+                region=settings.s3_region,
+            )
+        except Exception:
+            continue  # the shard reports it; the measurement uses the files it can read
+        jpeg = prepare_jpeg(data, pre, max_pixels=settings.max_image_pixels)
+        if jpeg is not None:
+            samples.append(jpeg)
+    if len(samples) < max(1, min(8, len(work.items), work.batch_size) // 2):
+        # too few JPEGs to measure (PNG sources, a tiny shard): the CPU for now, measured on a later shard
+        return DecodeChoice(
+            False, f"auto: {len(samples)} device-decodable JPEGs in the first batch; not measured"
+        )
+
+    def on_cpu() -> None:
+        list(pool.map(lambda p: decode_pixels(p.data, pre, max_pixels=settings.max_image_pixels), samples))
+
+    def on_device() -> None:
+        decode_on_device(samples, pre, device)
+        torch.cuda.synchronize(device)
+
+    with ThreadPoolExecutor(max_workers=sizes.decode, thread_name_prefix="decode") as pool:
+        try:
+            refused = sum(pixels is None for pixels in decode_on_device(samples, pre, device))
+            if 2 * refused > len(samples):
+                # every refusal is a CPU decode on the main thread: fast-looking, slow in fact
+                choice = DecodeChoice(
+                    False, f"auto: the device decoder refused {refused} of {len(samples)} JPEGs"
+                )
+            else:
+                choice = calibrate(on_cpu, on_device, len(samples), sizes.decode)
+        except Exception as exc:
+            if is_device_error(exc):
+                raise
+            choice = DecodeChoice(False, f"auto: device decoding unavailable ({type(exc).__name__}: {exc})")
+    return remember(device, choice)
 
 
 def _targets_for(work: ShardWork, batch: list[WorkItem]) -> tuple[Any, list[str | None]]:
@@ -586,7 +711,7 @@ def _explain_or_split(
     """
     pre = work.preprocess
     pixels = stack_pixels([img for _, img in batch])
-    if pinned and device.type == "cuda":
+    if pinned and device.type == "cuda" and pixels.device.type == "cpu":  # not when decoded on the device
         pixels = pixels.pin_memory()
     pixels = pixels.to(device, non_blocking=True)
     try:
@@ -835,7 +960,11 @@ def compute_shard(
                     check()
                     _explain_batch(work, loaded, engine, cases, writer, encoder, rows, {})
         else:
-            stream = _decoded_stream(work, settings, sizes)
+            choice = _decode_choice(work, settings, device, sizes)
+            counts: collections.Counter[str] = collections.Counter()
+            stream = _decoded_stream(work, settings, sizes, on_device=choice.on_device)
+            if choice.on_device:
+                stream = _device_decoded(work, settings, device, stream, counts)
 
             def batches(
                 failed: Callable[[dict[str, Any]], None],
@@ -844,6 +973,15 @@ def compute_shard(
 
             compute = _compute_overlapped if overlap and _packs_results(work) else _compute_serial
             compute(work, loaded, engine, batches, writer, encoder, rows)
+            if counts:
+                log.info(
+                    "run=%s shard=%d: JPEGs decoded on %s: %d, on the CPU after the device refused them: %d",
+                    work.run_id,
+                    work.shard_index,
+                    device,
+                    counts["device"],
+                    counts["cpu fallback"],
+                )
         for heatmap_rows, shas in rows.encoded:
             for row, sha in zip(heatmap_rows, shas.result(), strict=True):
                 row["sha256"] = sha
