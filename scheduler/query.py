@@ -13,7 +13,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from sqlalchemy import Select, select, text
+from sqlalchemy import Select, and_, select, text
 from sqlalchemy.orm import Session
 
 from schema.db import session_scope
@@ -197,7 +197,8 @@ def top_regions_statement(
     """The SQL of :func:`top_regions`, for a run, class and method already checked."""
     stmt = (
         select(PatchScore, Item.source_uri, Item.label, Item.pred_class, Item.correct)
-        .join(Item, Item.id == PatchScore.item_id)
+        # run_id on both sides: PostgreSQL then reads one partition of each table.
+        .join(Item, and_(Item.id == PatchScore.item_id, Item.run_id == run.id))
         .where(PatchScore.run_id == run.id, PatchScore.method == method, PatchScore.target_class == target)
         .order_by(PatchScore.score.desc(), PatchScore.id)
         .limit(limit)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 
 from scheduler.query import (
     MAX_LIMIT,
@@ -102,7 +102,8 @@ def worst_maps(
     column = Heatmap.box_energy if order == "worst" else Heatmap.border_share
     stmt = (
         select(Heatmap, Item.source_uri, Item.label, Item.pred_class, Item.correct)
-        .join(Item, Item.id == Heatmap.item_id)
+        # run_id on both sides: PostgreSQL then reads one partition of each table.
+        .join(Item, and_(Item.id == Heatmap.item_id, Item.run_id == run.id))
         .where(
             Heatmap.run_id == run.id,
             Heatmap.method == method,
