@@ -23,7 +23,7 @@ from schema.db import session_scope
 from schema.models import Run, RunStatus
 from schema.retention import Retention
 
-__all__ = ["RetentionReport", "apply_retention", "expired_runs"]
+__all__ = ["RetentionReport", "apply_retention", "expired_runs", "retain_after"]
 
 log = logging.getLogger("camaudit.retention")
 
@@ -110,3 +110,19 @@ def apply_retention(
         )
         log.info("audit=%s retention deleted run=%s (%d/%d)", audit, run_id, n, len(report.chosen))
     return report
+
+
+def retain_after(
+    database_url: str, run_id: str, *, endpoint_url: str | None = None, region: str | None = None
+) -> RetentionReport | None:
+    """After an audit run is finalised: apply the retention its audit file set, if any.
+
+    The rule travels in the run's stored spec (``config["retention"]``), checked when the
+    audit file was loaded; None when the run belongs to no audit or its audit keeps all.
+    """
+    with session_scope(database_url) as session:
+        run = session.get(Run, run_id)
+        if run is None or not run.audit_name or not (run.config or {}).get("retention"):
+            return None
+        audit, rule = run.audit_name, Retention.model_validate(run.config["retention"])
+    return apply_retention(database_url, audit, rule, endpoint_url=endpoint_url, region=region)
