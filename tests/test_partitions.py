@@ -160,3 +160,18 @@ def test_top_regions_reads_one_partition(postgres_url: str) -> None:
     plan = explain_top_regions(postgres_url, "ra", "circle", "gradcam", limit=100)
     assert "patch_scores_r_ra" in plan and "items_r_ra" in plan
     assert "_r_rb" not in plan, plan
+
+
+def test_item_outcomes_written_with_their_run_touch_only_its_partition(postgres_url: str) -> None:
+    """The shard commit names its run, so the COPY path's update reads and writes one partition."""
+    from schema.db import session_scope
+    from workers import results
+
+    upgrade(postgres_url)
+    mine, other = seed_run(postgres_url, "mine", n_items=3), seed_run(postgres_url, "other", n_items=3)
+    rows = [{"id": i, "status": "done", "pred_class": 2} for i in (*mine.item_ids, other.item_ids[0])]
+    with session_scope(postgres_url) as session:
+        results.update_items(session, rows, mode="copy", run_id="mine")
+    with get_engine(postgres_url).connect() as conn:
+        done = conn.execute(text("SELECT run_id, count(*) FROM items WHERE status = 'done' GROUP BY 1")).all()
+    assert done == [("mine", 3)]
