@@ -102,7 +102,11 @@ def test_the_gc_command_checks_everything_before_deleting(url: str) -> None:
             "--keep-last: Input should be greater than or equal to 1",
         ),
         (["--audit", "nightly"], "retention needs keep_last (e.g. 7) or older_than (e.g. 30d)"),
-        (["--run", "d1", "--keep-last", "3"], "--keep-last and --older-than choose runs of an --audit"),
+        (
+            ["--run", "d1", "--keep-last", "3"],
+            "--keep-last, --older-than and --dry-run choose an --audit's runs",
+        ),
+        (["--run", "d1", "--dry-run"], "with --run, leave them out"),
         ([], "give exactly one of --run RUN"),
         (
             ["--audit", "nightlly", "--keep-last", "1"],

@@ -151,7 +151,9 @@ def top(
     print_regions(regions, as_json=json_out, as_csv=csv_out)
 
 
-def _gc_options(run_id: str | None, audit: str | None, keep_last: int | None, older_than: str | None) -> Any:
+def _gc_options(
+    run_id: str | None, audit: str | None, keep_last: int | None, older_than: str | None, dry_run: bool
+) -> Any:
     """Check the option combination and the retention values before anything is deleted."""
     from pydantic import ValidationError
 
@@ -160,8 +162,10 @@ def _gc_options(run_id: str | None, audit: str | None, keep_last: int | None, ol
     if (run_id is None) == (audit is None):
         fail("give exactly one of --run RUN (one run) or --audit NAME (retention of an audit's runs)")
     if run_id is not None:
-        if keep_last is not None or older_than is not None:
-            fail("--keep-last and --older-than choose runs of an --audit; with --run, leave them out")
+        if keep_last is not None or older_than is not None or dry_run:
+            fail(
+                "--keep-last, --older-than and --dry-run choose an --audit's runs; with --run, leave them out"
+            )
         return None
     try:
         return Retention(keep_last=keep_last, older_than=older_than)
@@ -201,7 +205,7 @@ def gc(
     from scheduler.retention import apply_retention
     from workers.storage import StorageError
 
-    retention = _gc_options(run_id, audit, keep_last, older_than)
+    retention = _gc_options(run_id, audit, keep_last, older_than, dry_run)
     settings = make_settings(database_url=database_url, s3_endpoint_url=s3_endpoint_url)
 
     def show(step: str, count: int) -> None:
