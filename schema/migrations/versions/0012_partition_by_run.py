@@ -26,6 +26,7 @@ Create Date: 2026-11-30 09:30:00.000000
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 
@@ -167,6 +168,31 @@ def _rebuild(table: str, *, partitioned: bool) -> None:
         ddl(bind, statement)
 
 
+def _drop_foreign_keys_into_results() -> None:
+    """Foreign keys of other tables into the three: a partitioned table's id alone is no key.
+
+    None exist in camaudit's own schema beyond ``INNER_FKS``; any other found is named in the
+    migration's log as it is dropped, so the loss of that check is never silent.
+    """
+    bind = op.get_bind()
+    found = bind.execute(
+        sa.text(
+            "SELECT conrelid::regclass::text, conname, confrelid::regclass::text FROM pg_constraint "
+            "WHERE contype = 'f' AND confrelid = ANY (CAST(:tables AS regclass[])) AND conparentid = 0"
+        ),
+        {"tables": list(TABLES)},
+    ).all()
+    for table, name, referred in found:
+        logging.getLogger("alembic.runtime.migration").warning(
+            "dropping foreign key %s of %s into %s: %s is partitioned by run from now on",
+            name,
+            table,
+            referred,
+            referred,
+        )
+        op.execute(f"ALTER TABLE {table} DROP CONSTRAINT {_q(name)}")
+
+
 def upgrade() -> None:
     if not _pg():
         for table, name, *_ in INNER_FKS:
@@ -180,6 +206,7 @@ def upgrade() -> None:
         return
     for table, name, *_ in INNER_FKS:
         op.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {_q(name)}")
+    _drop_foreign_keys_into_results()
     for table in TABLES:
         _rebuild(table, partitioned=True)
 
