@@ -175,3 +175,33 @@ def test_item_outcomes_written_with_their_run_touch_only_its_partition(postgres_
     with get_engine(postgres_url).connect() as conn:
         done = conn.execute(text("SELECT run_id, count(*) FROM items WHERE status = 'done' GROUP BY 1")).all()
     assert done == [("mine", 3)]
+
+
+def test_worst_maps_read_one_partition(postgres_url: str) -> None:
+    """The statement worst_maps sends, explained as sent: only the asked run's partitions appear."""
+    from sqlalchemy import event
+
+    from scheduler.worst import worst_maps
+
+    upgrade(postgres_url)
+    for run_id in ("ra", "rb"):
+        run = seed_run(postgres_url, run_id)
+        for shard_id in run.shard_ids:
+            write_shard(postgres_url, shard_rows(run, shard_id))
+    engine = get_engine(postgres_url)
+    sent: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if "FROM heatmaps" in statement:
+            sent.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert worst_maps(postgres_url, "ra", "circle", "gradcam", limit=5)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(sent) == 1
+    with engine.connect() as conn:
+        plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + sent[0][0], sent[0][1]).scalars())
+    assert "heatmaps_r_ra" in plan and "items_r_ra" in plan
+    assert "_r_rb" not in plan, plan
