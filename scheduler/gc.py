@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import InstrumentedAttribute
 
 from scheduler.query import DELETING
@@ -167,8 +166,10 @@ def _drop_partition(database_url: str, table: str, run_id: str, report: GcReport
         conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_S}s'")
         try:
             rows, estimated = drop_run_partitions(conn, run_id, tables=(table,))
-        except OperationalError as exc:
-            if "lock timeout" not in str(exc):
+        except Exception as exc:
+            # 55P03 lock_not_available, from the driver or wrapped by SQLAlchemy.
+            state = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate", None)
+            if state != "55P03":
                 raise
             raise GcError(
                 f"could not lock {table} within {LOCK_TIMEOUT_S}s to detach run {run_id}'s partition "

@@ -205,3 +205,30 @@ def test_worst_maps_read_one_partition(postgres_url: str) -> None:
         plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + sent[0][0], sent[0][1]).scalars())
     assert "heatmaps_r_ra" in plan and "items_r_ra" in plan
     assert "_r_rb" not in plan, plan
+
+
+def test_gc_behind_a_long_reader_stops_cleanly_and_finishes_later(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DETACH needs the parent to itself: behind an open reader gc gives up, the run stays 'deleting'."""
+    from scheduler import gc
+    from scheduler.gc import GcError
+    from scheduler.query import DELETING
+    from schema.db import session_scope
+    from schema.models import Run
+
+    monkeypatch.setattr(gc, "LOCK_TIMEOUT_S", 1)
+    upgrade(postgres_url)
+    run = seed_run(postgres_url, "r1", output_uri=str(tmp_path / "out"))
+    write_shard(postgres_url, shard_rows(run, run.shard_ids[0]))
+    reader = get_engine(postgres_url).connect()
+    try:
+        reader.execute(text("SELECT count(*) FROM patch_scores"))  # its transaction stays open
+        with pytest.raises(GcError, match=r"could not lock patch_scores within 1s .* run gc again later"):
+            gc_run(postgres_url, "r1")
+    finally:
+        reader.close()
+    with session_scope(postgres_url) as session:
+        assert session.get(Run, "r1").status == DELETING  # type: ignore[union-attr]
+    assert gc_run(postgres_url, "r1").resumed
+    assert partitions(postgres_url) == {t: [] for t in TABLES}
