@@ -218,6 +218,18 @@ def top_regions_statement(
     return stmt
 
 
+def serial_plan(session: Session) -> None:
+    """Keep this transaction's top-N reads off parallel workers (PostgreSQL; nothing elsewhere).
+
+    A top-N over one run's partition is a short index walk; parallel workers only add their
+    start-up (about 130 ms measured on a busy host against 1 ms for the walk). The planner
+    may still pick them when the partitioned parents lack inherited statistics, which
+    autovacuum never gathers (it analyses partitions, not their parents).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
+
+
 def _check_label(session: Session, run: Run, label: str) -> None:
     """Only asked when nothing matched, so the common query never pays for the label scan."""
     labels = list(
@@ -259,6 +271,7 @@ def top_regions(
     names = list(run.class_names or [])
     stmt = top_regions_statement(run, target, method, layer=layer, limit=limit, filters=filters)
     with session_scope(database_url) as session:
+        serial_plan(session)
         found = session.execute(stmt).all()
         if not found and label is not None:
             _check_label(session, run, label)
@@ -293,6 +306,7 @@ def explain_top_regions(
         run, resolve_class(run, class_), method, layer=layer, limit=limit, filters=RegionFilters(**filters)
     )
     with session_scope(database_url) as session:
+        serial_plan(session)
         dialect = session.get_bind().dialect
         if dialect.name != "postgresql":
             raise QueryError(f"explain_top_regions reads PostgreSQL plans; this database is {dialect.name}")

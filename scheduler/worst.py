@@ -26,6 +26,7 @@ from scheduler.query import (
     get_run,
     patch_fields,
     resolve_class,
+    serial_plan,
     top_regions_statement,
 )
 from schema.db import session_scope
@@ -120,6 +121,7 @@ def worst_maps(
     if correct is not None:
         stmt = stmt.where(Item.correct.is_(correct))
     with session_scope(database_url) as session:
+        serial_plan(session)
         return [
             WorstMap(
                 item_id=h.item_id,
@@ -159,6 +161,7 @@ def outside_box_regions(
     found: list[Region] = []
     offset = 0
     with session_scope(database_url) as session:
+        serial_plan(session)
         while len(found) < limit:
             stmt = top_regions_statement(run, target, method, layer=layer, limit=PAGE, filters=filters)
             page = session.execute(
