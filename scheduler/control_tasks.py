@@ -40,6 +40,7 @@ def finalize_run_task(self: Task, run_id: str) -> str:
     if finalised is None:
         return run_id
     _retain(settings, run_id)
+    _analyze_results(settings, run_id)
     raised = finalised.alerts
     metrics.record_audit(finalised.facts, fired=sum(j.fired for j in raised.judged) if raised else 0)
     if raised is not None and raised.to_deliver:
@@ -65,6 +66,22 @@ def _retain(settings: Settings, run_id: str) -> None:
         return
     if kept is not None and kept.deleted:
         log.info("run=%s retention of audit %s deleted %d runs", run_id, kept.audit, len(kept.deleted))
+
+
+def _analyze_results(settings: Settings, run_id: str) -> None:
+    """Fresh planner statistics on the partitioned result tables once a run's rows have landed."""
+    from schema.db import session_scope
+    from schema.partitions import analyze_parents
+
+    started = time.monotonic()
+    try:
+        with session_scope(settings.database_url) as session:
+            tables = analyze_parents(session.connection())
+    except Exception as exc:  # queries still answer, only their plans may be worse
+        log.error("run=%s ANALYZE of the result tables failed: %s: %s", run_id, type(exc).__name__, exc)
+        return
+    if tables:
+        log.info("run=%s analysed %s in %.1fs", run_id, ", ".join(tables), time.monotonic() - started)
 
 
 def alert_backoff(settings: Settings, attempt: int) -> float:

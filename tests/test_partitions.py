@@ -232,3 +232,21 @@ def test_gc_behind_a_long_reader_stops_cleanly_and_finishes_later(
         assert session.get(Run, "r1").status == DELETING  # type: ignore[union-attr]
     assert gc_run(postgres_url, "r1").resumed
     assert partitions(postgres_url) == {t: [] for t in TABLES}
+
+
+def test_the_partitioned_parents_get_inherited_statistics(postgres_url: str, tmp_path: Path) -> None:
+    """Autovacuum never analyses a partitioned parent: the finalisation's ANALYZE must."""
+    from schema.partitions import analyze_parents
+
+    upgrade(postgres_url)
+    run = seed_run(postgres_url, "r1")
+    write_shard(postgres_url, shard_rows(run, run.shard_ids[0]))
+    query = text("SELECT count(*) FROM pg_stats WHERE tablename = 'patch_scores' AND inherited")
+    with get_engine(postgres_url).begin() as conn:
+        assert conn.execute(query).scalar_one() == 0
+        assert analyze_parents(conn) == ["patch_scores", "heatmaps", "items"]
+        assert conn.execute(query).scalar_one() > 0
+    sqlite_url = f"sqlite:///{tmp_path / 's.db'}"
+    upgrade(sqlite_url)
+    with get_engine(sqlite_url).begin() as conn:
+        assert analyze_parents(conn) == []
