@@ -222,9 +222,9 @@ def serial_plan(session: Session) -> None:
     """Keep this transaction's top-N reads off parallel workers (PostgreSQL; nothing elsewhere).
 
     A top-N over one run's partition is a short index walk; parallel workers only add their
-    start-up (about 130 ms measured on a busy host against 1 ms for the walk). The planner
-    may still pick them when the partitioned parents lack inherited statistics, which
-    autovacuum never gathers (it analyses partitions, not their parents).
+    start-up (130-190 ms measured on a busy host against 1 ms for the walk). The planner
+    picked them when the partitioned parents lacked inherited statistics (the finalisation
+    analyses them, ``schema.partitions.analyze_parents``; autovacuum never does).
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
