@@ -16,6 +16,7 @@ from schema.alert_rules import AlertRules, WebhookTarget, closest
 from schema.db import session_scope, upgrade
 from schema.models import Run, RunStatus
 from schema.payloads import RunSpec
+from schema.retention import Retention
 from schema.settings import Settings
 
 
@@ -45,6 +46,8 @@ class Audit(BaseModel):
     layout: Literal["packed", "files"] | None = None  # None: CAMAUDIT_LAYOUT
     alerts: AlertRules | None = None
     notify: list[WebhookTarget] = Field(default_factory=list)
+    # Runs of this audit to keep; older ones are deleted after each run is finalised.
+    retention: Retention | None = None
 
     @field_validator("schedule")
     @classmethod
@@ -83,6 +86,7 @@ class Audit(BaseModel):
             audit_name=self.name,
             alerts=self.alerts,
             notify=self.notify,
+            retention=self.retention,
         )
 
 

@@ -39,6 +39,8 @@ def finalize_run_task(self: Task, run_id: str) -> str:
     )
     if finalised is None:
         return run_id
+    _retain(settings, run_id)
+    _analyze_results(settings, run_id)
     raised = finalised.alerts
     metrics.record_audit(finalised.facts, fired=sum(j.fired for j in raised.judged) if raised else 0)
     if raised is not None and raised.to_deliver:
@@ -49,6 +51,37 @@ def finalize_run_task(self: Task, run_id: str) -> str:
         else:
             deliver_alerts_task.apply_async((run_id,), queue=CONTROL_QUEUE)
     return run_id
+
+
+def _retain(settings: Settings, run_id: str) -> None:
+    """The audit's retention, once its new run is complete; a failure is logged, not the run's."""
+    from scheduler.retention import retain_after
+
+    try:
+        kept = retain_after(
+            settings.database_url, run_id, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        )
+    except Exception as exc:  # the run itself is finalised; the next one retries the retention
+        log.error("run=%s retention failed: %s: %s", run_id, type(exc).__name__, exc)
+        return
+    if kept is not None and kept.deleted:
+        log.info("run=%s retention of audit %s deleted %d runs", run_id, kept.audit, len(kept.deleted))
+
+
+def _analyze_results(settings: Settings, run_id: str) -> None:
+    """Fresh planner statistics on the partitioned result tables once a run's rows have landed."""
+    from schema.db import session_scope
+    from schema.partitions import analyze_parents
+
+    started = time.monotonic()
+    try:
+        with session_scope(settings.database_url) as session:
+            tables = analyze_parents(session.connection())
+    except Exception as exc:  # queries still answer, only their plans may be worse
+        log.error("run=%s ANALYZE of the result tables failed: %s: %s", run_id, type(exc).__name__, exc)
+        return
+    if tables:
+        log.info("run=%s analysed %s in %.1fs", run_id, ", ".join(tables), time.monotonic() - started)
 
 
 def alert_backoff(settings: Settings, attempt: int) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 
 from scheduler.query import (
     MAX_LIMIT,
@@ -27,6 +27,7 @@ from scheduler.query import (
     class_name,
     filter_items,
     patch_fields,
+    serial_plan,
     top_regions_statement,
 )
 from schema.db import session_scope
@@ -83,7 +84,8 @@ def worst_maps(
     column = Heatmap.box_energy if order == "worst" else Heatmap.border_share
     stmt = (
         select(Heatmap, Item.source_uri, Item.label, Item.pred_class, Item.correct)
-        .join(Item, Item.id == Heatmap.item_id)
+        # run_id on both sides: PostgreSQL then reads one partition of each table.
+        .join(Item, and_(Item.id == Heatmap.item_id, Item.run_id == run.id))
         .where(
             Heatmap.run_id == run.id,
             Heatmap.method == method,
@@ -97,6 +99,7 @@ def worst_maps(
         stmt = stmt.where(Heatmap.layer == layer)
     stmt = filter_items(stmt, run, RegionFilters(label=label, correct=correct))
     with session_scope(database_url) as session:
+        serial_plan(session)
         return [
             WorstMap(
                 item_id=h.item_id,
@@ -134,6 +137,7 @@ def outside_box_regions(
     found: list[Region] = []
     offset = 0
     with session_scope(database_url) as session:
+        serial_plan(session)
         while len(found) < limit:
             stmt = top_regions_statement(run, target, method, layer=layer, limit=PAGE, filters=filters)
             page = session.execute(

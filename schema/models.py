@@ -1,7 +1,12 @@
 """SQL tables: the contract between the scheduler, the workers and the query side.
 
-Natural unique keys (run + index, item + method + layer + class, heatmap + rank) are what
-make a re-run shard overwrite its own rows instead of adding new ones.
+Natural unique keys (run + index, run + item + method + layer + class, run + heatmap + rank)
+are what make a re-run shard overwrite its own rows instead of adding new ones. They lead
+with ``run_id`` because on PostgreSQL ``items``, ``heatmaps`` and ``patch_scores`` are
+partitioned by run (``schema/partitions.py``) and a unique key there must hold the partition
+key. For the same reason these three tables carry no foreign keys among themselves or to
+``shards``: a run's rows are written by one planner and its shards, and deleted together, by
+dropping its partitions (``scheduler/gc.py``); their ``run_id`` still references ``runs``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Connection,
     DateTime,
     Float,
     ForeignKey,
@@ -22,8 +28,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column
+
+from schema.partitions import create_run_partitions
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -103,6 +112,12 @@ class Run(Base):
     baseline_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
 
 
+@event.listens_for(Run, "after_insert")
+def _partition_new_run(mapper: Mapper[Run], connection: Connection, run: Run) -> None:
+    """A run's result partitions come into being in the transaction that creates the run."""
+    create_run_partitions(connection, run.id)
+
+
 class Shard(Base):
     __tablename__ = "shards"
     __table_args__ = (UniqueConstraint("run_id", "index"),)
@@ -142,7 +157,7 @@ class Item(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id", ondelete="CASCADE"), index=True)
+    shard_id: Mapped[int] = mapped_column(BigId, index=True)
     ordinal: Mapped[int] = mapped_column(Integer)
     source_uri: Mapped[str] = mapped_column(String(2000))
     label: Mapped[str | None] = mapped_column(String(200))
@@ -161,7 +176,7 @@ class Item(Base):
 class Heatmap(Base):
     __tablename__ = "heatmaps"
     __table_args__ = (
-        UniqueConstraint("item_id", "method", "layer", "target_class"),
+        UniqueConstraint("run_id", "item_id", "method", "layer", "target_class"),
         Index("ix_heatmaps_run_method_class", "run_id", "method", "target_class"),
         Index("ix_heatmaps_box_energy", "run_id", "method", "target_class", "box_energy"),
         Index("ix_heatmaps_outside_mass", "run_id", "method", "target_class", "outside_mass"),
@@ -169,7 +184,7 @@ class Heatmap(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    item_id: Mapped[int] = mapped_column(BigId)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     method: Mapped[str] = mapped_column(String(40))
     layer: Mapped[str] = mapped_column(String(200))
@@ -198,12 +213,12 @@ class Heatmap(Base):
 class PatchScore(Base):
     __tablename__ = "patch_scores"
     __table_args__ = (
-        UniqueConstraint("heatmap_id", "rank"),
+        UniqueConstraint("run_id", "heatmap_id", "rank"),
         Index("ix_patch_scores_top", "run_id", "method", "target_class", "score"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    heatmap_id: Mapped[int] = mapped_column(ForeignKey("heatmaps.id", ondelete="CASCADE"))
+    heatmap_id: Mapped[int] = mapped_column(BigId)
     run_id: Mapped[str] = mapped_column(String(32))
     item_id: Mapped[int] = mapped_column(BigId)
     method: Mapped[str] = mapped_column(String(40))

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schema.alert_rules import AlertRules, WebhookTarget
+from schema.retention import Retention
 
 TARGET_PATTERN = re.compile(
     r"^(top1|all|label|labels|positive|topk:[1-9]\d*|classes:\d+(,\d+)*|above:[^:]*"
@@ -51,6 +52,8 @@ class RunSpec(BaseModel):
     # An audit's rules travel with its runs to the finalisation that evaluates them.
     alerts: AlertRules | None = None
     notify: list[WebhookTarget] = Field(default_factory=list)
+    # An audit's retention travels with its runs too: applied once the run is finalised.
+    retention: Retention | None = None
     group_fusion: Literal["mean", "max"] = "mean"
     views: list[str] | None = None
     missing_view: Literal["fail", "zeros"] = "fail"

@@ -351,13 +351,13 @@ def test_bad_patch_rows_are_refused_with_the_reason(database_url: str) -> None:
         ids = results.upsert_heatmaps(session, shard.heatmaps)
         key, row = shard.patches[0]
         twice = [{"heatmap_id": ids[key], **row}, {"heatmap_id": ids[key], **row}]
-        with pytest.raises(ValueError, match=r"^patch-score row 1 repeats \(heatmap_id, rank\) = "):
+        with pytest.raises(ValueError, match=r"^patch-score row 1 repeats \(run_id, heatmap_id, rank\) = "):
             results.upsert_patch_scores(session, twice)
         partial = {"heatmap_id": ids[key], **row}
         del partial["score"]
         with pytest.raises(ValueError, match=r"^patch-score rows lack score; every row needs heatmap_id, "):
             results.upsert_patch_scores(session, [partial])
-        twin = r"heatmap row 1 repeats \(item_id, method, layer, target_class\)"
+        twin = r"heatmap row 1 repeats \(run_id, item_id, method, layer, target_class\)"
         with pytest.raises(ValueError, match=twin):
             results.upsert_heatmaps(session, [shard.heatmaps[0], shard.heatmaps[0]])
         with pytest.raises(ValueError, match="unknown write mode"):

@@ -10,6 +10,10 @@ slower: Python builds their SQL text and parameters row by row, and the driver p
 thousands of placeholders on every call. Patch-score rows a re-run leaves unchanged are not
 rewritten at all, so a retried shard adds no dead tuples. SQLite keeps the plain
 ``INSERT … ON CONFLICT`` statements.
+
+The conflict keys lead with ``run_id``: on PostgreSQL the tables are partitioned by run
+(``schema/partitions.py``) and their unique keys must hold it. Statements that name a run
+read and write only that run's partition; ``run_id`` is passed where a row alone lacks it.
 """
 
 from __future__ import annotations
@@ -158,7 +162,7 @@ _HEATMAPS = _Staged(
         ("outside_mass", "float8"),
         ("border_share", "float8"),
     ),
-    key=("item_id", "method", "layer", "target_class"),
+    key=("run_id", "item_id", "method", "layer", "target_class"),
     returning=("id", "item_id", "method", "layer", "target_class"),
 )
 _PATCHES = _Staged(
@@ -179,7 +183,7 @@ _PATCHES = _Staged(
         ("y1", "int4"),
         ("score", "float8"),
     ),
-    key=("heatmap_id", "rank"),
+    key=("run_id", "heatmap_id", "rank"),
 )
 # Every patch-score row carries all of these.
 PATCH_COLUMNS: tuple[str, ...] = _PATCHES.names
@@ -272,19 +276,28 @@ def upsert_patch_scores(
     _upsert(session, _PATCHES, rows, mode, "patch-score")
 
 
-def delete_stale_patch_scores(session: Session, heatmap_ids: Sequence[int], keep_ranks: int) -> None:
-    """A re-run with fewer top patches must not leave the old extra ranks behind."""
+def delete_stale_patch_scores(
+    session: Session, heatmap_ids: Sequence[int], keep_ranks: int, *, run_id: str | None = None
+) -> None:
+    """A re-run with fewer top patches must not leave the old extra ranks behind.
+
+    ``run_id`` (the heatmaps' run) confines the delete to that run's partition; without it
+    every partition's index is probed.
+    """
     if not heatmap_ids:
         return
     table: Table = PatchScore.__table__  # type: ignore[assignment]
+    run = [table.c.run_id == run_id] if run_id is not None else []
     if _dialect(session) == "postgresql":
         # One statement with an array parameter instead of thousands of IN placeholders.
         ids = bindparam("ids", list(heatmap_ids), type_=postgresql.ARRAY(BigInteger()))
-        session.execute(table.delete().where(table.c.heatmap_id == any_(ids), table.c.rank >= keep_ranks))
+        session.execute(
+            table.delete().where(*run, table.c.heatmap_id == any_(ids), table.c.rank >= keep_ranks)
+        )
         return
     for i in range(0, len(heatmap_ids), CHUNK):
         chunk = list(heatmap_ids[i : i + CHUNK])
-        session.execute(table.delete().where(table.c.heatmap_id.in_(chunk), table.c.rank >= keep_ranks))
+        session.execute(table.delete().where(*run, table.c.heatmap_id.in_(chunk), table.c.rank >= keep_ranks))
 
 
 # Outcome columns a shard sets on its items, with their staging types; JSON travels as text.
@@ -300,7 +313,9 @@ _ITEM_COLUMNS = {
 _ITEM_STAGE = "camaudit_stage_items"
 
 
-def _copy_update_items(session: Session, columns: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> None:
+def _copy_update_items(
+    session: Session, columns: tuple[str, ...], rows: Sequence[dict[str, Any]], run_id: str | None
+) -> None:
     """COPY the rows into a stage, then one ``UPDATE … FROM`` of exactly these columns."""
     raw = session.connection().connection.driver_connection
     stage_cols = ", ".join(f"{_quote(c)} {t}" for c, t in {"id": "int8", **_ITEM_COLUMNS}.items())
@@ -327,17 +342,22 @@ def _copy_update_items(session: Session, columns: tuple[str, ...], rows: Sequenc
                     # The text SQLAlchemy's JSON type would send (None becomes JSON null, as there).
                     values[json_at] = json.dumps(values[json_at])
                 copy.write_row(values)
+        where = "items.id = staged.id" + (" AND items.run_id = %(run)s" if run_id is not None else "")
         cur.execute(
             f"WITH staged AS (DELETE FROM {_ITEM_STAGE} RETURNING *) "
-            f"UPDATE items SET {sets} FROM staged WHERE items.id = staged.id"
+            f"UPDATE items SET {sets} FROM staged WHERE {where}",
+            {"run": run_id} if run_id is not None else None,
         )
 
 
-def update_items(session: Session, rows: Sequence[dict[str, Any]], *, mode: WriteMode = "auto") -> None:
+def update_items(
+    session: Session, rows: Sequence[dict[str, Any]], *, mode: WriteMode = "auto", run_id: str | None = None
+) -> None:
     """Items exist from planning; only their outcome columns change, and only those a row names.
 
     Rows may name different columns (a failed item carries only its status and error); each
-    set of columns is one statement.
+    set of columns is one statement. ``run_id`` (the items' run) confines the COPY path's
+    update to that run's partition; rows of another run are then left alone.
     """
     copy = _pick_mode(session, mode) == "copy"
     if not rows:
@@ -354,7 +374,7 @@ def update_items(session: Session, rows: Sequence[dict[str, Any]], *, mode: Writ
             continue  # a row naming only its id changes nothing
         unknown = [c for c in columns if c not in _ITEM_COLUMNS]
         if copy and not unknown:
-            _copy_update_items(session, columns, group)
+            _copy_update_items(session, columns, group, run_id)
         else:
             for chunk in _chunks(group):
                 session.execute(update(Item), list(chunk))

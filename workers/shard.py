@@ -1047,9 +1047,9 @@ def commit_shard(database_url: str, work: ShardWork, rows: ShardRows) -> ShardOu
     run is being deleted.
     """
     with session_scope(database_url) as session:
-        results.update_items(session, rows.items)
+        results.update_items(session, rows.items, run_id=work.run_id)
         ids = results.upsert_heatmaps(session, rows.heatmaps)
-        results.delete_stale_patch_scores(session, list(ids.values()), work.top_patches)
+        results.delete_stale_patch_scores(session, list(ids.values()), work.top_patches, run_id=work.run_id)
         results.upsert_patch_scores(session, [{"heatmap_id": ids[key], **row} for key, row in rows.patches])
         run = _lock_run(session, work.run_id)
         shard = _lock_shard(session, work.shard_id)

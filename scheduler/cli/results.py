@@ -151,18 +151,61 @@ def top(
     print_regions(regions, as_json=json_out, as_csv=csv_out)
 
 
+def _gc_options(
+    run_id: str | None, audit: str | None, keep_last: int | None, older_than: str | None, dry_run: bool
+) -> Any:
+    """Check the option combination and the retention values before anything is deleted."""
+    from pydantic import ValidationError
+
+    from schema.retention import Retention
+
+    if (run_id is None) == (audit is None):
+        fail("give exactly one of --run RUN (one run) or --audit NAME (retention of an audit's runs)")
+    if run_id is not None:
+        if keep_last is not None or older_than is not None or dry_run:
+            fail(
+                "--keep-last, --older-than and --dry-run choose an --audit's runs; with --run, leave them out"
+            )
+        return None
+    try:
+        return Retention(keep_last=keep_last, older_than=older_than)
+    except ValidationError as exc:
+        reasons = "; ".join(
+            (f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors()
+        )
+        fail(f"retention of audit {audit!r}: {reasons}")
+
+
 @app.command()
 def gc(
-    run_id: Annotated[str, typer.Option("--run", help="run id to delete")],
+    run_id: Annotated[str | None, typer.Option("--run", help="run id to delete")] = None,
+    audit: Annotated[
+        str | None, typer.Option(help="delete old runs of this audit (with --keep-last / --older-than)")
+    ] = None,
+    keep_last: Annotated[int | None, typer.Option(help="with --audit: keep the newest N runs")] = None,
+    older_than: Annotated[
+        str | None, typer.Option(help="with --audit: delete runs older than this (12h, 30d, 2w)")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="with --audit: list the runs that would go, delete nothing")
+    ] = False,
     force: Annotated[bool, typer.Option(help="delete even a run that is still pending or running")] = False,
-    batch: Annotated[int, typer.Option(help="rows deleted per transaction")] = 10_000,
+    batch: Annotated[
+        int, typer.Option(help="rows deleted per transaction (tables not partitioned)")
+    ] = 10_000,
     database_url: DatabaseUrl = None,
     s3_endpoint_url: S3Endpoint = None,
 ) -> None:
-    """Delete a run: its heatmap objects and all its rows. Run it again to finish an interrupted gc."""
-    from scheduler.gc import GcError, gc_run
+    """Delete a run (--run), or an audit's runs beyond a retention rule (--audit).
+
+    Run it again to finish an interrupted gc.
+    """
+    from scheduler.gc import GcError, GcReport, gc_run
+    from scheduler.retention import apply_retention
     from workers.storage import StorageError
 
+    retention = _gc_options(run_id, audit, keep_last, older_than, dry_run)
     settings = make_settings(database_url=database_url, s3_endpoint_url=s3_endpoint_url)
 
     def show(step: str, count: int) -> None:
@@ -171,7 +214,35 @@ def gc(
     def waiting(count: int, workers: list[str]) -> None:
         err.print(f"  waiting for {count} shards in flight on {', '.join(sorted(set(workers)))} to stop")
 
+    def summary(report: GcReport) -> str:
+        rows = ", ".join(
+            f"{'~' if table in report.estimated else ''}{count} {table}"
+            for table, count in report.rows.items()
+        )
+        resumed = " (resumed)" if report.resumed else ""
+        return f"deleted run {report.run_id}{resumed}: {report.objects} objects; rows: {rows}"
+
     with failing_on(GcError, StorageError):
+        if audit is not None:
+            kept = apply_retention(
+                settings.database_url,
+                audit,
+                retention,
+                endpoint_url=settings.s3_endpoint_url,
+                region=settings.s3_region,
+                dry_run=dry_run,
+                progress=show,
+                announce=lambda n, of, rid: err.print(f"run {n}/{of}: {rid}"),
+            )
+            if dry_run:
+                listed = ", ".join(kept.chosen) or "none"
+                console.print(f"audit {audit}: {len(kept.chosen)} runs would be deleted: {listed}")
+                return
+            for report in kept.deleted:
+                console.print(summary(report))
+            console.print(f"audit {audit}: {len(kept.deleted)} runs deleted")
+            return
+        assert run_id is not None
         report = gc_run(
             settings.database_url,
             run_id,
@@ -182,9 +253,7 @@ def gc(
             progress=show,
             waiting=waiting,
         )
-    rows = ", ".join(f"{count} {table}" for table, count in report.rows.items())
-    resumed = " (resumed)" if report.resumed else ""
-    console.print(f"deleted run {run_id}{resumed}: {report.objects} objects; rows: {rows}")
+    console.print(summary(report))
 
 
 @app.command()
