@@ -250,3 +250,49 @@ def test_the_partitioned_parents_get_inherited_statistics(postgres_url: str, tmp
     upgrade(sqlite_url)
     with get_engine(sqlite_url).begin() as conn:
         assert analyze_parents(conn) == []
+
+
+def plans_of(postgres_url: str, call: Any) -> list[str]:
+    """EXPLAIN of every statement ``call`` sends that reads a result table, as it was sent."""
+    from sqlalchemy import event
+
+    engine = get_engine(postgres_url)
+    sent: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if any(f"FROM {t}" in statement or f"JOIN {t}" in statement for t in TABLES):
+            sent.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        call()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    with engine.connect() as conn:
+        return ["\n".join(conn.exec_driver_sql("EXPLAIN " + s, p).scalars()) for s, p in sent]
+
+
+def test_gallery_filters_and_export_pages_read_one_partition(postgres_url: str) -> None:
+    """The gallery's filtered page and an export's pages name the run on every table they join."""
+    from scheduler.exports.common import MapChoice, iter_maps
+    from scheduler.web.data import GalleryQuery, gallery
+    from schema.db import session_scope
+    from schema.models import Run
+
+    upgrade(postgres_url)
+    for run_id in ("ra", "rb"):
+        run = seed_run(postgres_url, run_id)
+        for shard_id in run.shard_ids:
+            write_shard(postgres_url, shard_rows(run, shard_id))
+    with session_scope(postgres_url) as session:
+        run = session.get(Run, "ra")
+        assert run is not None
+        session.expunge(run)
+    query = GalleryQuery(target=0, method="gradcam", label="circle")
+    plans = plans_of(postgres_url, lambda: gallery(postgres_url, run, query, size=4))
+    plans += plans_of(
+        postgres_url, lambda: list(iter_maps(postgres_url, MapChoice(run, "gradcam", "layer4", None)))
+    )
+    assert len(plans) >= 2
+    for plan in plans:
+        assert "_r_ra" in plan and "_r_rb" not in plan, plan

@@ -134,6 +134,7 @@ def iter_maps(database_url: str, choice: MapChoice) -> Iterator[tuple[Item, Heat
             .join(Heatmap, Heatmap.item_id == Item.id)
             .where(
                 Heatmap.run_id == choice.run.id,
+                Item.run_id == choice.run.id,  # one partition of items too
                 Heatmap.method == choice.method,
                 Heatmap.layer == choice.layer,
                 Item.status == ItemStatus.DONE,

@@ -320,6 +320,7 @@ def gallery_statement(
         )
         .join(scanned, scanned.c.id == PatchScore.id)
         .join(Item, Item.id == PatchScore.item_id)
+        .where(PatchScore.run_id == run.id, Item.run_id == run.id)  # one partition of each
         .order_by(scanned.c.score.desc(), scanned.c.id)
         .limit(size + 1)
     )

@@ -57,10 +57,12 @@ def ordered_cards(
             )
             for m in maps
         ]
-    return _cards(database_url, keyed)
+    return _cards(database_url, run.id, keyed)
 
 
-def _cards(database_url: str, keyed: list[tuple[tuple[int, str, str, int, int], str]]) -> list[OrderedCard]:
+def _cards(
+    database_url: str, run_id: str, keyed: list[tuple[tuple[int, str, str, int, int], str]]
+) -> list[OrderedCard]:
     if not keyed:
         return []
     items = {key[0] for key, _ in keyed}
@@ -77,7 +79,9 @@ def _cards(database_url: str, keyed: list[tuple[tuple[int, str, str, int, int], 
             )
             .join(Heatmap, Heatmap.id == PatchScore.heatmap_id)
             .join(Item, Item.id == PatchScore.item_id)
-            .where(PatchScore.item_id.in_(items))
+            # the run on every table, so PostgreSQL reads one partition of each
+            .where(PatchScore.item_id.in_(items), PatchScore.run_id == run_id)
+            .where(Heatmap.run_id == run_id, Item.run_id == run_id)
         ).all()
     found = {(p.item_id, p.method, p.layer, p.target_class, p.rank): row for row in rows for p in [row[0]]}
     cards = []
