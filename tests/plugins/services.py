@@ -97,7 +97,9 @@ def lease_redis_db(admin: redis.Redis, timeout: float = 300) -> tuple[int, str]:
                 return db
         return None
 
-    db = wait_until(take, timeout, f"a free Redis test database (all of {len(order)} are leased)", interval=0.5)
+    db = wait_until(
+        take, timeout, f"a free Redis test database (all of {len(order)} are leased)", interval=0.5
+    )
     return int(db), token  # type: ignore[arg-type]
 
 
