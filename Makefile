@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (an audit on embedded defaults) and `make test` (lint + the whole suite);
-# `make test-fast` skips the slow tests, `make mutation` runs mutation testing (docs/TESTING.md).
+# `make test-fast` skips the slow tests, `make mutation` runs mutation testing (docs/TESTING.md); both test targets
+# run pytest on $(PYTEST_WORKERS) pytest-xdist workers.
 # All build the virtual environment themselves; `make test` also starts Redis and PostgreSQL if needed.
 
 PYTHON ?= python3

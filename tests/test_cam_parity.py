@@ -153,7 +153,7 @@ PERTURBATION_REFERENCES = {"scorecam": ScoreCAM, "ablationcam": AblationCAM}
 def test_every_family_matches_reference_for_perturbation_methods(family: str, method: str) -> None:
     spec = FAMILIES[family]
     model = family_model(family)
-    images = family_images(family, batch=1)
+    images = family_images(family, batch=1, perturbation=True)
     result = CamEngine(model, layers=[spec.layer], methods=[method], score_batch_size=64)(images)
     kwargs: dict[str, object] = {"reshape_transform": spec.reference_reshape}
     if method == "ablationcam" and spec.tokens:
