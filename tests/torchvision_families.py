@@ -41,7 +41,7 @@ class Family:
     # gradient methods (the masked or ablated forwards, their batching, the token ablation
     # layer) does not depend on the grid's size: the smallest input whose grid keeps its parity
     # and at least 2 x 2 (3 x 3 where it is odd) is enough. The gradient methods keep ``size``.
-    # None: ``size``.
+    # None: ``size`` (a grid that small already, or a family not yet checked at a smaller input).
     perturbation_size: int | None = None
 
     def param(self, name: str) -> object:
@@ -126,7 +126,6 @@ FAMILIES: dict[str, Family] = {
         pool="avgpool",
         head="fc",
         heavy=True,
-        perturbation_size=80,
     ),
     "inception_v3": Family(
         lambda: _fan_in_convolutions(M.inception_v3(num_classes=10, aux_logits=False, init_weights=False)),
@@ -141,25 +140,17 @@ FAMILIES: dict[str, Family] = {
         "conv5",
         96,
         head="fc",
-        perturbation_size=80,
     ),
-    "mobilenet_v2": Family(
-        lambda: M.mobilenet_v2(num_classes=10), "features", 96, head="classifier.1", perturbation_size=80
-    ),
+    "mobilenet_v2": Family(lambda: M.mobilenet_v2(num_classes=10), "features", 96, head="classifier.1"),
     # mobilenet_v3's head is Linear -> Hardswish -> Linear after the pooling: not GAP + linear
-    "mobilenet_v3": Family(
-        lambda: M.mobilenet_v3_small(num_classes=10), "features", 96, perturbation_size=80
-    ),
-    "mnasnet": Family(
-        lambda: M.mnasnet0_5(num_classes=10), "layers", 96, head="classifier.1", perturbation_size=80
-    ),
+    "mobilenet_v3": Family(lambda: M.mobilenet_v3_small(num_classes=10), "features", 96),
+    "mnasnet": Family(lambda: M.mnasnet0_5(num_classes=10), "layers", 96, head="classifier.1"),
     "efficientnet": Family(
         lambda: M.efficientnet_b0(num_classes=10),
         "features",
         96,
         pool="avgpool",
         head="classifier.1",
-        perturbation_size=80,
     ),
     "efficientnet_v2": Family(
         lambda: M.efficientnet_v2_s(num_classes=10),
@@ -168,7 +159,6 @@ FAMILIES: dict[str, Family] = {
         pool="avgpool",
         head="classifier.1",
         heavy=True,
-        perturbation_size=80,
     ),
     "regnet": Family(
         lambda: M.regnet_y_400mf(num_classes=10),
@@ -176,10 +166,9 @@ FAMILIES: dict[str, Family] = {
         96,
         pool="avgpool",
         head="fc",
-        perturbation_size=80,
     ),
     # convnext and maxvit normalise the pooled features before their linear layer
-    "convnext": Family(_convnext, "features", 96, perturbation_size=32),
+    "convnext": Family(_convnext, "features", 96),
     "maxvit": Family(_maxvit, "blocks.1", 64),
     "vit": Family(
         small_vit,
