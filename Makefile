@@ -1,8 +1,12 @@
 # Two entry points: `make demo` (an audit on embedded defaults) and `make test` (lint + the whole suite);
-# `make test-fast` skips the slow tests, `make mutation` runs mutation testing (docs/TESTING.md).
+# `make test-fast` skips the slow tests, `make mutation` runs mutation testing (docs/TESTING.md); both test targets
+# run pytest on $(PYTEST_WORKERS) pytest-xdist workers.
 # All build the virtual environment themselves; `make test` also starts Redis and PostgreSQL if needed.
 
 PYTHON ?= python3
+# pytest-xdist workers; PYTEST_WORKERS=0 runs the suite in one process (docs/TESTING.md).
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -34,11 +38,11 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 
 test: $(VENV)/.installed-dev services lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_PARALLEL) tests
 
 # The inner loop: everything but the tests marked slow (fault injection, whole-pipeline runs).
 test-fast: $(VENV)/.installed-dev services
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_PARALLEL) -m "not slow" tests
 
 # Mutation testing of the modules where a silent error corrupts results (not part of `make test`).
 mutation: $(VENV)/.installed-dev services

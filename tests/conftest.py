@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.plugins.services", "tests.plugins.s3", "tests.plugins.runs"]
+pytest_plugins = [
+    "tests.plugins.services",
+    "tests.plugins.s3",
+    "tests.plugins.runs",
+    "tests.plugins.parallel",
+]

@@ -7,7 +7,6 @@ row per (item, method, layer, class) and every object present.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -29,7 +28,6 @@ from schema.settings import Settings
 from tests.checks import assert_run_complete
 from tests.plugins.s3 import TcpProxy
 from tests.plugins.services import WorkerProcess, wait_until
-from tests.test_e2e_embedded import run_cli
 from workers.celery_app import configure
 from workers.storage import open_storage
 from workers.synth import make_dataset
@@ -56,22 +54,6 @@ def base_env(database: str, broker: str, storage: str, endpoint: str) -> dict[st
         "CAMAUDIT_STORAGE_URL": storage,
         "CAMAUDIT_S3_ENDPOINT_URL": endpoint,
     }
-
-
-def start_run(dataset: Path, env: dict[str, str], methods: str, shard_size: int) -> str:
-    proc = run_cli(
-        "run",
-        "--source",
-        str(dataset),
-        "--methods",
-        methods,
-        "--shard-size",
-        str(shard_size),
-        "--json",
-        env={**os.environ, **env},
-    )
-    assert proc.returncode == 0, proc.stderr
-    return str(json.loads(proc.stdout)["run_id"])
 
 
 def run_status(database_url: str, run_id: str) -> str:
@@ -284,7 +266,9 @@ def test_redis_restart_mid_run(
     env = base_env(postgres_url, private_redis.url, s3_storage_url, s3_endpoint_url)
     env |= {"CAMAUDIT_VISIBILITY_TIMEOUT_S": "10", "CAMAUDIT_UNACKED_RESTORE_INTERVAL_S": "1"}
     worker = start_worker(env, name="w1")
-    run_id = start_run(dataset, env, "gradcam,scorecam", 6)
+    # Planned in this process: a `camaudit run` subprocess may take longer to exit on a loaded
+    # machine than the worker takes to finish shards, and the fault must land on the first one.
+    run_id, _ = plan_in_process(dataset, env, "gradcam,scorecam", 6)
     shard_id = wait_until(lambda: running_shard(postgres_url, run_id), 120, "a shard to start")
     assert isinstance(shard_id, int)
     before_stop = run_state(postgres_url, run_id)
@@ -315,7 +299,7 @@ def test_unreachable_s3_delays_but_loses_nothing(
         env = base_env(postgres_url, redis_url, s3_storage_url, proxy.url)
         worker = start_worker(env, name="w1")
         # Score-CAM keeps each shard busy for seconds, so the outage lands inside the run.
-        run_id = start_run(dataset, env, "gradcam,scorecam", 6)
+        run_id, _ = plan_in_process(dataset, env, "gradcam,scorecam", 6)
         wait_until(lambda: running_shard(postgres_url, run_id), 120, "a shard to start")
         proxy.down()
         # The store stays away until the worker has visibly hit the outage and is retrying.

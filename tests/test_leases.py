@@ -250,7 +250,9 @@ def test_heartbeat_renews_and_notices_when_the_shard_is_no_longer_its_own(run: S
 
     set_run_status(run.database_url, run.run_id, RunStatus.RUNNING)
     other = claim(run, run.shard_ids[1], "a@host:1")
-    with Heartbeat(sessions, run.shard_ids[1], other.attempt, lease_s=30, interval_s=0.05) as beat:
+    # A beat every 2 s, not every 50 ms: a renewal landing between the expiry and the other
+    # claim (likely on a loaded machine) would hand the lease back to this attempt.
+    with Heartbeat(sessions, run.shard_ids[1], other.attempt, lease_s=30, interval_s=2) as beat:
         expire(run.database_url, run.shard_ids[1])
         claim(run, run.shard_ids[1], "b@host:2")
         assert beat.lost.wait(10), "a later attempt must end this one's lease"

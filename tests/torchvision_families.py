@@ -36,6 +36,13 @@ class Family:
     tokens: bool = False
     # seconds per engine + reference run on a 2-core CPU: marked slow
     heavy: bool = False
+    # Input side for Score-CAM and Ablation-CAM, which run one forward per channel of the layer
+    # (hundreds to thousands), so their cost grows with the input's area. What they add to the
+    # gradient methods (the masked or ablated forwards, their batching, the token ablation
+    # layer) does not depend on the grid's size: the smallest input whose grid keeps its parity
+    # and at least 2 x 2 (3 x 3 where it is odd) is enough. The gradient methods keep ``size``.
+    # None: ``size`` (a grid that small already, or a family not yet checked at a smaller input).
+    perturbation_size: int | None = None
 
     def param(self, name: str) -> object:
         """``name`` as a pytest parameter, marked slow for heavy families."""
@@ -98,9 +105,11 @@ def _channels_last_to_grid(tensor: torch.Tensor) -> torch.Tensor:
 
 M = torchvision.models
 FAMILIES: dict[str, Family] = {
-    "alexnet": Family(lambda: M.alexnet(num_classes=10), "features.11", 128, heavy=True),
-    "vgg": Family(lambda: M.vgg11(num_classes=10), "features.19", 64, heavy=True),
-    "squeezenet": Family(lambda: M.squeezenet1_1(num_classes=10), "features", 96),
+    "alexnet": Family(
+        lambda: M.alexnet(num_classes=10), "features.11", 128, heavy=True, perturbation_size=64
+    ),
+    "vgg": Family(lambda: M.vgg11(num_classes=10), "features.19", 64, heavy=True, perturbation_size=32),
+    "squeezenet": Family(lambda: M.squeezenet1_1(num_classes=10), "features", 96, perturbation_size=56),
     "resnet": Family(lambda: M.resnet18(num_classes=10), "layer4", 64, pool="avgpool", head="fc"),
     "resnext": Family(
         lambda: M.ResNet(M.resnet.Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=8, num_classes=10),
@@ -127,14 +136,21 @@ FAMILIES: dict[str, Family] = {
         heavy=True,
     ),
     "shufflenet_v2": Family(
-        lambda: _fan_in_convolutions(M.shufflenet_v2_x0_5(num_classes=10)), "conv5", 96, head="fc"
+        lambda: _fan_in_convolutions(M.shufflenet_v2_x0_5(num_classes=10)),
+        "conv5",
+        96,
+        head="fc",
     ),
     "mobilenet_v2": Family(lambda: M.mobilenet_v2(num_classes=10), "features", 96, head="classifier.1"),
     # mobilenet_v3's head is Linear -> Hardswish -> Linear after the pooling: not GAP + linear
     "mobilenet_v3": Family(lambda: M.mobilenet_v3_small(num_classes=10), "features", 96),
     "mnasnet": Family(lambda: M.mnasnet0_5(num_classes=10), "layers", 96, head="classifier.1"),
     "efficientnet": Family(
-        lambda: M.efficientnet_b0(num_classes=10), "features", 96, pool="avgpool", head="classifier.1"
+        lambda: M.efficientnet_b0(num_classes=10),
+        "features",
+        96,
+        pool="avgpool",
+        head="classifier.1",
     ),
     "efficientnet_v2": Family(
         lambda: M.efficientnet_v2_s(num_classes=10),
@@ -144,7 +160,13 @@ FAMILIES: dict[str, Family] = {
         head="classifier.1",
         heavy=True,
     ),
-    "regnet": Family(lambda: M.regnet_y_400mf(num_classes=10), "trunk_output", 96, pool="avgpool", head="fc"),
+    "regnet": Family(
+        lambda: M.regnet_y_400mf(num_classes=10),
+        "trunk_output",
+        96,
+        pool="avgpool",
+        head="fc",
+    ),
     # convnext and maxvit normalise the pooled features before their linear layer
     "convnext": Family(_convnext, "features", 96),
     "maxvit": Family(_maxvit, "blocks.1", 64),
@@ -170,7 +192,9 @@ def family_model(name: str) -> nn.Module:
     return FAMILIES[name].build().eval()
 
 
-def family_images(name: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
+def family_images(name: str, batch: int = 2, seed: int = 1, *, perturbation: bool = False) -> torch.Tensor:
+    """Random images at the family's size, or at its ``perturbation_size`` for Score-/Ablation-CAM."""
     seeded(seed)
-    size = FAMILIES[name].size
+    spec = FAMILIES[name]
+    size = (spec.perturbation_size or spec.size) if perturbation else spec.size
     return torch.randn(batch, 3, size, size)

@@ -75,19 +75,60 @@ def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     admin.dispose()
 
 
+# Databases 1-15 are lent to tests; database 0 only holds the leases on them.
+REDIS_TEST_DBS = range(1, 16)
+REDIS_LEASE_S = 1800  # longer than any test may run (pytest's timeout), so only a crashed run leaks one
+
+
+def lease_redis_db(admin: redis.Redis, timeout: float = 300) -> tuple[int, str]:
+    """Take a database no other running test holds, whatever process or checkout that test runs in.
+
+    Tests run side by side (pytest-xdist workers, other checkouts on the same server), and a
+    test flushes its database: two tests on one database would wipe each other's queues. A
+    ``SET NX`` lease in database 0 makes the choice exclusive; it expires if its holder dies.
+    """
+    token = uuid.uuid4().hex
+    start = uuid.uuid4().int % len(REDIS_TEST_DBS)
+    order = [REDIS_TEST_DBS[(start + i) % len(REDIS_TEST_DBS)] for i in range(len(REDIS_TEST_DBS))]
+
+    def take() -> int | None:
+        for db in order:
+            if admin.set(f"camaudit-test:redis-db:{db}", token, nx=True, ex=REDIS_LEASE_S):
+                return db
+        return None
+
+    db = wait_until(
+        take, timeout, f"a free Redis test database (all of {len(order)} are leased)", interval=0.5
+    )
+    return int(db), token  # type: ignore[arg-type]
+
+
+def release_redis_db(admin: redis.Redis, db: int, token: str) -> None:
+    """Give the database back, unless its lease expired and another test holds it now."""
+    key = f"camaudit-test:redis-db:{db}"
+    if admin.get(key) == token.encode():
+        admin.delete(key)
+
+
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A Redis database of its own for each test, flushed before and after."""
-    db = 1 + uuid.uuid4().int % 15
+    admin = redis.Redis.from_url(f"{REDIS_BASE_URL}/0")
+    try:
+        admin.ping()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_BASE_URL} ({exc}); run `make services`")
+    db, token = lease_redis_db(admin)
     url = f"{REDIS_BASE_URL}/{db}"
     client = redis.Redis.from_url(url)
     try:
         client.flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.fail(f"Redis is not reachable at {REDIS_BASE_URL} ({exc}); run `make services`")
-    yield url
-    client.flushdb()
-    client.close()
+        yield url
+        client.flushdb()
+    finally:
+        client.close()
+        release_redis_db(admin, db, token)
+        admin.close()
 
 
 def rabbitmqctl(*args: str) -> str:
