@@ -205,6 +205,8 @@ def test_top_regions_are_the_highest_patch_scores(demo_run: DemoRun, full_report
             method,
         )
         assert counts and (method, f"{method} · features") in blocks
+        headings = [h for m, h in blocks if m == method and h != f"{method} · features"]
+        assert headings == [f"{names[t]} ({t}) · {n} maps" for t, n in counts]  # most maps first
         for target, count in counts:
             block = blocks[method, f"{names[target]} ({target}) · {count} maps"]
             best = by_hand.rows(
@@ -241,6 +243,8 @@ def test_worst_maps_are_the_least_energy_in_box_in_the_database(demo_run: DemoRu
             demo_run.run_id,
             method,
         )
+        headings = [h for m, h in blocks if m == method and h != f"{method} · features"]
+        assert headings == [f"{names[t]} ({t}) · worst {min(n, 20)}" for t, n in classes]
         for target, count in classes:
             worst = by_hand.rows(
                 demo_run.db,
