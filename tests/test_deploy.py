@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
-import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 
 from scheduler.audits import AuditError, load_audits
@@ -119,21 +121,6 @@ def test_kubernetes_manifests_are_well_formed() -> None:
     assert beat["spec"]["replicas"] == 1
     scaler = next(d for d in docs if d["kind"] == "ScaledObject")
     assert scaler["spec"]["triggers"][0]["metadata"]["listName"] == "gpu"
-
-
-def test_k8s_commands_are_real_cli_commands() -> None:
-    """Each container's args start with a command the CLI really has."""
-    out = subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    for doc in k8s_docs():
-        spec = doc.get("spec", {})
-        template = spec.get("template") or spec.get("jobTemplate", {}).get("spec", {}).get("template")
-        if not template:
-            continue
-        for container in template["spec"]["containers"]:
-            if container["image"].startswith("camaudit:"):
-                assert re.search(rf"\b{container['args'][0]}\b", out), container["args"]
 
 
 def test_dockerfiles_install_the_project() -> None:
@@ -250,14 +237,236 @@ def test_services_script_starts_a_throwaway_postgres_and_leaves_the_system_confi
 def test_example_audit_alerts_and_prometheus_rules_use_what_camaudit_exports() -> None:
     from prometheus_client import generate_latest
 
-    from scheduler.alerts import RunFacts
+    from scheduler.alerts import ClassFact, QualityFact, RunFacts
     from workers import metrics
 
     rules = load_audits(DEPLOY / "audits.example.yaml")["nightly-val"].alerts
     assert rules is not None and rules.drifted_classes is not None and rules.status == ["partial", "failed"]
-    metrics.record_audit(RunFacts("r", "deploy-check", "finished", 1, 0, 1.0, None, "b", [], []), fired=0)
-    exported = set(re.findall(r"^# TYPE (\w+) gauge", generate_latest(metrics.REGISTRY).decode(), re.M))
+    drift = [ClassFact("gradcam", "layer4", 0, "cat", 0.5, 0.1, True)]
+    quality = [QualityFact("gradcam", "layer4", 3, 0.5)]
+    facts = RunFacts("r", "deploy-check", "finished", 1, 0, 1.0, datetime.now(UTC), "b", drift, quality)
+    metrics.record_audit(facts, fired=0)
+    text = generate_latest(metrics.REGISTRY).decode()
+    exported = set(re.findall(r"^# TYPE (\w+) gauge", text, re.M))
+    labels: dict[str, set[str]] = {}
+    for name, sample_labels in re.findall(r"^(camaudit_\w+)\{(.*)\} ", text, re.M):
+        labels.setdefault(name, set()).update(re.findall(r'(\w+)="', sample_labels))
     groups = yaml.safe_load((DEPLOY / "prometheus" / "camaudit-alerts.yaml").read_text())["groups"]
-    exprs = [rule["expr"] for group in groups for rule in group["rules"]]
-    used = {name for expr in exprs for name in re.findall(r"camaudit_\w+", expr)}
-    assert len(exprs) >= 5 and used and used <= exported, used - exported
+    rules = [rule for group in groups for rule in group["rules"]]
+    used = {name for rule in rules for name in re.findall(r"camaudit_\w+", rule["expr"])}
+    assert len(rules) >= 5 and used and used <= exported, used - exported
+    for rule in rules:
+        names = re.findall(r"camaudit_\w+", rule["expr"])
+        have = set().union(*(labels.get(name, set()) for name in names))
+        for name, selector in re.findall(r"(camaudit_\w+)\{([^}]*)\}", rule["expr"]):
+            wanted = set(re.findall(r"(\w+)\s*[=!~]", selector))
+            assert wanted <= labels.get(name, set()), (rule["alert"], name, wanted - labels.get(name, set()))
+        shown = set(re.findall(r"\$labels\.(\w+)", str(rule.get("annotations", {}))))
+        assert shown <= have, (rule["alert"], shown - have)
+
+
+# --------------------------------------------------------------------------- what the files run
+
+
+def _dockerfile_entrypoint(dockerfile: Path) -> list[str]:
+    import json
+
+    found = re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile.read_text(), re.M)
+    return json.loads(found[1]) if found else []
+
+
+def _dockerfile_cmd(dockerfile: Path) -> list[str]:
+    import json
+
+    found = re.search(r"^CMD (\[.*\])$", dockerfile.read_text(), re.M)
+    return json.loads(found[1]) if found else []
+
+
+def camaudit_command_lines() -> list[tuple[str, list[str]]]:
+    """(where, argv after ``camaudit``) of every process the deployment files start with the CLI."""
+    lines: list[tuple[str, list[str]]] = []
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        dockerfile = DEPLOY / "docker" / name
+        if _dockerfile_entrypoint(dockerfile) == ["camaudit"]:
+            lines.append((f"{name} CMD", _dockerfile_cmd(dockerfile)))
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for service, svc in compose["services"].items():
+        build = svc.get("build")
+        if build and _dockerfile_entrypoint(DEPLOY.parent / build["dockerfile"]) == ["camaudit"]:
+            lines.append((f"compose {service}", [str(a) for a in svc["command"]]))
+    for doc in k8s_docs():
+        spec = doc.get("spec", {})
+        template = spec.get("template") or spec.get("jobTemplate", {}).get("spec", {}).get("template")
+        for container in (template or {}).get("spec", {}).get("containers", []):
+            if container["image"].startswith("camaudit:"):
+                where = f"k8s {doc['kind']} {doc['metadata']['name']}/{container['name']}"
+                lines.append((where, [str(a) for a in container["args"]]))
+    return lines
+
+
+def dry_parse(argv: list[str]) -> list[str]:
+    """Parse ``camaudit ARGV`` with the real CLI down to the command, converting and checking every
+    option and argument, without running it; returns the command path. Raises the CLI's own
+    refusal (a ``typer.TyperException``) for what it would refuse, ``typer.Exit`` for ``--help``."""
+    import typer.main
+
+    from scheduler.cli import app
+
+    command = typer.main.get_command(app)
+    ctx = command.make_context("camaudit", list(argv))
+    path = []
+    while hasattr(command, "resolve_command"):  # a group: the next word names a command
+        rest = [*ctx._protected_args, *ctx.args]
+        name, found, rest = command.resolve_command(ctx, rest)
+        assert found is not None, name  # resolve_command refuses unknown names itself
+        path.append(str(name))
+        command = found
+        ctx = command.make_context(str(name), rest, parent=ctx)
+    return path
+
+
+def test_the_deployment_runs_commands_the_cli_accepts() -> None:
+    """Every `camaudit ...` line in the Dockerfiles, compose and the manifests parses as the CLI
+    would parse it in the container (options converted, required arguments present)."""
+    lines = camaudit_command_lines()
+    where = {w.split(" ")[0] for w, _ in lines}
+    assert {"Dockerfile.cpu", "compose", "k8s"} <= where, lines
+    ran = set()
+    for place, argv in lines:
+        if argv == ["--help"]:
+            with pytest.raises(typer.Exit) as done:  # the image's default: help, status 0
+                dry_parse(argv)
+            assert done.value.exit_code == 0
+            continue
+        try:
+            ran.add(" ".join(dry_parse(argv)))
+        except typer.TyperException as exc:
+            pytest.fail(f"{place} runs `camaudit {' '.join(argv)}`, which the CLI refuses: {exc}")
+    assert {"worker", "db upgrade", "beat", "audit run"} <= ran, ran
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["workr", "--queues", "gpu"],
+        ["worker", "--queuez", "gpu"],
+        ["audit", "run", "--audits", "a.yaml"],  # the audit's name is missing
+        ["db", "upgrad"],
+    ],
+)
+def test_a_command_line_the_cli_would_refuse_is_caught(argv: list[str]) -> None:
+    with pytest.raises(typer.TyperException):
+        dry_parse(argv)
+
+
+def _audit_variables() -> set[str]:
+    """``${NAME}`` the audits files read from the environment (webhook URLs)."""
+    texts = [(DEPLOY / "audits.example.yaml").read_text()]
+    texts += [
+        d["data"]["audits.yaml"]
+        for d in k8s_docs()
+        if d["kind"] == "ConfigMap" and "audits.yaml" in d.get("data", {})
+    ]
+    return {name for text in texts for name in re.findall(r"\$\{(\w+)\}", text)}
+
+
+def deployment_environments() -> dict[str, dict[str, str]]:
+    """The environment each camaudit process gets, by where it is set (compose values interpolated
+    with test credentials)."""
+    credentials = {
+        "POSTGRES_PASSWORD": "pg-pass-1",
+        "MINIO_ROOT_USER": "minio-user",
+        "MINIO_ROOT_PASSWORD": "minio-pass-1",
+        "FLOWER_BASIC_AUTH": "admin:flower-pass-1",
+    }
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    found = {}
+    for service, svc in compose["services"].items():
+        if svc.get("build"):
+            env = svc.get("environment", {})
+            found[f"compose {service}"] = {k: _interpolate(str(v), credentials) for k, v in env.items()}
+    docs = k8s_docs()
+    sources = {
+        (d["kind"], d["metadata"]["name"]): {**d.get("data", {}), **d.get("stringData", {})}
+        for d in docs
+        if d["kind"] in ("ConfigMap", "Secret")
+    }
+    for doc in docs:
+        spec = doc.get("spec", {})
+        template = spec.get("template") or spec.get("jobTemplate", {}).get("spec", {}).get("template")
+        for container in (template or {}).get("spec", {}).get("containers", []):
+            if not container["image"].startswith("camaudit:"):
+                continue
+            env: dict[str, str] = {}
+            for ref in container.get("envFrom", []):
+                kind, key = (
+                    ("ConfigMap", "configMapRef") if "configMapRef" in ref else ("Secret", "secretRef")
+                )
+                name = ref[key]["name"]
+                assert (kind, name) in sources, f"{doc['metadata']['name']} reads unknown {kind} {name}"
+                env.update({k: str(v) for k, v in sources[kind, name].items()})
+            env.update({e["name"]: str(e.get("value", "")) for e in container.get("env", [])})
+            found[f"k8s {doc['metadata']['name']}/{container['name']}"] = env
+    return found
+
+
+def test_every_camaudit_variable_the_deployment_sets_is_a_setting_and_validates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Settings ignores unknown CAMAUDIT_ variables, so a misspelt one would silently do nothing."""
+    from schema.settings import Settings
+
+    fields = set(Settings.model_fields)
+    read_by_audits = _audit_variables()
+    environments = deployment_environments()
+    assert any(w.startswith("compose") for w in environments) and any(
+        w.startswith("k8s") for w in environments
+    )
+    for place, env in environments.items():
+        ours = {k: v for k, v in env.items() if k.startswith("CAMAUDIT_")}
+        assert ours, place
+        for name in ours:
+            field = name.removeprefix("CAMAUDIT_").lower()
+            assert field in fields or name in read_by_audits, (
+                f"{place} sets {name}, which is no setting (CAMAUDIT_ + one of {sorted(fields)}) "
+                "and no ${{VARIABLE}} of an audits file"
+            )
+        for name in [k for k in os.environ if k.startswith("CAMAUDIT_")]:
+            monkeypatch.delenv(name)
+        for name, value in ours.items():
+            monkeypatch.setenv(name, value)
+        settings = Settings()
+        for name, value in ours.items():
+            field = name.removeprefix("CAMAUDIT_").lower()
+            if field in fields and value:
+                assert (
+                    str(getattr(settings, field)).lower()
+                    == str(type(getattr(settings, field))(value)).lower()
+                ), name
+        assert not settings.embedded, f"{place} has no broker: its workers would run nothing"
+
+
+def test_the_audits_the_manifests_run_are_in_the_file_they_mount(tmp_path: Path) -> None:
+    docs = k8s_docs()
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    checked = 0
+    for doc in docs:
+        spec = doc.get("spec", {})
+        pod = (spec.get("template") or spec.get("jobTemplate", {}).get("spec", {}).get("template") or {}).get(
+            "spec", {}
+        )
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod.get("containers", []):
+            args = [str(a) for a in container.get("args", [])]
+            if "--audits" not in args:
+                continue
+            path = Path(args[args.index("--audits") + 1])
+            mount = next(m for m in container["volumeMounts"] if path.parent == Path(m["mountPath"]))
+            config = maps[volumes[mount["name"]]["configMap"]["name"]]
+            local = tmp_path / path.name
+            local.write_text(config["data"][path.name])
+            audits = load_audits(local)
+            if args[:2] == ["audit", "run"]:
+                assert args[2] in audits, (args, sorted(audits))
+            checked += 1
+    assert checked >= 2

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sqlalchemy import func, select, update
+from torch import nn
 
 from scheduler.analysis.quality import (
     Faithfulness,
     QualityError,
+    _faithfulness,
+    _Sample,
+    _sanity,
     box_mask,
     faithfulness,
     localisation,
@@ -24,10 +34,13 @@ from scheduler.analysis.quality import (
 )
 from schema.db import session_scope
 from schema.models import Item, Run
+from tests import by_hand
 from tests.plugins.runs import DemoRun
 from tests.test_e2e_embedded import run_cli
-from workers.models import load_model
+from workers.map_reads import MapRef
+from workers.models import LoadedModel, load_model
 from workers.preprocess import Preprocess
+from workers.storage import LocalStorage
 
 SAMPLE = 6
 STEPS = 10
@@ -220,3 +233,125 @@ def test_quality_uses_the_sources_the_run_read(demo_run: DemoRun, tmp_path: Path
         with session_scope(demo_run.db) as s:
             s.execute(update(Item).where(Item.id == first.id).values(source_uri=first.source_uri))
     assert {f.n for f in found} == {demo_run.n_items - 1}
+
+
+def test_localisation_matches_a_hand_computation_from_the_stored_maps(demo_run: DemoRun) -> None:
+    """The stored PNGs and item boxes, read with sqlite3 and PIL and scored with numpy."""
+    methods, classes = by_hand.localisation(demo_run.db, demo_run.run_id)
+    report = localisation(demo_run.db, demo_run.run_id)
+    assert {r.method for r in report.methods} == set(methods) == {"gradcam", "cam"}
+    for row in report.methods:
+        expected = methods[row.method]
+        assert row.n == expected.n
+        assert row.pointing_game == pytest.approx(expected.pointing_game)
+        assert row.energy_in_box == pytest.approx(expected.energy_in_box)
+        assert row.box_fraction == pytest.approx(expected.box_fraction)
+    assert {(r.method, r.target_class) for r in report.classes} == set(classes)
+    for row in report.classes:
+        expected = classes[row.method, row.target_class]
+        assert (row.n, row.pointing_game) == (expected.n, pytest.approx(expected.pointing_game))
+        assert row.energy_in_box == pytest.approx(expected.energy_in_box)
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+class LinearProbability(nn.Module):
+    """Class 0's softmax probability is ``0.05 + 0.9 * sum(weights * channel 0)``, exactly."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.weights = nn.Parameter(weights, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = 0.05 + 0.9 * (x[:, 0] * self.weights).sum(dim=(1, 2))
+        return torch.stack([p.log(), (1 - p).log()], dim=1)
+
+
+def _png(levels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(levels.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_deletion_and_insertion_of_a_linear_model_follow_the_closed_form(tmp_path: Path) -> None:
+    """A 10 x 10 image with four lit pixels, a model whose probability is linear in them, and a map
+    that ranks them by weight: removing one pixel a step, the curves are known sums of weights."""
+    spots, weights = [(2, 2), (2, 7), (7, 2), (7, 7)], [0.4, 0.3, 0.2, 0.1]
+    w = torch.zeros(10, 10)
+    image = torch.zeros(3, 10, 10)
+    saliency = np.zeros((10, 10))
+    for (y, x), weight, level in zip(spots, weights, (250, 200, 150, 100), strict=True):
+        w[y, x], image[0, y, x], saliency[y, x] = weight, 1.0, level
+    storage = LocalStorage(tmp_path)
+    storage.put("map.png", _png(saliency))
+    sample = _Sample(
+        item_ids=[1],
+        images=image[None],
+        targets=torch.tensor([0]),
+        maps={("linear", "pixels"): {0: MapRef("map.png", "map.npy")}},
+    )
+    loaded = cast(LoadedModel, SimpleNamespace(model=LinearProbability(w)))
+    steps = 100  # one pixel a step
+    found = {f.method: f for f in _faithfulness(loaded, sample, storage, steps, seed=0, batch_size=64)}
+    assert set(found) == {"linear", "random"} and found["linear"].n == found["random"].n == 1
+    # A lit pixel blurred (sigma 0.5, a 5-tap kernel; its neighbours within 2 are dark) keeps the
+    # centre tap of the normalised 2-D Gaussian.
+    g0 = (1 / sum(math.exp(-2 * m * m) for m in range(-2, 3))) ** 2
+    deletion = [0.05 + 0.9 * sum(weights[k:]) for k in range(steps + 1)]
+    insertion = [0.05 + 0.9 * (sum(weights[:k]) + g0 * sum(weights[k:])) for k in range(steps + 1)]
+    linear = found["linear"]
+    assert linear.deletion_curve == pytest.approx(deletion, abs=1e-6)
+    assert linear.insertion_curve == pytest.approx(insertion, abs=1e-6)
+    # trapezoids of width 1 / steps: the inner points once, the two ends half
+    for curve, auc in ((deletion, linear.deletion_auc), (insertion, linear.insertion_auc)):
+        assert auc == pytest.approx((sum(curve) - (curve[0] + curve[-1]) / 2) / steps, abs=1e-6)
+    # any order starts and ends on the same images
+    random = found["random"]
+    assert random.deletion_curve[0] == pytest.approx(0.95) and random.deletion_curve[-1] == pytest.approx(
+        0.05
+    )
+    assert random.insertion_curve[0] == pytest.approx(0.05 + 0.9 * g0)
+    assert random.insertion_curve[-1] == pytest.approx(0.95)
+
+
+class KnownReset(nn.Linear):
+    """A head whose re-initialisation is known: it swaps which channel each class reads."""
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+            if self.bias is not None:
+                self.bias.zero_()
+
+
+def test_the_randomisation_check_correlates_the_trained_and_the_randomised_maps(tmp_path: Path) -> None:
+    """Features are the image's two channels; the trained head gives class 0 channel 0, the
+    re-initialised one channel 1, so each map is one channel and the correlation is the channels':
+    -1 for a channel and its complement, 0 for a horizontal and a vertical ramp."""
+    model = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(2, 2, 1, bias=False),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=KnownReset(2, 2),
+        )
+    )
+    with torch.no_grad():
+        model.conv.weight.copy_(torch.eye(2)[:, :, None, None])
+        model.fc.weight.copy_(torch.eye(2))
+    ramp = torch.linspace(0.1, 1.0, 8)
+    across, down = ramp[None, :].expand(8, 8), ramp[:, None].expand(8, 8)
+    images = torch.stack([torch.stack([across, 1.1 - across]), torch.stack([across, down])])
+    expected = [
+        float(np.corrcoef(images[i, 0].numpy().ravel(), images[i, 1].numpy().ravel())[0, 1]) for i in range(2)
+    ]
+    assert expected == pytest.approx([-1.0, 0.0], abs=1e-6)
+    sample = _Sample(item_ids=[1, 2], images=images, targets=torch.tensor([0, 0]), maps={})
+    run = cast(Run, SimpleNamespace(methods=["gradcam", "cam"], layers=["conv"]))
+    loaded = cast(LoadedModel, SimpleNamespace(model=model.eval(), reshape=None))
+    checks = {c.method: c for c in _sanity(run, loaded, sample, randomise=1, seed=0, batch=2)}
+    assert set(checks) == {"gradcam", "cam"}
+    for check in checks.values():
+        assert check.randomised == ["fc"] and check.n == 2
+        assert check.mean_correlation == pytest.approx(sum(expected) / 2, abs=1e-4)
