@@ -168,6 +168,11 @@ def shard_rows(
                             "box_hit": rng.random() < 0.5,
                             "outside_mass": rng.random(),
                             "border_share": rng.random(),
+                            # byte ranges in a packed tar: refreshed by a re-run like every column
+                            "object_offset": rng.randrange(1 << 40),
+                            "object_length": rng.randrange(1, 1 << 20),
+                            "raw_offset": rng.randrange(1 << 40),
+                            "raw_length": rng.randrange(1, 1 << 20),
                         }
                     )
                     scores = sorted((rng.random() / 3 for _ in range(top_patches)), reverse=True)
