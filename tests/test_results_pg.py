@@ -126,7 +126,13 @@ def seed_run(
 
 
 def shard_rows(
-    run: SeededRun, shard_id: int, *, top_patches: int = 3, seed: int = 0, classes: Sequence[int] = (0, 1)
+    run: SeededRun,
+    shard_id: int,
+    *,
+    top_patches: int = 3,
+    seed: int = 0,
+    classes: Sequence[int] = (0, 1),
+    packed: bool = False,
 ) -> Rows:
     """Rows shaped like ``workers.shard`` builds them: every item explained for ``classes``."""
     rng = random.Random(f"{run.run_id}:{shard_id}:{seed}")
@@ -168,13 +174,15 @@ def shard_rows(
                             "box_hit": rng.random() < 0.5,
                             "outside_mass": rng.random(),
                             "border_share": rng.random(),
-                            # byte ranges in a packed tar: refreshed by a re-run like every column
-                            "object_offset": rng.randrange(1 << 40),
-                            "object_length": rng.randrange(1, 1 << 20),
-                            "raw_offset": rng.randrange(1 << 40),
-                            "raw_length": rng.randrange(1, 1 << 20),
                         }
                     )
+                    if packed:  # byte ranges in a packed tar (the objects themselves are not written)
+                        rows.heatmaps[-1].update(
+                            object_offset=rng.randrange(1 << 40),
+                            object_length=rng.randrange(1, 1 << 20),
+                            raw_offset=rng.randrange(1 << 40),
+                            raw_length=rng.randrange(1, 1 << 20),
+                        )
                     scores = sorted((rng.random() / 3 for _ in range(top_patches)), reverse=True)
                     for rank, score in enumerate(scores):
                         row, col = rng.randrange(4), rng.randrange(4)
@@ -305,8 +313,8 @@ def test_a_rerun_refreshes_every_heatmap_and_patch_column(database_url: str) -> 
     run = seed_run(database_url, "r1", n_items=3)
     shard_id = run.shard_ids[0]
     for n, mode in enumerate(_modes(database_url)):
-        write_shard(database_url, shard_rows(run, shard_id, seed=10 + 2 * n))
-        second = shard_rows(run, shard_id, seed=11 + 2 * n)
+        write_shard(database_url, shard_rows(run, shard_id, seed=10 + 2 * n, packed=True))
+        second = shard_rows(run, shard_id, seed=11 + 2 * n, packed=True)
         with session_scope(database_url) as session:
             ids = results.upsert_heatmaps(session, second.heatmaps, mode=mode)
             results.delete_stale_patch_scores(session, list(ids.values()), 3)
