@@ -236,7 +236,6 @@ def unfinished(database_url: str, run_id: str) -> list[int]:
         )
 
 
-@pytest.mark.slow
 def test_random_interleavings_on_postgresql_keep_the_counters_equal_to_the_recount(postgres_url: str) -> None:
     """Threads commit, fail, repeat late commits, let leases run out, take over, sweep and resume."""
     upgrade(postgres_url)
