@@ -12,9 +12,10 @@ Why the kept counters stay exact: every writer that changes a shard's status or 
 the run row's lock first (``FOR NO KEY UPDATE`` or gc's ``FOR UPDATE``; SQLite serialises
 writers) and the shard row's second, and applies the shard's difference in the same
 transaction: ``commit_shard``, ``fail_shard``, ``note_lost_lease`` (claims taking over a lease
-and the sweep), ``reopen_run``, gc. So while one transaction holds the run row no other has an
+and the sweep), ``reopen_run``. So while one transaction holds the run row no other has an
 uncommitted change of a shard's contribution, each committed change has been added exactly
-once, and a rolled-back one has added nothing. The fence refuses to re-finish a shard
+once, and a rolled-back one has added nothing. (gc deletes shards only after marking the run
+``deleting``, which no commit passes and from which no run ends.) The fence refuses to re-finish a shard
 (``commit_shard`` of a done shard raises ``LeaseLost``; ``fail_shard`` leaves a finished shard
 alone), and even a re-finish would add only its difference (:func:`add_change`).
 """
