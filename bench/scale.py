@@ -444,6 +444,8 @@ def add_done_shards(database_url: str, run_id: str, count: int, images: int) -> 
             )
         run.n_shards += count
         run.n_items += count * images
+        run.shards_done += count  # the counters their commits would have added
+        run.n_done += count * images
 
 
 # ------------------------------------------------------------------------------------ servers

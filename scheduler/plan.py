@@ -28,6 +28,7 @@ from workers.device_defaults import defaults_for
 from workers.fetch import allowed_roots
 from workers.models import LoadedModel, load_model_cached, resolve_layer
 from workers.preprocess import Preprocess, PreprocessError, parse_mode
+from workers.run_counters import recount_counts
 from workers.run_targets import TargetSpecError, batch_spec, depends_on_item
 
 # Methods whose check would cost hundreds of forward passes; their shape logic is shared with the rest.
@@ -227,8 +228,12 @@ def reopen_run(database_url: str, run_id: str) -> list[int]:
             shard.status = ShardStatus.PENDING
             shard.error = None
             shard.lease_expires_at = None
+        # Commits keep the counters by adding each shard's change; failed shards made pending
+        # again change them here, so the run is recounted from its shards once (resume is rare).
+        counts = recount_counts(session, run_id)
+        run.shards_done, run.shards_failed = counts.shards_done, counts.shards_failed
+        run.n_done, run.n_failed = counts.n_done, counts.n_failed
         if shards and run.status in RunStatus.TERMINAL:
             run.status = RunStatus.RUNNING
             run.finished_at = None
-            run.shards_failed = 0
         return [shard.id for shard in shards]

@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from schema.db import get_engine, session_scope
 from schema.models import Item, Run, RunStatus, Shard, ShardStatus, utcnow
 from schema.redact import hide_password
 from schema.settings import Settings, get_settings
-from workers import metrics, results
+from workers import metrics, results, run_counters
 from workers.cam import CamEngine, CamResult
 from workers.cam.device_errors import is_device_error, is_out_of_memory
 from workers.device_decode import (
@@ -991,33 +991,14 @@ def compute_shard(
     return rows
 
 
-def _finish_run_if_complete(session: Session, run: Run) -> str | None:
-    """Called with the run row locked: exactly one shard completion sees the last shard land."""
-    if run.status in RunStatus.TERMINAL or run.shards_done + run.shards_failed < run.n_shards:
-        return None
-    if run.shards_failed == 0:
-        run.status = RunStatus.FINISHED
-    elif run.shards_done > 0:
-        run.status = RunStatus.PARTIAL
-    else:
-        run.status = RunStatus.FAILED
-    run.finished_at = utcnow()
-    return run.status
-
-
 def _refresh_run(session: Session, run: Run) -> str | None:
-    """Derive the run's counters from its shards, so no order of deliveries can double-count."""
-    session.flush()
-    counts = session.execute(
-        select(
-            func.count().filter(Shard.status == ShardStatus.DONE),
-            func.count().filter(Shard.status == ShardStatus.FAILED),
-            func.coalesce(func.sum(Shard.n_done), 0),
-            func.coalesce(func.sum(Shard.n_failed), 0),
-        ).where(Shard.run_id == run.id)
-    ).one()
-    run.shards_done, run.shards_failed, run.n_done, run.n_failed = (int(v) for v in counts)
-    return _finish_run_if_complete(session, run)
+    """Recount the locked run from all its shards and end it if complete: for the rare paths.
+
+    Shard commits and failures add their own shard's change instead (workers/run_counters.py):
+    a recount reads every shard of the run, which under the run row's lock capped one run's
+    commits at one aggregate over ~40,000 shards at a time.
+    """
+    return run_counters.recount(session, run)
 
 
 def _lock_run(session: Session, run_id: str) -> Run:
@@ -1055,6 +1036,7 @@ def commit_shard(database_url: str, work: ShardWork, rows: ShardRows) -> ShardOu
         shard = _lock_shard(session, work.shard_id)
         assert shard is not None
         _check_holder(run, shard, work)
+        before = run_counters.counts_of(shard)
         shard.status = ShardStatus.DONE
         shard.error = None
         shard.finished_at = utcnow()
@@ -1062,7 +1044,7 @@ def commit_shard(database_url: str, work: ShardWork, rows: ShardRows) -> ShardOu
         shard.n_done, shard.n_failed = rows.n_done, rows.n_failed
         for column, value in rows.provenance.items():
             setattr(shard, column, value)
-        run_status = _refresh_run(session, run)
+        run_status = run_counters.add_change(session, work.run_id, before, run_counters.counts_of(shard))
     return ShardOutcome(work.run_id, work.shard_index, "done", rows.n_done, rows.n_failed, run_status)
 
 
@@ -1088,11 +1070,12 @@ def fail_shard(database_url: str, run_id: str, shard_id: int, error: str) -> Sha
                 run_id, index, "skipped", reason=f"attempt {shard.attempts} runs it on {shard.worker}"
             )
         if shard.status not in (ShardStatus.DONE, ShardStatus.FAILED):
+            before = run_counters.counts_of(shard)
             shard.status = ShardStatus.FAILED
             shard.error = error[:4000]
             shard.finished_at = now
             shard.lease_expires_at = None
-            run_status = _refresh_run(session, run)
+            run_status = run_counters.add_change(session, run.id, before, run_counters.counts_of(shard))
     return ShardOutcome(run_id, index, "failed", run_status=run_status)
 
 
