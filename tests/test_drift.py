@@ -339,6 +339,10 @@ def test_pearson_is_scale_free_and_handles_flat_maps() -> None:
     assert pearson(np.zeros((4, 4)), a[:4, :4]) == 0.0
     b = rng.random((7, 9))
     assert pearson(a, b) == pytest.approx(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]))
+    # Rounding puts this map's correlation with itself at 1 + 2e-16 before the clamp: a
+    # correlation is never outside [-1, 1].
+    edge = np.random.default_rng(0).random((3, 4))
+    assert pearson(edge, edge) == 1.0 and pearson(edge, -edge) == -1.0
 
 
 def test_area_iou_matches_cell_iou_on_one_grid_and_handles_other_grids() -> None:
@@ -367,6 +371,14 @@ def test_mass_shift_and_centre_of_mass() -> None:
     x, y = centre_of_mass(left)
     assert (x, y) == pytest.approx((0.25, 0.5))
     assert centre_of_mass(np.zeros((3, 3))) == (0.5, 0.5)
+    # a map of little mass (here 0.32 in all) still has its centre where its mass is
+    assert centre_of_mass(left * 0.01) == pytest.approx((0.25, 0.5))
+    assert centre_of_mass(right * 0.01) == pytest.approx((0.75, 0.5))
+    assert mass_shift(left * 0.01, right * 0.01) == pytest.approx(1.0)
+    # a map without mass counts as spread evenly: half of `left`'s cells hold none of it
+    assert mass_shift(np.zeros((4, 8)), left) == pytest.approx(0.5)
+    assert mass_shift(right, np.zeros((4, 8))) == pytest.approx(0.5)
+    assert mass_shift(np.zeros((4, 8)), np.zeros((4, 8))) == 0.0
 
 
 # --------------------------------------------------------------------------- provenance
@@ -469,10 +481,14 @@ def store_runs(
     size_a: tuple[int, int],
     size_b: tuple[int, int],
     boxes: tuple[list[Box], list[Box]] = ([], []),
+    *,
+    resize: tuple[str, str] = ("stretch", "stretch"),
+    source: tuple[int, int] | None = None,
 ) -> tuple[str, str, str]:
     """Runs A and B over the same images, one gradcam map of class 0 per image; (db, a, b).
 
-    ``boxes`` are the top patches' boxes of every map of A and of B.
+    ``boxes`` are the top patches' boxes of every map of A and of B; ``resize`` how each run
+    fitted its images to its input; ``source`` the images' (width, height), unrecorded if None.
     """
     from tests.test_results_pg import seed_run
     from workers import results
@@ -482,7 +498,8 @@ def store_runs(
     db = f"sqlite:///{root / 'runs.db'}"
     upgrade(db)
     ids = []
-    for name, maps, size, run_boxes in (("a", maps_a, size_a, boxes[0]), ("b", maps_b, size_b, boxes[1])):
+    sides = (("a", maps_a, size_a, boxes[0], resize[0]), ("b", maps_b, size_b, boxes[1], resize[1]))
+    for name, maps, size, run_boxes, fit in sides:
         out = root / f"maps-{name}"
         seeded = seed_run(db, name, output_uri=str(out), n_items=len(maps), shard_size=len(maps))
         storage = open_storage(str(out))
@@ -512,7 +529,11 @@ def store_runs(
                 }
             )
         with session_scope(db) as s:
-            s.execute(update(Run).where(Run.id == name).values(preprocess={"size": list(size)}))
+            s.execute(
+                update(Run).where(Run.id == name).values(preprocess={"size": list(size), "resize": fit})
+            )
+            if source is not None:
+                s.execute(update(Item).where(Item.run_id == name).values(width=source[0], height=source[1]))
             results.update_items(s, [{"id": i, "status": "done", "pred_class": 0} for i in seeded.item_ids])
             heatmap_ids = results.upsert_heatmaps(s, rows)
             results.upsert_patch_scores(
@@ -646,9 +667,31 @@ def test_movers_are_the_least_similar_pairs_most_changed_first(tmp_path: Path) -
     assert diff_runs(db, a, b, limit=0).movers == []
     (shift,) = diff.classes
     assert shift.n == 3 and shift.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
+    # The class compares its mean maps: B's three blobs (columns 6, 7 and 10) average to a
+    # centre at column 23/3, 5/3 of a cell (8 px) right of A's. Every blob has the same row
+    # profile, so the mass that moved is that of the column profiles [1, 2, 1] / 4: A's
+    # columns 5-7 hold 12, 24, 12 of 48 parts where B's hold 4, 12, 12, so 20/48 moved.
+    assert shift.centre_shift_px == pytest.approx(5 / 3 * 8, abs=1e-3)
+    assert shift.l1_shift == pytest.approx(20 / 48, abs=1e-6)
     # a class is drifted exactly when its mean correlation is below 1 - threshold
     assert not diff_runs(db, a, b, threshold=1 - shift.mean_correlation + 1e-3).classes[0].drifted
     assert diff_runs(db, a, b, threshold=1 - shift.mean_correlation - 1e-3).classes[0].drifted
+
+
+def test_runs_that_fit_a_narrow_image_differently_compare_the_rows_both_saw(tmp_path: Path) -> None:
+    """A 1 x 64 source: run A stretches it to 8 x 8, run B centre-crops its middle row.
+
+    A's map is row + column, B's is column. B sees only source rows 31.5-32.5, where A's
+    eight rows span 3.4375 + (r + 0.5) / 64, so on the common grid A is the column plus a
+    ramp of variance 1/4096 of the column's: correlation 1 / sqrt(1 + 1/4096). Compared
+    cell by cell (as if both had stretched) it would be 1 / sqrt(2).
+    """
+    rows, cols = np.mgrid[0:8, 0:8].astype(np.float32)
+    db, a, b = store_runs(
+        tmp_path, [rows + cols], [cols], (8, 8), (8, 8), resize=("stretch", "center-crop"), source=(1, 64)
+    )
+    (mover,) = diff_runs(db, a, b).movers
+    assert mover.correlation == pytest.approx(1 / math.sqrt(1 + 1 / 4096), abs=1e-6)
 
 
 def test_resample_returns_float32_maps_on_either_grid() -> None:
