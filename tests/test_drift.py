@@ -484,11 +484,13 @@ def store_runs(
     *,
     resize: tuple[str, str] = ("stretch", "stretch"),
     source: tuple[int, int] | None = None,
+    boxes_by_map: tuple[list[list[Box]], list[list[Box]]] | None = None,
 ) -> tuple[str, str, str]:
     """Runs A and B over the same images, one gradcam map of class 0 per image; (db, a, b).
 
-    ``boxes`` are the top patches' boxes of every map of A and of B; ``resize`` how each run
-    fitted its images to its input; ``source`` the images' (width, height), unrecorded if None.
+    ``boxes`` are the top patches' boxes of every map of A and of B (``boxes_by_map``: of each
+    map, in order), on the 8-pixel grid both runs record; ``resize`` how each run fitted its
+    images to its input; ``source`` the images' (width, height), unrecorded if None.
     """
     from tests.test_results_pg import seed_run
     from workers import results
@@ -498,8 +500,8 @@ def store_runs(
     db = f"sqlite:///{root / 'runs.db'}"
     upgrade(db)
     ids = []
-    sides = (("a", maps_a, size_a, boxes[0], resize[0]), ("b", maps_b, size_b, boxes[1], resize[1]))
-    for name, maps, size, run_boxes, fit in sides:
+    for side, (name, maps, size) in enumerate((("a", maps_a, size_a), ("b", maps_b, size_b))):
+        map_boxes = boxes_by_map[side] if boxes_by_map is not None else [boxes[side]] * len(maps)
         out = root / f"maps-{name}"
         seeded = seed_run(db, name, output_uri=str(out), n_items=len(maps), shard_size=len(maps))
         storage = open_storage(str(out))
@@ -530,7 +532,9 @@ def store_runs(
             )
         with session_scope(db) as s:
             s.execute(
-                update(Run).where(Run.id == name).values(preprocess={"size": list(size), "resize": fit})
+                update(Run)
+                .where(Run.id == name)
+                .values(preprocess={"size": list(size), "resize": resize[side]})
             )
             if source is not None:
                 s.execute(update(Item).where(Item.run_id == name).values(width=source[0], height=source[1]))
@@ -547,8 +551,8 @@ def store_runs(
                         "layer": "l",
                         "target_class": 0,
                         "rank": rank,
-                        "row": rank,
-                        "col": 0,
+                        "row": y0 // 8,
+                        "col": x0 // 8,
                         "x0": x0,
                         "y0": y0,
                         "x1": x1,
@@ -556,7 +560,7 @@ def store_runs(
                         "score": 1.0 - rank / 10,
                     }
                     for (item_id, *_), heatmap_id in heatmap_ids.items()
-                    for rank, (x0, y0, x1, y1) in enumerate(run_boxes)
+                    for rank, (x0, y0, x1, y1) in enumerate(map_boxes[seeded.item_ids.index(item_id)])
                 ],
             )
         ids.append(name)
@@ -603,6 +607,13 @@ def test_one_blob_stored_at_7x7_and_at_14x14_has_not_moved(tmp_path: Path) -> No
             items = dict(s.execute(select(Item.source_uri, Item.id).where(Item.run_id == second)).all())
         assert all(m.item_b == items[m.source_uri] for m in diff.movers)
         (shift,) = diff.classes
+        assert (shift.method, shift.layer, shift.target_class, shift.class_name, shift.n) == (
+            "gradcam",
+            "l",
+            0,
+            "circle",
+            3,
+        )
         assert shift.mean_iou == pytest.approx(0.5) and diff.mean_iou == pytest.approx(0.5)
         assert shift.mean_correlation == pytest.approx(1.0, abs=1e-4) and not shift.drifted
         assert shift.l1_shift == pytest.approx(0.0, abs=1e-3)
@@ -665,6 +676,7 @@ def test_movers_are_the_least_similar_pairs_most_changed_first(tmp_path: Path) -
     assert diff.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
     assert (diff.pairs, diff.unmatched_a, diff.unmatched_b) == (3, 0, 0)
     assert diff_runs(db, a, b, limit=0).movers == []
+    assert [order[m.item_a] for m in diff_runs(db, a, b, limit=1).movers] == [2]
     (shift,) = diff.classes
     assert shift.n == 3 and shift.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
     # The class compares its mean maps: B's three blobs (columns 6, 7 and 10) average to a
@@ -692,6 +704,26 @@ def test_runs_that_fit_a_narrow_image_differently_compare_the_rows_both_saw(tmp_
     )
     (mover,) = diff_runs(db, a, b).movers
     assert mover.correlation == pytest.approx(1 / math.sqrt(1 + 1 / 4096), abs=1e-6)
+
+
+def test_movers_that_tie_on_correlation_are_ranked_by_iou_then_kept_in_run_order(tmp_path: Path) -> None:
+    """Four unchanged maps (correlation 1) whose top patches overlap 1, 1/2, 0 and 1/2."""
+    same = [blob((14, 14), 6, 6)] * 4
+    cell, right, low = (0, 0, 8, 8), (8, 0, 16, 8), (8, 8, 16, 16)
+    boxes_a: list[list[Box]] = [[cell], [cell, right], [cell], [cell, right]]
+    boxes_b: list[list[Box]] = [[cell], [cell], [low], [cell]]
+    db, a, b = store_runs(tmp_path, same, same, (112, 112), (112, 112), boxes_by_map=(boxes_a, boxes_b))
+    with session_scope(db) as s:
+        order = {
+            item_id: n
+            for n, item_id in enumerate(
+                s.execute(select(Item.id).where(Item.run_id == a).order_by(Item.ordinal)).scalars()
+            )
+        }
+    movers = diff_runs(db, a, b, limit=3).movers
+    assert [m.iou for m in movers] == [0.0, 0.5, 0.5]
+    assert [order[m.item_a] for m in movers] == [2, 1, 3]
+    assert [order[m.item_a] for m in diff_runs(db, a, b, limit=2).movers] == [2, 1]
 
 
 def test_resample_returns_float32_maps_on_either_grid() -> None:
