@@ -118,9 +118,10 @@ def reference_layer(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def test_upsample_is_relu_min_max_and_bilinear_resize() -> None:
-    raw = np.random.default_rng(11).normal(size=(2, 3, 4)).astype(np.float32)  # non-square
+    # three maps (an odd count: no pairing of maps into channels) on a non-square grid
+    raw = np.random.default_rng(11).normal(size=(3, 3, 4)).astype(np.float32)
     ours = upsample(torch.from_numpy(raw), (9, 12)).numpy()
-    assert ours.shape == (2, 9, 12)
+    assert ours.shape == (3, 9, 12)
     np.testing.assert_allclose(ours, reference_layer(raw, (9, 12)), rtol=0, atol=1e-6)
     # every map spans [0, 1]; a threefold resize keeps both ends (it samples every cell centre)
     assert np.allclose(ours.min(axis=(1, 2)), 0.0, atol=1e-6)
