@@ -15,6 +15,7 @@ from sqlalchemy import delete, func, select, update
 from torch import nn
 
 from scheduler.analysis.drift import (
+    _TOLERANCE,
     Box,
     ClassShift,
     DriftError,
@@ -485,12 +486,14 @@ def store_runs(
     resize: tuple[str, str] = ("stretch", "stretch"),
     source: tuple[int, int] | None = None,
     boxes_by_map: tuple[list[list[Box]], list[list[Box]]] | None = None,
+    layers: list[str] | None = None,
 ) -> tuple[str, str, str]:
     """Runs A and B over the same images, one gradcam map of class 0 per image; (db, a, b).
 
     ``boxes`` are the top patches' boxes of every map of A and of B (``boxes_by_map``: of each
     map, in order), on the 8-pixel grid both runs record; ``resize`` how each run fitted its
-    images to its input; ``source`` the images' (width, height), unrecorded if None.
+    images to its input; ``source`` the images' (width, height), unrecorded if None;
+    ``layers`` the layer of each image's map (``l`` for all if None).
     """
     from tests.test_results_pg import seed_run
     from workers import results
@@ -506,15 +509,15 @@ def store_runs(
         seeded = seed_run(db, name, output_uri=str(out), n_items=len(maps), shard_size=len(maps))
         storage = open_storage(str(out))
         rows = []
-        for item_id, raw in zip(seeded.item_ids, maps, strict=True):
-            key = f"runs/{name}/gradcam/l/{item_id}/0"
+        for item_id, raw, layer in zip(seeded.item_ids, maps, layers or ["l"] * len(maps), strict=True):
+            key = f"runs/{name}/gradcam/{layer}/{item_id}/0"
             storage.put(key + ".npy", encode_npy(raw), "application/octet-stream")
             rows.append(
                 {
                     "item_id": item_id,
                     "run_id": name,
                     "method": "gradcam",
-                    "layer": "l",
+                    "layer": layer,
                     "target_class": 0,
                     "target_score": 1.0,
                     "object_key": key + ".png",
@@ -548,7 +551,7 @@ def store_runs(
                         "run_id": name,
                         "item_id": item_id,
                         "method": "gradcam",
-                        "layer": "l",
+                        "layer": layer,
                         "target_class": 0,
                         "rank": rank,
                         "row": y0 // 8,
@@ -559,7 +562,7 @@ def store_runs(
                         "y1": y1,
                         "score": 1.0 - rank / 10,
                     }
-                    for (item_id, *_), heatmap_id in heatmap_ids.items()
+                    for (item_id, _, layer, _), heatmap_id in heatmap_ids.items()
                     for rank, (x0, y0, x1, y1) in enumerate(map_boxes[seeded.item_ids.index(item_id)])
                 ],
             )
@@ -724,6 +727,33 @@ def test_movers_that_tie_on_correlation_are_ranked_by_iou_then_kept_in_run_order
     assert [m.iou for m in movers] == [0.0, 0.5, 0.5]
     assert [order[m.item_a] for m in movers] == [2, 1, 3]
     assert [order[m.item_a] for m in diff_runs(db, a, b, limit=2).movers] == [2, 1]
+
+
+def test_classes_come_least_similar_first_and_drift_strictly_below_the_bound(tmp_path: Path) -> None:
+    """Layer ``a`` kept its two maps, layer ``b`` moved both a cell: ``b`` is listed first, drifted."""
+    still, moved = blob((8, 8), 2, 2), blob((8, 8), 2, 3)
+    layers = ["a", "a", "b", "b"]
+    db, a, b = store_runs(
+        tmp_path, [still] * 4, [still, still, moved, moved], (64, 64), (64, 64), layers=layers
+    )
+    expected = float(np.corrcoef(still.ravel(), moved.ravel())[0, 1])
+    diff = diff_runs(db, a, b, threshold=0.0)
+    assert [(c.layer, c.n) for c in diff.classes] == [("b", 2), ("a", 2)]
+    moved_class, kept_class = diff.classes
+    assert moved_class.mean_correlation == pytest.approx(expected, abs=1e-6) and moved_class.drifted
+    # unchanged maps are not drifted even at threshold 0: rounding is no drift
+    assert kept_class.mean_correlation == pytest.approx(1.0, abs=1e-9) and not kept_class.drifted
+    assert diff.drifted == [moved_class]
+    # "below 1 - threshold" is strict: a class exactly at the bound (after the rounding
+    # allowance) is not drifted, one a hair below it is
+    bound = 1.0 - moved_class.mean_correlation - _TOLERANCE
+    while 1.0 - bound - _TOLERANCE > moved_class.mean_correlation:
+        bound = float(np.nextafter(bound, 2.0))
+    while 1.0 - bound - _TOLERANCE < moved_class.mean_correlation:
+        bound = float(np.nextafter(bound, -1.0))
+    assert 1.0 - bound - _TOLERANCE == moved_class.mean_correlation
+    assert not diff_runs(db, a, b, threshold=bound, limit=0).classes[0].drifted
+    assert diff_runs(db, a, b, threshold=bound - 1e-12, limit=0).classes[0].drifted
 
 
 def test_resample_returns_float32_maps_on_either_grid() -> None:

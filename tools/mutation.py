@@ -75,7 +75,7 @@ TARGETS = (
         (
             "tests/test_drift.py",
             "-k",
-            "blob or movers or resample or pearson or area_iou or mass_shift or narrow",
+            "blob or movers or resample or pearson or area_iou or mass_shift or narrow or classes_come",
         ),
         tuple(
             f"scheduler.analysis.drift.{name}*"
