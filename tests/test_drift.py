@@ -338,6 +338,7 @@ def test_pearson_is_scale_free_and_handles_flat_maps() -> None:
     assert pearson(a, -a) == pytest.approx(-1.0)
     assert pearson(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
     assert pearson(np.zeros((4, 4)), a[:4, :4]) == 0.0
+    assert pearson(a[:4, :4], np.full((4, 4), 2.0)) == 0.0
     b = rng.random((7, 9))
     assert pearson(a, b) == pytest.approx(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]))
     # Rounding puts this map's correlation with itself at 1 + 2e-16 before the clamp: a
@@ -775,6 +776,10 @@ def test_resample_and_normalise_treat_a_missing_value_as_no_attention() -> None:
     found = normalise(np.array([[np.nan, 1.0], [0.0, 2.0]], dtype=np.float16))
     assert found.dtype == np.float32
     np.testing.assert_array_equal(found, np.array([[0.0, 0.5], [0.0, 1.0]], dtype=np.float32))
+    # the minimum goes to 0 and the maximum to 1 whatever the floor
+    np.testing.assert_array_equal(
+        normalise(np.array([[1.0, 3.0], [2.0, 5.0]])), np.array([[0.0, 0.5], [0.25, 1.0]], dtype=np.float32)
+    )
     flat = normalise(np.full((3, 3), 4.0))
     assert flat.shape == (3, 3) and flat.dtype == np.float32
     assert not flat.any(), "a flat map normalises to zeros"
