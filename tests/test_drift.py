@@ -15,6 +15,7 @@ from sqlalchemy import delete, func, select, update
 from torch import nn
 
 from scheduler.analysis.drift import (
+    _TOLERANCE,
     Box,
     ClassShift,
     DriftError,
@@ -337,8 +338,13 @@ def test_pearson_is_scale_free_and_handles_flat_maps() -> None:
     assert pearson(a, -a) == pytest.approx(-1.0)
     assert pearson(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0
     assert pearson(np.zeros((4, 4)), a[:4, :4]) == 0.0
+    assert pearson(a[:4, :4], np.full((4, 4), 2.0)) == 0.0
     b = rng.random((7, 9))
     assert pearson(a, b) == pytest.approx(float(np.corrcoef(a.ravel(), b.ravel())[0, 1]))
+    # Rounding puts this map's correlation with itself at 1 + 2e-16 before the clamp: a
+    # correlation is never outside [-1, 1].
+    edge = np.random.default_rng(0).random((3, 4))
+    assert pearson(edge, edge) == 1.0 and pearson(edge, -edge) == -1.0
 
 
 def test_area_iou_matches_cell_iou_on_one_grid_and_handles_other_grids() -> None:
@@ -367,6 +373,14 @@ def test_mass_shift_and_centre_of_mass() -> None:
     x, y = centre_of_mass(left)
     assert (x, y) == pytest.approx((0.25, 0.5))
     assert centre_of_mass(np.zeros((3, 3))) == (0.5, 0.5)
+    # a map of little mass (here 0.32 in all) still has its centre where its mass is
+    assert centre_of_mass(left * 0.01) == pytest.approx((0.25, 0.5))
+    assert centre_of_mass(right * 0.01) == pytest.approx((0.75, 0.5))
+    assert mass_shift(left * 0.01, right * 0.01) == pytest.approx(1.0)
+    # a map without mass counts as spread evenly: half of `left`'s cells hold none of it
+    assert mass_shift(np.zeros((4, 8)), left) == pytest.approx(0.5)
+    assert mass_shift(right, np.zeros((4, 8))) == pytest.approx(0.5)
+    assert mass_shift(np.zeros((4, 8)), np.zeros((4, 8))) == 0.0
 
 
 # --------------------------------------------------------------------------- provenance
@@ -469,10 +483,18 @@ def store_runs(
     size_a: tuple[int, int],
     size_b: tuple[int, int],
     boxes: tuple[list[Box], list[Box]] = ([], []),
+    *,
+    resize: tuple[str, str] = ("stretch", "stretch"),
+    source: tuple[int, int] | None = None,
+    boxes_by_map: tuple[list[list[Box]], list[list[Box]]] | None = None,
+    layers: list[str] | None = None,
 ) -> tuple[str, str, str]:
     """Runs A and B over the same images, one gradcam map of class 0 per image; (db, a, b).
 
-    ``boxes`` are the top patches' boxes of every map of A and of B.
+    ``boxes`` are the top patches' boxes of every map of A and of B (``boxes_by_map``: of each
+    map, in order), on the 8-pixel grid both runs record; ``resize`` how each run fitted its
+    images to its input; ``source`` the images' (width, height), unrecorded if None;
+    ``layers`` the layer of each image's map (``l`` for all if None).
     """
     from tests.test_results_pg import seed_run
     from workers import results
@@ -482,20 +504,21 @@ def store_runs(
     db = f"sqlite:///{root / 'runs.db'}"
     upgrade(db)
     ids = []
-    for name, maps, size, run_boxes in (("a", maps_a, size_a, boxes[0]), ("b", maps_b, size_b, boxes[1])):
+    for side, (name, maps, size) in enumerate((("a", maps_a, size_a), ("b", maps_b, size_b))):
+        map_boxes = boxes_by_map[side] if boxes_by_map is not None else [boxes[side]] * len(maps)
         out = root / f"maps-{name}"
         seeded = seed_run(db, name, output_uri=str(out), n_items=len(maps), shard_size=len(maps))
         storage = open_storage(str(out))
         rows = []
-        for item_id, raw in zip(seeded.item_ids, maps, strict=True):
-            key = f"runs/{name}/gradcam/l/{item_id}/0"
+        for item_id, raw, layer in zip(seeded.item_ids, maps, layers or ["l"] * len(maps), strict=True):
+            key = f"runs/{name}/gradcam/{layer}/{item_id}/0"
             storage.put(key + ".npy", encode_npy(raw), "application/octet-stream")
             rows.append(
                 {
                     "item_id": item_id,
                     "run_id": name,
                     "method": "gradcam",
-                    "layer": "l",
+                    "layer": layer,
                     "target_class": 0,
                     "target_score": 1.0,
                     "object_key": key + ".png",
@@ -512,7 +535,13 @@ def store_runs(
                 }
             )
         with session_scope(db) as s:
-            s.execute(update(Run).where(Run.id == name).values(preprocess={"size": list(size)}))
+            s.execute(
+                update(Run)
+                .where(Run.id == name)
+                .values(preprocess={"size": list(size), "resize": resize[side]})
+            )
+            if source is not None:
+                s.execute(update(Item).where(Item.run_id == name).values(width=source[0], height=source[1]))
             results.update_items(s, [{"id": i, "status": "done", "pred_class": 0} for i in seeded.item_ids])
             heatmap_ids = results.upsert_heatmaps(s, rows)
             results.upsert_patch_scores(
@@ -523,19 +552,19 @@ def store_runs(
                         "run_id": name,
                         "item_id": item_id,
                         "method": "gradcam",
-                        "layer": "l",
+                        "layer": layer,
                         "target_class": 0,
                         "rank": rank,
-                        "row": rank,
-                        "col": 0,
+                        "row": y0 // 8,
+                        "col": x0 // 8,
                         "x0": x0,
                         "y0": y0,
                         "x1": x1,
                         "y1": y1,
                         "score": 1.0 - rank / 10,
                     }
-                    for (item_id, *_), heatmap_id in heatmap_ids.items()
-                    for rank, (x0, y0, x1, y1) in enumerate(run_boxes)
+                    for (item_id, _, layer, _), heatmap_id in heatmap_ids.items()
+                    for rank, (x0, y0, x1, y1) in enumerate(map_boxes[seeded.item_ids.index(item_id)])
                 ],
             )
         ids.append(name)
@@ -582,6 +611,13 @@ def test_one_blob_stored_at_7x7_and_at_14x14_has_not_moved(tmp_path: Path) -> No
             items = dict(s.execute(select(Item.source_uri, Item.id).where(Item.run_id == second)).all())
         assert all(m.item_b == items[m.source_uri] for m in diff.movers)
         (shift,) = diff.classes
+        assert (shift.method, shift.layer, shift.target_class, shift.class_name, shift.n) == (
+            "gradcam",
+            "l",
+            0,
+            "circle",
+            3,
+        )
         assert shift.mean_iou == pytest.approx(0.5) and diff.mean_iou == pytest.approx(0.5)
         assert shift.mean_correlation == pytest.approx(1.0, abs=1e-4) and not shift.drifted
         assert shift.l1_shift == pytest.approx(0.0, abs=1e-3)
@@ -644,11 +680,81 @@ def test_movers_are_the_least_similar_pairs_most_changed_first(tmp_path: Path) -
     assert diff.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
     assert (diff.pairs, diff.unmatched_a, diff.unmatched_b) == (3, 0, 0)
     assert diff_runs(db, a, b, limit=0).movers == []
+    assert [order[m.item_a] for m in diff_runs(db, a, b, limit=1).movers] == [2]
     (shift,) = diff.classes
     assert shift.n == 3 and shift.mean_correlation == pytest.approx(sum(expected) / 3, abs=1e-6)
+    # The class compares its mean maps: B's three blobs (columns 6, 7 and 10) average to a
+    # centre at column 23/3, 5/3 of a cell (8 px) right of A's. Every blob has the same row
+    # profile, so the mass that moved is that of the column profiles [1, 2, 1] / 4: A's
+    # columns 5-7 hold 12, 24, 12 of 48 parts where B's hold 4, 12, 12, so 20/48 moved.
+    assert shift.centre_shift_px == pytest.approx(5 / 3 * 8, abs=1e-3)
+    assert shift.l1_shift == pytest.approx(20 / 48, abs=1e-6)
     # a class is drifted exactly when its mean correlation is below 1 - threshold
     assert not diff_runs(db, a, b, threshold=1 - shift.mean_correlation + 1e-3).classes[0].drifted
     assert diff_runs(db, a, b, threshold=1 - shift.mean_correlation - 1e-3).classes[0].drifted
+
+
+def test_runs_that_fit_a_narrow_image_differently_compare_the_rows_both_saw(tmp_path: Path) -> None:
+    """A 1 x 64 source: run A stretches it to 8 x 8, run B centre-crops its middle row.
+
+    A's map is row + column, B's is column. B sees only source rows 31.5-32.5, where A's
+    eight rows span 3.4375 + (r + 0.5) / 64, so on the common grid A is the column plus a
+    ramp of variance 1/4096 of the column's: correlation 1 / sqrt(1 + 1/4096). Compared
+    cell by cell (as if both had stretched) it would be 1 / sqrt(2).
+    """
+    rows, cols = np.mgrid[0:8, 0:8].astype(np.float32)
+    db, a, b = store_runs(
+        tmp_path, [rows + cols], [cols], (8, 8), (8, 8), resize=("stretch", "center-crop"), source=(1, 64)
+    )
+    (mover,) = diff_runs(db, a, b).movers
+    assert mover.correlation == pytest.approx(1 / math.sqrt(1 + 1 / 4096), abs=1e-6)
+
+
+def test_movers_that_tie_on_correlation_are_ranked_by_iou_then_kept_in_run_order(tmp_path: Path) -> None:
+    """Four unchanged maps (correlation 1) whose top patches overlap 1, 1/2, 0 and 1/2."""
+    same = [blob((14, 14), 6, 6)] * 4
+    cell, right, low = (0, 0, 8, 8), (8, 0, 16, 8), (8, 8, 16, 16)
+    boxes_a: list[list[Box]] = [[cell], [cell, right], [cell], [cell, right]]
+    boxes_b: list[list[Box]] = [[cell], [cell], [low], [cell]]
+    db, a, b = store_runs(tmp_path, same, same, (112, 112), (112, 112), boxes_by_map=(boxes_a, boxes_b))
+    with session_scope(db) as s:
+        order = {
+            item_id: n
+            for n, item_id in enumerate(
+                s.execute(select(Item.id).where(Item.run_id == a).order_by(Item.ordinal)).scalars()
+            )
+        }
+    movers = diff_runs(db, a, b, limit=3).movers
+    assert [m.iou for m in movers] == [0.0, 0.5, 0.5]
+    assert [order[m.item_a] for m in movers] == [2, 1, 3]
+    assert [order[m.item_a] for m in diff_runs(db, a, b, limit=2).movers] == [2, 1]
+
+
+def test_classes_come_least_similar_first_and_drift_strictly_below_the_bound(tmp_path: Path) -> None:
+    """Layer ``a`` kept its two maps, layer ``b`` moved both a cell: ``b`` is listed first, drifted."""
+    still, moved = blob((8, 8), 2, 2), blob((8, 8), 2, 3)
+    layers = ["a", "a", "b", "b"]
+    db, a, b = store_runs(
+        tmp_path, [still] * 4, [still, still, moved, moved], (64, 64), (64, 64), layers=layers
+    )
+    expected = float(np.corrcoef(still.ravel(), moved.ravel())[0, 1])
+    diff = diff_runs(db, a, b, threshold=0.0)
+    assert [(c.layer, c.n) for c in diff.classes] == [("b", 2), ("a", 2)]
+    moved_class, kept_class = diff.classes
+    assert moved_class.mean_correlation == pytest.approx(expected, abs=1e-6) and moved_class.drifted
+    # unchanged maps are not drifted even at threshold 0: rounding is no drift
+    assert kept_class.mean_correlation == pytest.approx(1.0, abs=1e-9) and not kept_class.drifted
+    assert diff.drifted == [moved_class]
+    # "below 1 - threshold" is strict: a class exactly at the bound (after the rounding
+    # allowance) is not drifted, one a hair below it is
+    bound = 1.0 - moved_class.mean_correlation - _TOLERANCE
+    while 1.0 - bound - _TOLERANCE > moved_class.mean_correlation:
+        bound = float(np.nextafter(bound, 2.0))
+    while 1.0 - bound - _TOLERANCE < moved_class.mean_correlation:
+        bound = float(np.nextafter(bound, -1.0))
+    assert 1.0 - bound - _TOLERANCE == moved_class.mean_correlation
+    assert not diff_runs(db, a, b, threshold=bound, limit=0).classes[0].drifted
+    assert diff_runs(db, a, b, threshold=bound - 1e-12, limit=0).classes[0].drifted
 
 
 def test_resample_returns_float32_maps_on_either_grid() -> None:
@@ -670,6 +776,10 @@ def test_resample_and_normalise_treat_a_missing_value_as_no_attention() -> None:
     found = normalise(np.array([[np.nan, 1.0], [0.0, 2.0]], dtype=np.float16))
     assert found.dtype == np.float32
     np.testing.assert_array_equal(found, np.array([[0.0, 0.5], [0.0, 1.0]], dtype=np.float32))
+    # the minimum goes to 0 and the maximum to 1 whatever the floor
+    np.testing.assert_array_equal(
+        normalise(np.array([[1.0, 3.0], [2.0, 5.0]])), np.array([[0.0, 0.5], [0.25, 1.0]], dtype=np.float32)
+    )
     flat = normalise(np.full((3, 3), 4.0))
     assert flat.shape == (3, 3) and flat.dtype == np.float32
     assert not flat.any(), "a flat map normalises to zeros"

@@ -180,3 +180,32 @@ def test_access_log_keeps_arguments_that_are_not_text() -> None:
     )
     assert RedactToken().filter(record)
     assert record.getMessage() == '1.2.3.4 - "GET /?token=*** HTTP/1.1" 200'
+
+
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("localhost", True),
+        (" localhost:8000 ", True),
+        ("127.0.0.1:80", True),
+        ("[::1]", True),
+        ("[::1]:8000", True),
+        ("::1", True),  # a bare IPv6 address: its colons are not a port
+        ("localhost:80:90", False),
+        ("attacker.example:8000", False),
+        ("localhost.attacker.example:8000", False),
+        ("", False),
+        ("a" * 150 + ".example", False),
+    ],
+)
+def test_without_a_token_the_host_header_decides(database: str, host: str, served: bool) -> None:
+    """The name in ``Host``, its port and brackets taken off, must be a loopback name."""
+    answer = TestClient(create_app(database)).get("/healthz", headers={"host": host})
+    if served:
+        assert answer.status_code == 200, answer.text
+    else:
+        assert answer.status_code == 400
+        assert answer.text == (
+            "this server has no access token, so it answers only requests for localhost, "
+            f"127.0.0.1 or [::1], not Host {host[:100]!r}; start it with --token to serve other names"
+        )
