@@ -127,9 +127,16 @@ def upgrade(url: str, revision: str = "head") -> None:
         command.upgrade(alembic_config(url), revision)
 
 
+class DowngradeRefused(RuntimeError):
+    """A downgrade would keep rows the older schema cannot read; the message says what to do."""
+
+
 def downgrade(url: str, revision: str = "base") -> None:
+    config = alembic_config(url)
+    # A migration may refuse to keep rows its older schema cannot read; to base, nothing is kept.
+    config.attributes["downgrade_to_base"] = revision == "base"
     with _migration_lock(url):
-        command.downgrade(alembic_config(url), revision)
+        command.downgrade(config, revision)
 
 
 def dialect_name(session: Session) -> str:

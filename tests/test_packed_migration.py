@@ -57,3 +57,35 @@ def test_byte_ranges_upgrade_keep_rows_and_downgrade_only_without_packed_runs(da
             assert conn.execute(text("SELECT object_key FROM heatmaps")).scalar_one() == "k.png"
     finally:
         engine.dispose()
+
+
+def test_the_cli_refuses_in_one_line_and_dropping_every_table_is_not_refused(tmp_path: Path) -> None:
+    """`camaudit db downgrade` to a revision that keeps the tables says what to do, without a
+    traceback; down to base nothing is kept, so packed rows are no reason to refuse."""
+    from typer.testing import CliRunner
+
+    from scheduler.cli import app
+
+    database_url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(database_url, "0010_groups")
+    engine = create_engine(normalise_url(database_url))
+    try:
+        with engine.begin() as conn:
+            for statement in ROWS:
+                conn.execute(text(statement))
+        upgrade(database_url)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE heatmaps SET object_offset = 512, object_length = 10"))
+        refused = CliRunner().invoke(
+            app, ["db", "downgrade", "--revision", "0010_groups", "--database-url", database_url]
+        )
+        assert refused.exit_code == 2, refused.output
+        assert "store their maps in the packed layout" in refused.output
+        assert "Traceback" not in refused.output and isinstance(refused.exception, SystemExit | None)
+        dropped = CliRunner().invoke(app, ["db", "downgrade", "--database-url", database_url])
+        assert dropped.exit_code == 0, dropped.output
+        assert not inspect(engine).get_table_names() or inspect(engine).get_table_names() == [
+            "alembic_version"
+        ]
+    finally:
+        engine.dispose()

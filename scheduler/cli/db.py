@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler.cli.options import DatabaseUrl, err, make_settings
+from scheduler.cli.options import DatabaseUrl, err, failing_on, make_settings
 from scheduler.cli.root import db_app
 from schema.redact import hide_password
 
@@ -20,8 +20,9 @@ def db_upgrade(revision: str = "head", database_url: DatabaseUrl = None) -> None
 @db_app.command("downgrade")
 def db_downgrade(revision: str = "base", database_url: DatabaseUrl = None) -> None:
     """Undo migrations (default: drop every table)."""
-    from schema.db import downgrade
+    from schema.db import DowngradeRefused, downgrade
 
     settings = make_settings(database_url=database_url)
-    downgrade(settings.database_url, revision)
+    with failing_on(DowngradeRefused):
+        downgrade(settings.database_url, revision)
     err.print(f"database {hide_password(settings.database_url)} at {revision}")

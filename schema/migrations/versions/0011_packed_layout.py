@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from schema.db import DowngradeRefused
+
 revision: str = "0011_packed_layout"
 down_revision: str | None = "0010_groups"
 branch_labels: str | Sequence[str] | None = None
@@ -27,12 +29,13 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # Without its byte range a packed map's key names a whole tar: its readers would decode that.
+    # Dropping every table (to base) keeps no row, so there is nothing to refuse.
     packed = op.get_bind().execute(
         sa.text("SELECT DISTINCT run_id FROM heatmaps WHERE object_offset IS NOT NULL LIMIT 5")
     )
     runs = [row[0] for row in packed]
-    if runs:
-        raise RuntimeError(
+    if runs and not op.get_context().config.attributes.get("downgrade_to_base"):
+        raise DowngradeRefused(
             f"runs {', '.join(runs)} store their maps in the packed layout, which this schema "
             "version cannot read; delete them first (`camaudit gc --run RUN_ID`), then downgrade"
         )
