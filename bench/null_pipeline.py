@@ -53,9 +53,9 @@ DEVICE_SIDE = ("batch", "engine", "statistics")
 
 # Stages of workers/shard.py timed by wrapping the functions it calls (those it has).
 STAGES = {
-    "fetch": ("read_bytes",),
+    "fetch": ("read_source",),
     "decode": ("decode_pixels", "prepare_jpeg"),  # prepare_jpeg: a JPEG's header, for the device path
-    "batch": ("stack_pixels", "normalise_batch", "to_device", "decode_on_device"),
+    "batch": ("stack_pixels", "normalise_batch", "decode_on_device"),
     "engine": (),
     "statistics": ("map_statistics", "map_layout", "pack", "unpack"),
     "rows": ("prediction_rows", "prediction_rows_of", "layout_of", "heatmap_rows", "patch_rows"),

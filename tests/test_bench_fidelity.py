@@ -125,3 +125,14 @@ def test_the_null_engine_returns_what_the_real_engine_returns() -> None:
                     assert (other.shape, other.dtype) == (tensor.shape, tensor.dtype), (field.name, layer)
         else:
             assert ours == theirs, field.name
+
+
+def test_every_stage_the_null_engine_bench_times_is_a_function_the_shard_calls() -> None:
+    """A stage wrapping a name ``workers.shard`` no longer has would silently time nothing."""
+    from bench.null_pipeline import STAGES
+    from workers import shard
+
+    missing = [
+        name for names in STAGES.values() for name in names if not callable(getattr(shard, name, None))
+    ]
+    assert not missing, missing
