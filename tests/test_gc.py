@@ -132,7 +132,10 @@ def test_an_interrupted_gc_is_finished_by_the_next_one(backend: Backend) -> None
     half = run_row(backend.database_url, "r1")
     assert half is not None and half.status == DELETING
     left = rows_of(backend.database_url, "r1")
-    assert len(left["patch_scores"]) == (0 if partitioned else all_patches - 5) and left["heatmaps"]
+    assert len(left["patch_scores"]) == (0 if partitioned else all_patches - 5)
+    # PostgreSQL drops the three tables' partitions at once (their files go in parallel), so
+    # only the run row and its shards are left; elsewhere the next table has not started.
+    assert (not left["heatmaps"]) if partitioned else left["heatmaps"]
     with pytest.raises(QueryError, match="being deleted"):
         top_regions(backend.database_url, "r1", "circle", "gradcam")
 
