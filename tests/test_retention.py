@@ -95,7 +95,7 @@ def test_the_gc_command_checks_everything_before_deleting(url: str) -> None:
     cases = [
         (
             ["--audit", "nightly", "--older-than", "30x"],
-            "--older-than: Value error, older_than '30x' is not a",
+            "--older-than: older_than '30x' is not a",
         ),
         (
             ["--audit", "nightly", "--keep-last", "0"],

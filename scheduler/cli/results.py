@@ -171,7 +171,8 @@ def _gc_options(
         return Retention(keep_last=keep_last, older_than=older_than)
     except ValidationError as exc:
         reasons = "; ".join(
-            (f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "") + e["msg"]
+            (f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ")
             for e in exc.errors()
         )
         fail(f"retention of audit {audit!r}: {reasons}")
