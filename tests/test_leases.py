@@ -330,4 +330,5 @@ def test_a_bad_lease_setting_stops_a_command_before_any_work(command: list[str],
     result = CliRunner().invoke(app, command, env=env)
     assert result.exit_code == 2, result.output
     assert "bad setting" in result.output and "CAMAUDIT_LEASE_S=30" in result.output
+    assert "Value error" not in result.output  # the reason in our words, not pydantic's
     assert not database.exists()

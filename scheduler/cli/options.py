@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, NoReturn
 
@@ -39,6 +39,16 @@ DriftThreshold = Annotated[
 ]
 
 
+def validation_reasons(exc: ValidationError, *, option: Callable[[str], str] | None = None) -> str:
+    """Pydantic's reasons in the user's words: ``field: reason``, without its "Value error, "."""
+    reasons = []
+    for error in exc.errors():
+        where = ".".join(map(str, error["loc"]))
+        where = option(where) if option is not None and where else where
+        reasons.append((f"{where}: " if where else "") + error["msg"].removeprefix("Value error, "))
+    return "; ".join(reasons)
+
+
 def make_settings(**overrides: str | None) -> Settings:
     """Command-line options win over the environment; both sides of the queue read the same variables."""
     for key, value in overrides.items():
@@ -48,7 +58,7 @@ def make_settings(**overrides: str | None) -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
-        fail(f"bad setting: {exc.errors()[0]['msg']}")
+        fail(f"bad setting: {validation_reasons(exc)}")
 
 
 def service_settings(

@@ -22,6 +22,7 @@ from scheduler.cli.options import (
     fail,
     failing_on,
     make_settings,
+    validation_reasons,
 )
 from scheduler.cli.root import app
 
@@ -170,11 +171,7 @@ def _gc_options(
     try:
         return Retention(keep_last=keep_last, older_than=older_than)
     except ValidationError as exc:
-        reasons = "; ".join(
-            (f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: " if e["loc"] else "")
-            + e["msg"].removeprefix("Value error, ")
-            for e in exc.errors()
-        )
+        reasons = validation_reasons(exc, option=lambda field: "--" + field.replace("_", "-"))
         fail(f"retention of audit {audit!r}: {reasons}")
 
 

@@ -32,6 +32,7 @@ from scheduler.cli.options import (
     service_settings,
     setup_logging,
     split_values,
+    validation_reasons,
 )
 from scheduler.cli.root import app
 from schema.payloads import RunSpec
@@ -268,7 +269,7 @@ def run(
             missing_view=missing_view,
         )
     except ValidationError as exc:
-        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        fail(validation_reasons(exc))
     run_id = start_run(spec, settings, wait=wait)
     show_status(run_status(settings.database_url, run_id), as_json=json_out)
 
