@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from schema.alert_rules import AlertRules, WebhookTarget
 from schema.retention import Retention
+from schema.settings import parse_layout
 
 TARGET_PATTERN = re.compile(
     r"^(top1|all|label|labels|positive|topk:[1-9]\d*|classes:\d+(,\d+)*|above:[^:]*"
@@ -71,14 +72,7 @@ class RunSpec(BaseModel):
     @field_validator("layout", mode="before")
     @classmethod
     def _layout_name(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            if value not in ("packed", "files"):
-                raise ValueError(
-                    f"layout {value!r} is not known; use packed (one tar per shard, method and layer) "
-                    "or files (one object per map)"
-                )
-        return value
+        return parse_layout(value) if isinstance(value, str) else value
 
     @field_validator("methods")
     @classmethod

@@ -15,6 +15,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 # Where a run's maps go (workers/packing.py): one tar per shard, method and layer, or one object per map.
 LAYOUT_CHOICES = ("packed", "files")
+
+
+def parse_layout(value: str) -> str:
+    """A heatmap layout name (case and spaces ignored), or a ValueError naming the valid ones."""
+    layout = str(value).strip().lower()
+    if layout not in LAYOUT_CHOICES:
+        raise ValueError(
+            f"layout {layout!r} is not known; use packed or files "
+            "(packed: one tar per shard, method and layer; files: one object per map)"
+        )
+    return layout
+
+
 DEVICE_DECODE_CHOICES = ("auto", "on", "off")
 
 
@@ -130,13 +143,7 @@ class Settings(BaseSettings):
     @field_validator("layout")
     @classmethod
     def _check_layout(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value not in LAYOUT_CHOICES:
-            raise ValueError(
-                f"layout must be {' or '.join(LAYOUT_CHOICES)} (packed: one tar per shard, method "
-                f"and layer; files: one object per map), not {value!r}"
-            )
-        return value
+        return parse_layout(value)
 
     @field_validator("device_decode")
     @classmethod

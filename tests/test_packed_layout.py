@@ -315,7 +315,7 @@ def test_tar_is_deterministic_and_keeps_samples_together() -> None:
             assert data[offset : offset + length] == members[name]
     with pytest.raises(ValueError, match="use packed or files"):
         check_layout("pakced")
-    with pytest.raises(ValueError, match="layout must be packed or files"):
+    with pytest.raises(ValueError, match="layout 'tarball' is not known; use packed or files"):
         Settings(layout="tarball")
 
 
@@ -326,5 +326,5 @@ def test_an_unknown_layout_fails_before_any_run_is_planned(tmp_path: Path) -> No
         ["run", "--source", str(tmp_path), "--layout", "tarball", "--database-url", f"sqlite:///{db}"],
     )
     assert result.exit_code != 0
-    assert "layout 'tarball' is not known; use packed" in result.output
+    assert "layout 'tarball' is not known; use packed or files" in result.output
     assert not db.exists()

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from schema.settings import LAYOUT_CHOICES
+from schema.settings import LAYOUT_CHOICES, parse_layout
 from workers.storage import ConcurrentWriter
 
 __all__ = [
@@ -44,15 +44,7 @@ OFFSET_COLUMNS = ("object_offset", "object_length", "raw_offset", "raw_length")
 TAR_CONTENT_TYPE = "application/x-tar"
 
 
-def check_layout(value: str) -> str:
-    """A layout name, or a ValueError naming the valid ones."""
-    layout = value.strip().lower()
-    if layout not in LAYOUTS:
-        raise ValueError(
-            f"unknown heatmap layout {value!r}; use {' or '.join(LAYOUTS)} "
-            "(packed: one tar per shard, method and layer; files: one object per map)"
-        )
-    return layout
+check_layout = parse_layout
 
 
 def heatmap_key(run_id: str, method: str, layer: str, item_id: int, target: int, ext: str) -> str:
