@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = ["DURATION_UNITS", "Retention", "parse_duration"]
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION_S = 100 * 365 * 86400
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 
 
@@ -29,7 +30,10 @@ def parse_duration(value: str, what: str = "duration") -> timedelta:
     amount = float(found.group(1))
     if amount <= 0:
         raise ValueError(f"{what} {value!r} must be longer than zero, e.g. 12h or 30d")
-    return timedelta(seconds=amount * DURATION_UNITS[found.group(2)])
+    seconds = amount * DURATION_UNITS[found.group(2)]
+    if seconds > MAX_DURATION_S:  # beyond any run's age, and beyond what a timedelta can hold
+        raise ValueError(f"{what} {value!r} is longer than 100 years; use e.g. 30d or 52w")
+    return timedelta(seconds=seconds)
 
 
 class Retention(BaseModel):

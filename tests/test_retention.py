@@ -79,6 +79,8 @@ def test_apply_retention_deletes_whole_runs_of_that_audit_only(url: str) -> None
         ("30x", "is not a duration: expected a number and one unit (s, m, h, d, w), e.g. 12h or 30d"),
         ("d", "is not a duration"),
         ("-5d", "is not a duration"),
+        ("99999999999d", "is longer than 100 years"),
+        ("1" * 400 + "s", "is longer than 100 years"),
         ("0h", "must be longer than zero"),
     ],
 )
