@@ -7,10 +7,13 @@ token must open the same page, so a refusal always means the check refused it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 
 from scheduler.web import create_app
 from scheduler.web.auth import (
@@ -191,6 +194,11 @@ def test_access_log_keeps_arguments_that_are_not_text() -> None:
         ("[::1]", True),
         ("[::1]:8000", True),
         ("::1", True),  # a bare IPv6 address: its colons are not a port
+        ("[::1", False),  # malformed brackets name nothing
+        ("[::1]]", False),
+        ("[::1]x", False),
+        ("[::1]:", False),
+        ("[[::1]]", False),
         ("localhost:80:90", False),
         ("attacker.example:8000", False),
         ("localhost.attacker.example:8000", False),
@@ -209,3 +217,28 @@ def test_without_a_token_the_host_header_decides(database: str, host: str, serve
             "this server has no access token, so it answers only requests for localhost, "
             f"127.0.0.1 or [::1], not Host {host[:100]!r}; start it with --token to serve other names"
         )
+
+
+def test_a_request_without_a_host_header_is_refused_naming_an_empty_host() -> None:
+    """HTTP/1.0 allows a request without ``Host``; it names no loopback host, so it is refused."""
+    seen: list[Request] = []
+
+    async def call_next(request: Request) -> Response:
+        seen.append(request)
+        return PlainTextResponse("served")
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "query_string": b"",
+        "headers": [],
+        "http_version": "1.0",
+    }
+    answer = asyncio.run(token_guard(None)(Request(scope), call_next))
+    assert seen == []
+    assert answer.status_code == 400
+    assert answer.body.decode() == (
+        "this server has no access token, so it answers only requests for localhost, "
+        "127.0.0.1 or [::1], not Host ''; start it with --token to serve other names"
+    )

@@ -65,11 +65,19 @@ def check_exposure(host: str, token: str | None) -> None:
         )
 
 
+_BRACKETED_HOST = re.compile(r"\[([^\[\]]*)\](?::[0-9]+)?")
+
+
 def _host_name(header: str) -> str:
-    """The name in a ``Host`` header, without its port: ``[::1]:8000`` -> ``::1``."""
+    """The name in a ``Host`` header, without its port: ``[::1]:8000`` -> ``::1``.
+
+    A bracketed name that is not ``[address]`` or ``[address]:port`` gives no name at all, so a
+    malformed header is refused rather than guessed at.
+    """
     header = header.strip()
     if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
+        bracketed = _BRACKETED_HOST.fullmatch(header)
+        return bracketed.group(1) if bracketed else ""
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
