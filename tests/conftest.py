@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.plugins.s3",
     "tests.plugins.runs",
     "tests.plugins.parallel",
+    "tests.plugins.threads",
 ]
