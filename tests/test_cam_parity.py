@@ -40,7 +40,7 @@ from tests.test_cam_support import (
     small_swin,
     small_vit,
 )
-from tests.torchvision_families import ALL, FAMILIES, Family, family_images, family_model
+from tests.torchvision_families import ALL, FAMILIES, PERTURBED, Family, family_images, family_model
 from workers.cam import CamEngine
 
 GRADIENT_REFERENCES = {
@@ -151,8 +151,7 @@ PERTURBATION_REFERENCES = {"scorecam": ScoreCAM, "ablationcam": AblationCAM}
 # One forward per channel, in the engine and in the reference: GoogLeNet's 1,024 channels took
 # over the suite's 10-minute limit on the shared 2-core machine at load 25.
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("method", list(PERTURBATION_REFERENCES))
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize(("family", "method"), PERTURBED)
 def test_every_family_matches_reference_for_perturbation_methods(family: str, method: str) -> None:
     spec = FAMILIES[family]
     model = family_model(family)

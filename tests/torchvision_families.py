@@ -43,6 +43,15 @@ class Family:
     # and at least 2 x 2 (3 x 3 where it is odd) is enough. The gradient methods keep ``size``.
     # None: ``size`` (a grid that small already, or a family not yet checked at a smaller input).
     perturbation_size: int | None = None
+    # The perturbation methods held to the reference on this family. What Score-CAM adds to the
+    # capture (masks from the activations, upsampled to the input, one forward each) does not
+    # depend on the network, so it runs on the families whose activations differ in kind
+    # (tokens, channels-last grids, heads that are not GAP + linear) and the small CNNs, not on
+    # the large CNNs, where it costs 20-120 s each: their capture is held to the reference by
+    # the gradient methods and by Ablation-CAM, whose forward from the ablated layer to the
+    # output does depend on the network. Inception v3 repeats GoogLeNet's structure after its
+    # layer (concatenated branches, pooling, dropout, linear) at twice the channels.
+    perturbation: tuple[str, ...] = ("scorecam", "ablationcam")
 
     def param(self, name: str) -> object:
         """``name`` as a pytest parameter, marked slow for heavy families."""
@@ -104,6 +113,7 @@ def _channels_last_to_grid(tensor: torch.Tensor) -> torch.Tensor:
 
 
 M = torchvision.models
+ABLATION_ONLY = ("ablationcam",)
 FAMILIES: dict[str, Family] = {
     "alexnet": Family(
         lambda: M.alexnet(num_classes=10), "features.11", 128, heavy=True, perturbation_size=64
@@ -118,7 +128,13 @@ FAMILIES: dict[str, Family] = {
         pool="avgpool",
         head="fc",
     ),
-    "densenet": Family(lambda: M.densenet121(num_classes=10), "features", 64, head="classifier"),
+    "densenet": Family(
+        lambda: M.densenet121(num_classes=10),
+        "features",
+        64,
+        head="classifier",
+        perturbation=ABLATION_ONLY,
+    ),
     "googlenet": Family(
         lambda: _fan_in_convolutions(M.googlenet(num_classes=10, aux_logits=False, init_weights=False)),
         "inception5b",
@@ -126,6 +142,7 @@ FAMILIES: dict[str, Family] = {
         pool="avgpool",
         head="fc",
         heavy=True,
+        perturbation=ABLATION_ONLY,
     ),
     "inception_v3": Family(
         lambda: _fan_in_convolutions(M.inception_v3(num_classes=10, aux_logits=False, init_weights=False)),
@@ -134,6 +151,7 @@ FAMILIES: dict[str, Family] = {
         pool="avgpool",
         head="fc",
         heavy=True,
+        perturbation=(),
     ),
     "shufflenet_v2": Family(
         lambda: _fan_in_convolutions(M.shufflenet_v2_x0_5(num_classes=10)),
@@ -141,7 +159,13 @@ FAMILIES: dict[str, Family] = {
         96,
         head="fc",
     ),
-    "mobilenet_v2": Family(lambda: M.mobilenet_v2(num_classes=10), "features", 96, head="classifier.1"),
+    "mobilenet_v2": Family(
+        lambda: M.mobilenet_v2(num_classes=10),
+        "features",
+        96,
+        head="classifier.1",
+        perturbation=ABLATION_ONLY,
+    ),
     # mobilenet_v3's head is Linear -> Hardswish -> Linear after the pooling: not GAP + linear
     "mobilenet_v3": Family(lambda: M.mobilenet_v3_small(num_classes=10), "features", 96),
     "mnasnet": Family(lambda: M.mnasnet0_5(num_classes=10), "layers", 96, head="classifier.1"),
@@ -151,6 +175,7 @@ FAMILIES: dict[str, Family] = {
         96,
         pool="avgpool",
         head="classifier.1",
+        perturbation=ABLATION_ONLY,
     ),
     "efficientnet_v2": Family(
         lambda: M.efficientnet_v2_s(num_classes=10),
@@ -159,6 +184,7 @@ FAMILIES: dict[str, Family] = {
         pool="avgpool",
         head="classifier.1",
         heavy=True,
+        perturbation=ABLATION_ONLY,
     ),
     "regnet": Family(
         lambda: M.regnet_y_400mf(num_classes=10),
@@ -183,6 +209,7 @@ FAMILIES: dict[str, Family] = {
 
 GAP_LINEAR = [family.param(name) for name, family in FAMILIES.items() if family.gap_linear]
 ALL = [family.param(name) for name, family in FAMILIES.items()]
+PERTURBED = [(name, method) for name, family in FAMILIES.items() for method in family.perturbation]
 
 
 @functools.cache
