@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +12,13 @@ from schema.db import session_scope
 from schema.models import Heatmap, Item, PatchScore, Shard
 from schema.settings import Settings
 from tests.checks import assert_run_complete
+from tests.cli_runner import run_cli
 from workers.shard import explain_shard
 from workers.storage import open_storage
 from workers.synth import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+__all__ = ["REPO", "run_cli"]
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +31,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         fh.write(json.dumps({"uri": "corrupt.png", "label": "circle"}) + "\n")
         fh.write(json.dumps({"uri": "empty.jpg", "label": "square"}) + "\n")
     return manifest
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
 
 
 def test_embedded_run_end_to_end(dataset: Path, tmp_path: Path) -> None:
@@ -64,6 +53,7 @@ def test_embedded_run_end_to_end(dataset: Path, tmp_path: Path) -> None:
         "--storage-url",
         str(out),
         "--json",
+        process=True,  # the entry point itself, in a process of its own
     )
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)

@@ -61,6 +61,7 @@ def run_zoo_model(
     proc = run_cli(
         "run", "--source", str(manifest), "--model", model, *options,
         "--database-url", db, "--storage-url", str(tmp_path / "maps"), "--json", env=env,
+        process=True,  # the hubs read their cache locations from the environment once, at import
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
