@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -35,7 +33,7 @@ from schema.db import session_scope
 from schema.models import Heatmap, Item, PatchScore, Run, Shard
 from schema.payloads import RunSpec
 from schema.settings import Settings, get_settings
-from tests.plugins.runs import REPO_ROOT
+from tests.cli_runner import run_cli as camaudit
 from workers.map_reads import map_bytes, raw_bytes, read_map_png
 from workers.packing import build_tar, check_layout, packed_key
 from workers.shard import explain_shard
@@ -55,19 +53,13 @@ class Runs:
 
 
 def run_cli(source: Path, settings: Settings, *options: str) -> str:
-    """``camaudit run`` in its own process, as people start runs; returns the run id."""
-    proc = subprocess.run(
-        [
-            *(sys.executable, "-m", "scheduler.cli", "run", "--source", str(source), "--json"),
-            *("--methods", ",".join(METHODS), "--layer", "features", "--device", "cpu", "--amp", "off"),
-            *("--database-url", settings.database_url, "--storage-url", settings.storage_url),
-            *(("--s3-endpoint-url", settings.s3_endpoint_url) if settings.s3_endpoint_url else ()),
-            *options,
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    """``camaudit run`` as people start runs; returns the run id."""
+    proc = camaudit(
+        *("run", "--source", str(source), "--json"),
+        *("--methods", ",".join(METHODS), "--layer", "features", "--device", "cpu", "--amp", "off"),
+        *("--database-url", settings.database_url, "--storage-url", settings.storage_url),
+        *(("--s3-endpoint-url", settings.s3_endpoint_url) if settings.s3_endpoint_url else ()),
+        *options,
     )
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
