@@ -6,7 +6,8 @@ process, where those modules are loaded already, the same ``main()`` runs with t
 arguments, environment and exit status, and its output is captured from ``sys.stdout`` and
 ``sys.stderr`` (which the CLI's consoles and log handler resolve at each write). What a process
 of its own would add (the import of the entry point, signals, a fresh interpreter's state) is
-tested by the commands that pass ``process=True`` and by the README's commands in CI.
+tested by the commands that pass ``process=True`` and by the README's commands in CI. A
+command that may talk to a Celery broker always gets a process.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def run_cli(
     *args: str, env: Mapping[str, str] | None = None, process: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """``camaudit *args``: its exit status and what it printed, as :func:`subprocess.run` gives them."""
-    if process:
+    if process or _uses_broker(args, os.environ if env is None else env):
         return subprocess.run(
             [sys.executable, "-m", "scheduler.cli", *args],
             cwd=REPO,
@@ -40,8 +41,15 @@ def run_cli(
     return _in_process(list(args), env)
 
 
+def _uses_broker(args: tuple[str, ...], env: Mapping[str, str]) -> bool:
+    """Celery's app keeps its broker connections for the life of its process, so a command that
+    may talk to a broker gets a process of its own."""
+    return bool(env.get("CAMAUDIT_BROKER_URL")) or any(a.split("=", 1)[0] == "--broker-url" for a in args)
+
+
 def _in_process(args: list[str], env: Mapping[str, str] | None) -> subprocess.CompletedProcess[str]:
     from scheduler.cli import main  # the CLI's own imports, once per test process
+    from schema.settings import get_settings
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
@@ -53,6 +61,7 @@ def _in_process(args: list[str], env: Mapping[str, str] | None) -> subprocess.Co
         contextlib.redirect_stdout(out),
         contextlib.redirect_stderr(err),
     ):
+        get_settings.cache_clear()  # settings come from this call's environment, as in a new process
         try:
             main()
         except SystemExit as exit_:
@@ -60,6 +69,8 @@ def _in_process(args: list[str], env: Mapping[str, str] | None) -> subprocess.Co
         except Exception:  # what the interpreter does with an uncaught error: traceback, status 1
             traceback.print_exc(file=err)
             code = 1
+        finally:
+            get_settings.cache_clear()
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
