@@ -71,7 +71,7 @@ from workers.pools import PoolSizes, pool_sizes
 from workers.preprocess import ImageTransform, Preprocess
 from workers.provenance import shard_provenance
 from workers.run_targets import batch_spec, depends_on_item, label_targets
-from workers.runtime import amp_argument, engine_for, model_for, storage_for
+from workers.runtime import amp_argument, engine_for, host_threads, model_for, storage_for
 from workers.shard_rows import (
     MapLayout,
     MapStatistics,
@@ -666,15 +666,30 @@ def _explain_batch(
             for part in _halves(batch):
                 _explain_batch(work, loaded, engine, part, writer, encoder, rows, sources)
             return
-        batch, result = _drop_non_finite(work, batch, result, rows.items)
+        with host_threads(device):
+            batch, result = _drop_non_finite(work, batch, result, rows.items)
         if not batch:
             return
-    rows.items.extend(prediction_rows(work, batch, result))
+    with host_threads(device):
+        _store_batch(work, batch, result, writer, encoder, rows, sources)
 
+
+def _store_batch(
+    work: ShardWork,
+    batch: list[tuple[WorkItem, DecodedPixels]],
+    result: CamResult,
+    writer: MapWriter,
+    encoder: ThreadPoolExecutor,
+    rows: ShardRows,
+    sources: dict[int, bytes],
+) -> None:
+    """The serial path's rows of one explained batch, each statistic read back on its own."""
+    rows.items.extend(prediction_rows(work, batch, result))
     layout = map_layout(batch, result)
     if not layout.item_ids:  # e.g. no class of any image passed an 'above:T' threshold
         return
     map_sources = [sources.get(item_id) for item_id in layout.item_ids]
+    pre = work.preprocess
     for method in work.methods:
         for layer in result.layers:
             stats = map_statistics(
@@ -709,13 +724,13 @@ def _explain_or_split(
     ``pinned``: on CUDA the stacked pixels go through pinned memory, so the copy to the device is
     truly asynchronous (the overlapped path, which must not wait on it).
     """
-    pre = work.preprocess
-    pixels = stack_pixels([img for _, img in batch])
-    if pinned and device.type == "cuda" and pixels.device.type == "cpu":  # not when decoded on the device
-        pixels = pixels.pin_memory()
-    pixels = pixels.to(device, non_blocking=True)
+    with host_threads(device):
+        pixels = stack_pixels([img for _, img in batch])
+        if pinned and device.type == "cuda" and pixels.device.type == "cpu":  # not when decoded on the device
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(device, non_blocking=True)
     try:
-        return engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+        return engine(_normalised(work, pixels), targets=targets)
     except Exception as exc:
         if not is_out_of_memory(exc) or len(batch) == 1:
             raise
@@ -732,6 +747,12 @@ def _explain_or_split(
     del pixels, targets
     release_cached_memory(device)
     return None
+
+
+def _normalised(work: ShardWork, pixels: torch.Tensor) -> torch.Tensor:
+    pre = work.preprocess
+    with host_threads(pixels.device):
+        return normalise_batch(pixels, tuple(pre.mean), tuple(pre.std))
 
 
 def _halves(
@@ -784,10 +805,13 @@ def _launch(
             for part in _halves(batch)
             for launched in _launch(work, loaded, engine, part, sources, failed)
         ]
-    batch, result = _drop_non_finite(work, batch, result, failed)
-    if not batch:
-        return []
-    packed = pack(result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions)
+    with host_threads(device):
+        batch, result = _drop_non_finite(work, batch, result, failed)
+        if not batch:
+            return []
+        packed = pack(
+            result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions
+        )
     return [_Launched(batch, packed, sources)]
 
 
