@@ -770,11 +770,16 @@ def release_cached_memory(device: torch.device) -> None:
 
 @dataclass
 class _Launched:
-    """A batch whose engine call has been issued and whose results are on their way to the host."""
+    """A batch whose engine call has been issued and whose results are on their way to the host.
+
+    On a CPU device ``packed`` is None and ``result`` the engine's result: the row builder checks
+    and packs it there, beside the main thread's staging of the next batch.
+    """
 
     batch: list[tuple[WorkItem, DecodedPixels]]
-    packed: PackedBatch
+    packed: PackedBatch | None
     sources: dict[int, bytes]
+    result: CamResult | None = None
 
 
 def _launch(
@@ -805,13 +810,14 @@ def _launch(
             for part in _halves(batch)
             for launched in _launch(work, loaded, engine, part, sources, failed)
         ]
-    with host_threads(device):
-        batch, result = _drop_non_finite(work, batch, result, failed)
-        if not batch:
-            return []
-        packed = pack(
-            result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions
-        )
+    if device.type == "cpu":
+        # Nothing to overlap with the device there: checking and packing the result are host work
+        # like the rows', so they go to the row builder instead of lengthening the main thread's.
+        return [_Launched(batch, None, sources, result)]
+    batch, result = _drop_non_finite(work, batch, result, failed)
+    if not batch:
+        return []
+    packed = pack(result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions)
     return [_Launched(batch, packed, sources)]
 
 
@@ -825,6 +831,16 @@ def _finish(
 ) -> None:
     """Wait for a batch's host copies, then build its rows and hand its maps to the encoders."""
     batch, packed = launched.batch, launched.packed
+    if packed is None:
+        assert launched.result is not None
+        with host_threads(next(loaded.model.parameters()).device):
+            batch, result = _drop_non_finite(work, batch, launched.result, rows.items)
+            if not batch:
+                return
+            pre = work.preprocess
+            packed = pack(
+                result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions
+            )
     transforms = map_transforms(batch, packed.targets)
     host = unpack(packed, work.patch_size, work.preprocess.size, transforms)
     rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c, single_logit=host.single_logit))
