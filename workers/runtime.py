@@ -46,7 +46,8 @@ def host_threads(device: torch.device) -> Iterator[None]:
     wakes torch's OpenMP helper, which then spin-waits for the next one on the core the decode
     and encode threads need (with the null engine, as much CPU as the work itself). With OpenMP
     the thread count is the calling thread's own, so the model, called outside this block, keeps
-    every thread, and the worker's other threads are not affected. Elsewhere nothing changes.
+    every thread, and other threads keep theirs (one whose first parallel operation falls inside
+    the block starts with one thread). Elsewhere nothing changes.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
