@@ -35,7 +35,7 @@ from schema.payloads import RunSpec
 from schema.settings import Settings, get_settings
 from tests.cli_runner import run_cli as camaudit
 from workers.map_reads import map_bytes, raw_bytes, read_map_png
-from workers.packing import build_tar, check_layout, packed_key
+from workers.packing import build_tar, check_layout, join_members, packed_key, tar_member
 from workers.shard import explain_shard
 from workers.storage import InvalidRangeError, ObjectNotFoundError, Storage, open_storage
 from workers.synth import make_dataset
@@ -309,6 +309,39 @@ def test_tar_is_deterministic_and_keeps_samples_together() -> None:
         check_layout("pakced")
     with pytest.raises(ValueError, match="layout 'tarball' is not known; use packed or files"):
         Settings(layout="tarball")
+
+
+def _tarfile_tar(members: dict[str, bytes]) -> bytes:
+    """The tar as :mod:`tarfile` writes it with build_tar's metadata and order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in sorted(members, key=lambda n: tuple(n.partition(".")[::2])):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(members[name]), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(members[name]))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["7_0.png", "7_0.npy", "7_0.jpg", "10_1.png"],  # the names a shard writes
+        ["x" * 100, "y" * 99],  # a name filling its field, with and without the closing NUL
+        ["a/" * 60 + "long.png", "schön_1.png"],  # split into prefix and name; not ASCII
+    ],
+)
+def test_tar_members_are_laid_out_as_tarfile_writes_them(names: list[str]) -> None:
+    sizes = [0, 1, 511, 512, 513, 10_000]
+    members = {name: bytes(range(256)) * 40 for name in names}
+    members = {name: data[: sizes[i % len(sizes)]] for i, (name, data) in enumerate(members.items())}
+    data, spans = build_tar(members)
+    assert data == _tarfile_tar(members)
+    assert len(data) % tarfile.RECORDSIZE == 0
+    assert {name: data[o : o + n] for name, (o, n) in spans.items()} == members
+    # members laid out one at a time (on the encoder threads) and joined at the end: the same tar
+    assert join_members({name: tar_member(name, body) for name, body in members.items()}) == (data, spans)
 
 
 def test_an_unknown_layout_fails_before_any_run_is_planned(tmp_path: Path) -> None:

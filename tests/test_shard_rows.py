@@ -39,6 +39,7 @@ from workers.shard_rows import (
     heatmap_rows,
     map_layout,
     map_statistics,
+    non_finite_reasons,
     patch_rows,
     prediction_rows,
 )
@@ -371,3 +372,21 @@ def test_rows_of_failed_items_carry_only_the_reason() -> None:
         "status": "failed",
         "error": "cannot decode image: truncated",
     }
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_an_image_with_a_non_finite_value_anywhere_fails_alone(bad: float) -> None:
+    maps = torch.rand(4, 1, 9, 11)
+    raw = torch.rand(4, 1, 3, 3, dtype=torch.float16)
+    maps[1, 0, 8, 10] = bad  # the last value: a reduction's tail
+    raw[3, 0, 1, 1] = bad
+    result = SimpleNamespace(
+        logits=torch.zeros(4, 5),
+        scores=torch.ones(4, 1),
+        raw={"cam": {"l": raw}},
+        layer_maps={"cam": {"l": maps}},
+    )
+    reasons = non_finite_reasons(result)  # type: ignore[arg-type]
+    assert reasons[0] is None and reasons[2] is None
+    assert reasons[1] is not None and "its normalised cam map of layer l" in reasons[1]
+    assert reasons[3] is not None and "its cam map of layer l" in reasons[3]

@@ -6,6 +6,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from schema.settings import Settings
 from workers.models import load_model_cached
 from workers.pools import pool_sizes
-from workers.runtime import engine_for
+from workers.runtime import engine_for, host_threads
 
 FAULTS = textwrap.dedent(
     """
@@ -116,3 +117,31 @@ def test_the_engine_takes_the_runs_score_batch_size_or_the_devices() -> None:
 def test_thread_counts_below_one_are_refused(name: str) -> None:
     with pytest.raises(ValidationError, match="at least 1 thread"):
         Settings(**{name: 0})
+
+
+def test_host_work_runs_on_one_torch_thread_on_a_cpu_device_only() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    other_ready, main_inside = threading.Event(), threading.Event()
+
+    def other() -> None:
+        torch.ones(100_000).sum()  # a thread that already runs torch keeps its own count
+        other_ready.set()
+        main_inside.wait(timeout=30)
+        seen.append(torch.get_num_threads())
+
+    try:
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert other_ready.wait(timeout=30)
+        with host_threads(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            main_inside.set()
+            thread.join(timeout=30)
+        assert torch.get_num_threads() == 2
+        assert seen == [2]
+        with host_threads(torch.device("cuda")):  # not run on a CPU: the device's work is elsewhere
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -44,10 +44,15 @@ def box_mask(box: Sequence[float], transform: ImageTransform) -> np.ndarray:
 def border_mask(input_size: tuple[int, int], band: float = BORDER_BAND) -> np.ndarray:
     """Pixels within ``band`` of the image's width or height from any edge (at least one pixel)."""
     rows, cols = input_size
-    dy, dx = max(1, round(rows * band)), max(1, round(cols * band))
+    dy, dx = _band_widths(input_size, band)
     inner = np.zeros(input_size, dtype=bool)
     inner[dy : rows - dy, dx : cols - dx] = True
     return ~inner
+
+
+def _band_widths(input_size: tuple[int, int], band: float = BORDER_BAND) -> tuple[int, int]:
+    rows, cols = input_size
+    return max(1, round(rows * band)), max(1, round(cols * band))
 
 
 def localisation_columns(
@@ -58,10 +63,11 @@ def localisation_columns(
 ) -> list[dict[str, Any]]:
     """The four columns of every map ``n``: ``maps_u8`` [N, H, W], ``raw`` [N, h, w], ``boxes[n]`` or None."""
     n, height, width = maps_u8.shape
-    levels = maps_u8.astype(np.float64)
-    totals = levels.reshape(n, -1).sum(axis=1)
-    band = border_mask((height, width))
-    border = levels[:, band].sum(axis=1)
+    # Sums of levels in integers: exact, as the float64 sums were (far below 2**53), at a fraction
+    # of the cost; the band's sum is the whole less the inner rectangle.
+    totals = maps_u8.reshape(n, -1).sum(axis=1, dtype=np.int64)
+    dy, dx = _band_widths((height, width))
+    border = totals - maps_u8[:, dy : height - dy, dx : width - dx].sum(axis=(1, 2), dtype=np.int64)
     boxed = [i for i in range(n) if boxes[i] is not None]
     raw_up = np.zeros((0, height, width))
     if boxed:
@@ -88,7 +94,7 @@ def localisation_columns(
                 )
             peak = np.unravel_index(int(np.argmax(maps_u8[i])), (height, width))
             positive = np.maximum(raw_up[row_of[i]], 0.0)
-            found["box_energy"] = float(levels[i][inside].sum()) / total if total > 0 else 0.0
+            found["box_energy"] = float(maps_u8[i][inside].sum(dtype=np.int64)) / total if total > 0 else 0.0
             found["box_hit"] = bool(inside[peak])
             found["outside_mass"] = float(positive[~inside].sum(dtype=np.float64)) / (height * width)
         columns.append(found)

@@ -6,9 +6,11 @@ keyed so that two runs with different models or outputs never share the wrong ob
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,6 +36,28 @@ def pick_device(setting: str) -> torch.device:
             f"device {setting!r} was asked for but CUDA is not available here; use cpu or auto"
         )
     return device
+
+
+@contextlib.contextmanager
+def host_threads(device: torch.device) -> Iterator[None]:
+    """The calling thread's tensor work around the model runs on one torch thread on a CPU device.
+
+    Staging a batch and reducing its results are many short operations; on two threads each
+    wakes torch's OpenMP helper, which then spin-waits for the next one on the core the decode
+    and encode threads need (with the null engine, as much CPU as the work itself). With OpenMP
+    the thread count is the calling thread's own, so the model, called outside this block, keeps
+    every thread, and other threads keep theirs (one whose first parallel operation falls inside
+    the block starts with one thread). Elsewhere nothing changes.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def amp_argument(setting: str) -> str | bool | None:

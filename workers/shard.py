@@ -71,7 +71,7 @@ from workers.pools import PoolSizes, pool_sizes
 from workers.preprocess import ImageTransform, Preprocess
 from workers.provenance import shard_provenance
 from workers.run_targets import batch_spec, depends_on_item, label_targets
-from workers.runtime import amp_argument, engine_for, model_for, storage_for
+from workers.runtime import amp_argument, engine_for, host_threads, model_for, storage_for
 from workers.shard_rows import (
     MapLayout,
     MapStatistics,
@@ -666,15 +666,30 @@ def _explain_batch(
             for part in _halves(batch):
                 _explain_batch(work, loaded, engine, part, writer, encoder, rows, sources)
             return
-        batch, result = _drop_non_finite(work, batch, result, rows.items)
+        with host_threads(device):
+            batch, result = _drop_non_finite(work, batch, result, rows.items)
         if not batch:
             return
-    rows.items.extend(prediction_rows(work, batch, result))
+    with host_threads(device):
+        _store_batch(work, batch, result, writer, encoder, rows, sources)
 
+
+def _store_batch(
+    work: ShardWork,
+    batch: list[tuple[WorkItem, DecodedPixels]],
+    result: CamResult,
+    writer: MapWriter,
+    encoder: ThreadPoolExecutor,
+    rows: ShardRows,
+    sources: dict[int, bytes],
+) -> None:
+    """The serial path's rows of one explained batch, each statistic read back on its own."""
+    rows.items.extend(prediction_rows(work, batch, result))
     layout = map_layout(batch, result)
     if not layout.item_ids:  # e.g. no class of any image passed an 'above:T' threshold
         return
     map_sources = [sources.get(item_id) for item_id in layout.item_ids]
+    pre = work.preprocess
     for method in work.methods:
         for layer in result.layers:
             stats = map_statistics(
@@ -709,13 +724,13 @@ def _explain_or_split(
     ``pinned``: on CUDA the stacked pixels go through pinned memory, so the copy to the device is
     truly asynchronous (the overlapped path, which must not wait on it).
     """
-    pre = work.preprocess
-    pixels = stack_pixels([img for _, img in batch])
-    if pinned and device.type == "cuda" and pixels.device.type == "cpu":  # not when decoded on the device
-        pixels = pixels.pin_memory()
-    pixels = pixels.to(device, non_blocking=True)
+    with host_threads(device):
+        pixels = stack_pixels([img for _, img in batch])
+        if pinned and device.type == "cuda" and pixels.device.type == "cpu":  # not when decoded on the device
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(device, non_blocking=True)
     try:
-        return engine(normalise_batch(pixels, tuple(pre.mean), tuple(pre.std)), targets=targets)
+        return engine(_normalised(work, pixels), targets=targets)
     except Exception as exc:
         if not is_out_of_memory(exc) or len(batch) == 1:
             raise
@@ -734,6 +749,12 @@ def _explain_or_split(
     return None
 
 
+def _normalised(work: ShardWork, pixels: torch.Tensor) -> torch.Tensor:
+    pre = work.preprocess
+    with host_threads(pixels.device):
+        return normalise_batch(pixels, tuple(pre.mean), tuple(pre.std))
+
+
 def _halves(
     batch: list[tuple[WorkItem, DecodedPixels]],
 ) -> tuple[list[tuple[WorkItem, DecodedPixels]], list[tuple[WorkItem, DecodedPixels]]]:
@@ -749,11 +770,16 @@ def release_cached_memory(device: torch.device) -> None:
 
 @dataclass
 class _Launched:
-    """A batch whose engine call has been issued and whose results are on their way to the host."""
+    """A batch whose engine call has been issued and whose results are on their way to the host.
+
+    On a CPU device ``packed`` is None and ``result`` the engine's result: the row builder checks
+    and packs it there, beside the main thread's staging of the next batch.
+    """
 
     batch: list[tuple[WorkItem, DecodedPixels]]
-    packed: PackedBatch
+    packed: PackedBatch | None
     sources: dict[int, bytes]
+    result: CamResult | None = None
 
 
 def _launch(
@@ -784,6 +810,10 @@ def _launch(
             for part in _halves(batch)
             for launched in _launch(work, loaded, engine, part, sources, failed)
         ]
+    if device.type == "cpu":
+        # Nothing to overlap with the device there: checking and packing the result are host work
+        # like the rows', so they go to the row builder instead of lengthening the main thread's.
+        return [_Launched(batch, None, sources, result)]
     batch, result = _drop_non_finite(work, batch, result, failed)
     if not batch:
         return []
@@ -801,6 +831,16 @@ def _finish(
 ) -> None:
     """Wait for a batch's host copies, then build its rows and hand its maps to the encoders."""
     batch, packed = launched.batch, launched.packed
+    if packed is None:
+        assert launched.result is not None
+        with host_threads(next(loaded.model.parameters()).device):
+            batch, result = _drop_non_finite(work, batch, launched.result, rows.items)
+            if not batch:
+                return
+            pre = work.preprocess
+            packed = pack(
+                result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions
+            )
     transforms = map_transforms(batch, packed.targets)
     host = unpack(packed, work.patch_size, work.preprocess.size, transforms)
     rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c, single_logit=host.single_logit))
