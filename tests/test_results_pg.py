@@ -216,7 +216,8 @@ def write_shard(
     with session_scope(database_url) as session:
         results.update_items(session, rows.items)
         ids = results.upsert_heatmaps(session, rows.heatmaps)
-        results.delete_stale_patch_scores(session, list(ids.values()), top_patches)
+        run_id = rows.heatmaps[0]["run_id"] if rows.heatmaps else None
+        results.delete_stale_patch_scores(session, list(ids.values()), top_patches, run_id=run_id)
         results.upsert_patch_scores(
             session, [{"heatmap_id": ids[key], **row} for key, row in rows.patches], mode=mode
         )
@@ -308,6 +309,33 @@ def test_dropping_stale_ranks_leaves_other_heatmaps_alone(database_url: str) -> 
     assert by_shard[second] == sorted(list(range(3)) * per_shard)
 
 
+def test_stale_ranks_are_dropped_in_chunks_and_across_every_chunk(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without PostgreSQL's array parameter the ids go in chunks: every chunk is trimmed once."""
+    monkeypatch.setattr(results, "CHUNK", 2)
+    run = seed_run(database_url, "r1", n_items=5, shard_size=5)
+    shard_id = run.shard_ids[0]
+    write_shard(database_url, shard_rows(run, shard_id, top_patches=3))
+    write_shard(database_url, shard_rows(run, shard_id, top_patches=1, seed=1), top_patches=1)
+    with get_engine(database_url).connect() as conn:
+        ranks = conn.execute(select(PatchScore.heatmap_id, PatchScore.rank)).all()
+        heatmaps = conn.execute(select(func.count()).select_from(Heatmap)).scalar_one()
+    assert heatmaps > 2 * 2  # more heatmaps than two chunks of two
+    assert sorted(ranks) == sorted((heatmap, 0) for heatmap, _ in ranks)
+    assert len(ranks) == heatmaps
+
+
+def test_no_heatmap_rows_and_one_row_write_as_such(database_url: str) -> None:
+    run = seed_run(database_url, "r1", n_items=3)
+    shard = shard_rows(run, run.shard_ids[0])
+    with session_scope(database_url) as session:
+        assert results.upsert_heatmaps(session, []) == {}
+        one = results.upsert_heatmaps(session, shard.heatmaps[:1])
+    row = shard.heatmaps[0]
+    assert list(one) == [(row["item_id"], row["method"], row["layer"], row["target_class"])]
+
+
 def test_a_rerun_refreshes_every_heatmap_and_patch_column(database_url: str) -> None:
     """After two writes of one shard with different values, every stored column is the second's."""
     run = seed_run(database_url, "r1", n_items=3)
@@ -384,6 +412,19 @@ def test_copy_mode_is_refused_on_sqlite(tmp_path: Path) -> None:
     shard = shard_rows(run, run.shard_ids[0])
     with pytest.raises(ValueError, match="needs PostgreSQL"):
         write_shard(url, shard, mode="copy")
+
+
+def test_copy_names_the_column_a_later_row_lacks(postgres_url: str) -> None:
+    """The up-front check reads the first row's columns; COPY names a column a later row lacks."""
+    upgrade(postgres_url)
+    run = seed_run(postgres_url, "r1", n_items=3)
+    shard = shard_rows(run, run.shard_ids[0])
+    with session_scope(postgres_url) as session:
+        ids = results.upsert_heatmaps(session, shard.heatmaps)
+        rows = [{"heatmap_id": ids[key], **row} for key, row in shard.patches[:2]]
+        del rows[1]["score"]
+        with pytest.raises(ValueError, match=r"^a patch_scores row lacks column 'score'$"):
+            results.upsert_patch_scores(session, rows, mode="copy")
 
 
 def test_copy_writes_go_through_the_staging_tables(postgres_url: str) -> None:
