@@ -92,7 +92,7 @@ TARGETS = (
             )
         ),
     ),
-    Target("shard-rows", ("workers/shard_rows.py",), ("tests/test_shard_rows.py", "-k", "rows_of")),
+    Target("shard-rows", ("workers/shard_rows.py",), ("tests/test_shard_rows.py",)),
 )
 
 
