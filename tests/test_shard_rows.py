@@ -9,6 +9,7 @@ worker's own helpers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -42,6 +43,7 @@ from workers.shard_rows import (
     non_finite_reasons,
     patch_rows,
     prediction_rows,
+    valid_maps,
 )
 from workers.storage import Storage, open_storage
 from workers.synth import make_dataset
@@ -390,3 +392,95 @@ def test_an_image_with_a_non_finite_value_anywhere_fails_alone(bad: float) -> No
     assert reasons[0] is None and reasons[2] is None
     assert reasons[1] is not None and "its normalised cam map of layer l" in reasons[1]
     assert reasons[3] is not None and "its cam map of layer l" in reasons[3]
+
+
+def test_rows_of_padded_targets_keep_only_the_valid_maps_in_order() -> None:
+    """An item with fewer targets than the batch's widest has padded columns: no map, no row."""
+    batch = fake_batch([(40, 30), (50, 60), (70, 20)], ["a", "b", None])
+    batch[1] = (dataclasses.replace(batch[1][0], box=[1.0, 2.0, 3.0, 4.0]), batch[1][1])
+    targets = torch.tensor([[4, 1], [2, 0], [3, 5]])
+    scores = torch.tensor([[0.5, 0.25], [2.0, -1.0], [7.0, 8.0]])
+    valid = torch.tensor([[True, False], [True, True], [False, True]])
+    layout = map_layout(batch, SimpleNamespace(targets=targets, scores=scores, valid=valid))
+    assert layout.item_ids == [100, 101, 101, 102]
+    assert layout.targets == [4, 2, 0, 5]
+    assert layout.scores == [0.5, 2.0, -1.0, 8.0]
+    assert [t.source for t in layout.transforms] == [(40, 30), (50, 60), (50, 60), (70, 20)]
+    assert layout.boxes == [None, [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], None]
+
+    maps = torch.arange(3 * 2 * 2 * 3, dtype=torch.float32).reshape(3, 2, 2, 3)
+    kept = valid_maps(maps, valid)
+    assert kept.shape == (4, 1, 2, 3)
+    for n, (b, t) in enumerate([(0, 0), (1, 0), (1, 1), (2, 1)]):
+        assert torch.equal(kept[n, 0], maps[b, t])
+    assert valid_maps(maps, torch.ones(3, 2, dtype=torch.bool)) is maps
+
+
+def test_a_non_finite_reason_names_the_first_output_that_is_not_finite() -> None:
+    def result(logits: torch.Tensor | None, scores: torch.Tensor, raw: torch.Tensor) -> Any:
+        return SimpleNamespace(
+            logits=logits, scores=scores, raw={"cam": {"l": raw}}, layer_maps={"cam": {"l": raw.clone()}}
+        )
+
+    advice = "; check the model (overflow under mixed precision: CAMAUDIT_AMP=off) and the input"
+    start = "the model's output for this image is not finite: NaN or infinity in "
+    logits = torch.zeros(3, 4)
+    logits[0, 3] = float("nan")
+    scores = torch.ones(3, 2)
+    scores[1, 1] = float("inf")
+    raw = torch.rand(3, 1, 2, 2)
+    assert non_finite_reasons(result(logits, scores, raw)) == [  # type: ignore[arg-type]
+        start + "its class scores (logits)" + advice,
+        start + "the scores of its explained classes" + advice,
+        None,
+    ]
+    assert non_finite_reasons(result(None, scores, raw)) == [  # type: ignore[arg-type]
+        None,
+        start + "the scores of its explained classes" + advice,
+        None,
+    ]
+    assert non_finite_reasons(result(torch.zeros(3, 4), torch.ones(3, 2), raw)) == [None, None, None]  # type: ignore[arg-type]
+    # maps without values (an empty grid) have nothing that could be non-finite
+    empty = torch.empty(3, 1, 0, 2)
+    assert non_finite_reasons(result(None, torch.ones(3, 1), empty)) == [None, None, None]  # type: ignore[arg-type]
+    one = torch.rand(3, 1, 1, 1)
+    one[2] = float("-inf")
+    assert non_finite_reasons(result(None, torch.ones(3, 1), one)) == [  # type: ignore[arg-type]
+        None,
+        None,
+        start + "its cam map of layer l" + advice,
+    ]
+
+
+def test_rows_of_a_single_logit_and_of_a_multi_label_head() -> None:
+    batch = fake_batch([(10, 20), (30, 40), (50, 60)], ["dog", "cat", None])
+    single = prediction_rows(
+        SimpleNamespace(top_k_predictions=5, class_names=["dog"], target_spec="top1"),  # type: ignore[arg-type]
+        batch,
+        SimpleNamespace(logits=torch.tensor([[2.0], [0.5], [-1.0]])),  # type: ignore[arg-type]
+    )
+    sigmoid = torch.sigmoid(torch.tensor([2.0, 0.5, -1.0])).tolist()
+    assert [row["predictions"] for row in single] == [
+        [{"class": 0, "name": "dog", "prob": pytest.approx(p)}] for p in sigmoid
+    ]
+    # the decision: positive (1) when the sigmoid is above one half; right when it matches the label
+    assert [row["pred_class"] for row in single] == [1, 1, 0]
+    assert [row["correct"] for row in single] == [True, False, None]
+
+    logits = torch.tensor([[3.0, 2.0, -4.0], [-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    multi = prediction_rows(
+        SimpleNamespace(top_k_predictions=2, class_names=["dog", "cat", "eel"], target_spec="labels"),  # type: ignore[arg-type]
+        batch,
+        SimpleNamespace(logits=logits),  # type: ignore[arg-type]
+    )
+    probs = torch.sigmoid(logits)  # each class scored on its own
+    for row, p in zip(multi, probs, strict=True):
+        order = sorted(range(3), key=lambda c, p=p: -float(p[c]))[:2]
+        assert [pred["class"] for pred in row["predictions"]] == order
+        assert [pred["prob"] for pred in row["predictions"]] == pytest.approx([float(p[c]) for c in order])
+    above = prediction_rows(
+        SimpleNamespace(top_k_predictions=1, class_names=None, target_spec="above:0.5"),  # type: ignore[arg-type]
+        batch,
+        SimpleNamespace(logits=logits),  # type: ignore[arg-type]
+    )
+    assert [row["predictions"][0]["prob"] for row in above] == pytest.approx(probs.max(dim=1).values.tolist())
