@@ -36,6 +36,7 @@ from workers.localisation import border_mask
 from workers.models import DEMO_CHECKPOINT
 from workers.shard import WorkItem, explain_shard
 from workers.shard_rows import (
+    class_probabilities,
     failed_item_row,
     heatmap_rows,
     map_layout,
@@ -43,6 +44,7 @@ from workers.shard_rows import (
     non_finite_reasons,
     patch_rows,
     prediction_rows,
+    prediction_rows_of,
     valid_maps,
 )
 from workers.storage import Storage, open_storage
@@ -484,3 +486,36 @@ def test_rows_of_a_single_logit_and_of_a_multi_label_head() -> None:
         SimpleNamespace(logits=logits),  # type: ignore[arg-type]
     )
     assert [row["predictions"][0]["prob"] for row in above] == pytest.approx(probs.max(dim=1).values.tolist())
+
+
+def test_softmax_by_default_and_a_logit_of_zero_is_negative() -> None:
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+    torch.testing.assert_close(class_probabilities(logits), torch.softmax(logits, dim=1))
+    torch.testing.assert_close(class_probabilities(logits, True), torch.sigmoid(logits))
+    batch = fake_batch([(10, 20), (30, 40)], ["dog", "dog"])
+    work = SimpleNamespace(top_k_predictions=1, class_names=["dog", "cat"], target_spec="top1")
+    # host lists of a multi-class head: the first class is the prediction
+    rows = prediction_rows_of(work, batch, [[0.4], [0.9]], [[1], [0]])  # type: ignore[arg-type]
+    assert [(row["pred_class"], row["correct"]) for row in rows] == [(1, False), (0, True)]
+    # a single logit of exactly 0 is a sigmoid of one half: not above it, so negative
+    single = prediction_rows(
+        SimpleNamespace(top_k_predictions=1, class_names=["dog"], target_spec="top1"),  # type: ignore[arg-type]
+        batch,
+        SimpleNamespace(logits=torch.tensor([[0.0], [1e-3]])),  # type: ignore[arg-type]
+    )
+    assert [row["pred_class"] for row in single] == [0, 1]
+
+
+def test_non_finite_checks_of_flat_and_empty_outputs() -> None:
+    maps = torch.rand(3, 1, 2, 2)
+    result = SimpleNamespace(
+        logits=None,
+        scores=torch.tensor([1.0, float("nan"), 2.0]),  # one score per image, flat
+        raw={"cam": {"l": maps}},
+        layer_maps={"cam": {"l": maps}},
+    )
+    reasons = non_finite_reasons(result)  # type: ignore[arg-type]
+    assert reasons[0] is None and reasons[2] is None
+    assert reasons[1] is not None and "the scores of its explained classes" in reasons[1]
+    result.scores = torch.ones(3, 0)  # no explained class: nothing to check
+    assert non_finite_reasons(result) == [None, None, None]  # type: ignore[arg-type]
