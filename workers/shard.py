@@ -796,7 +796,6 @@ def _launch(
     asynchronous. Out of device memory splits the batch in halves, as in the serial path.
     """
     device = next(loaded.model.parameters()).device
-    pre = work.preprocess
     rows = ShardRows()
     targets, batch = _batch_targets(work, batch, rows)
     failed.extend(rows.items)
@@ -814,11 +813,22 @@ def _launch(
         # Nothing to overlap with the device there: checking and packing the result are host work
         # like the rows', so they go to the row builder instead of lengthening the main thread's.
         return [_Launched(batch, None, sources, result)]
+    checked = _checked_and_packed(work, batch, result, failed)
+    return [] if checked is None else [_Launched(*checked, sources)]
+
+
+def _checked_and_packed(
+    work: ShardWork, batch: Batch, result: CamResult, failed: list[dict[str, Any]]
+) -> tuple[Batch, PackedBatch] | None:
+    """The batch without the images whose output is not finite, and its statistics packed for
+    one copy back; None when no image is left."""
     batch, result = _drop_non_finite(work, batch, result, failed)
     if not batch:
-        return []
-    packed = pack(result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions)
-    return [_Launched(batch, packed, sources)]
+        return None
+    pre = work.preprocess
+    return batch, pack(
+        result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions
+    )
 
 
 def _finish(
@@ -834,13 +844,10 @@ def _finish(
     if packed is None:
         assert launched.result is not None
         with host_threads(next(loaded.model.parameters()).device):
-            batch, result = _drop_non_finite(work, batch, launched.result, rows.items)
-            if not batch:
-                return
-            pre = work.preprocess
-            packed = pack(
-                result, work.methods, pre.size, work.patch_size, work.top_patches, work.top_k_predictions
-            )
+            checked = _checked_and_packed(work, batch, launched.result, rows.items)
+        if checked is None:
+            return
+        batch, packed = checked
     transforms = map_transforms(batch, packed.targets)
     host = unpack(packed, work.patch_size, work.preprocess.size, transforms)
     rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c, single_logit=host.single_logit))
