@@ -24,6 +24,7 @@ from schema.db import dispose_engines, session_scope
 from schema.models import Item, Shard
 from schema.redact import hide_password, redact
 from schema.settings import get_settings
+from tests.cli_runner import run_cli
 from tests.plugins.s3 import free_port
 from tests.plugins.services import REPO_ROOT, wait_until
 from workers.synth import make_dataset
@@ -49,14 +50,8 @@ def secret_url(postgres_admin_url: str) -> Iterator[tuple[str, str]]:
 
 
 def _cli(*args: str, env: dict[str, str]) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", *args],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # a process of its own: what it logs is configured as a real command's is
+    done = run_cli(*args, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}, process=True)
     return f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
 
 
