@@ -194,3 +194,15 @@ def test_png_is_read_identically_by_libpng(shape: tuple[int, int], rng: np.rando
 def test_png_refuses_an_empty_map() -> None:
     with pytest.raises(ValueError, match="empty"):
         encode_png_gray(np.zeros((0, 5), np.uint8))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_png_levels_all_decode_to_the_map(level: int, rng: np.random.Generator) -> None:
+    u8 = rng.integers(0, 256, size=(31, 47), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_png_gray(encode_png_gray(u8, compress_level=level)), u8)
+
+
+@pytest.mark.parametrize("level", [-1, 4, 9])
+def test_png_refuses_a_level_the_encoder_lacks(level: int) -> None:
+    with pytest.raises(ValueError, match=r"ISA-L's levels \(0, 1, 2, 3\)"):
+        encode_png_gray(np.zeros((4, 4), np.uint8), compress_level=level)

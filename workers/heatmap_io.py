@@ -16,6 +16,7 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from isal import isal_zlib
 from PIL import Image
 
 from workers.preprocess import ImageTransform
@@ -85,9 +86,13 @@ def encode_png_gray(u8: np.ndarray, compress_level: int = 1) -> bytes:
 
     Every row uses PNG's "Sub" filter (difference to the left neighbour), which suits smooth
     maps; encoders that try all five filters per row (Pillow, libpng) spend most of their
-    time choosing. With zlib level 1 this is 2-4x faster than Pillow at level 1 and smaller,
-    and it sits in the upload path of every heatmap.
+    time choosing. The deflate stream comes from ISA-L (``isal``, levels 0-3), which on a
+    smooth 224 x 224 map is 4x faster than zlib at level 1 and 10 % smaller (0.10 vs 0.43 ms,
+    8.2 vs 9.1 KB, docs/PERFORMANCE.md); it sits in the upload path of every heatmap. The
+    stream is standard zlib, so any PNG reader decodes it.
     """
+    if compress_level not in ISAL_LEVELS:
+        raise ValueError(f"compress_level is one of ISA-L's levels {ISAL_LEVELS}, not {compress_level!r}")
     levels = _check_gray_u8(u8)
     height, width = levels.shape
     if height == 0 or width == 0:
@@ -101,12 +106,13 @@ def encode_png_gray(u8: np.ndarray, compress_level: int = 1) -> bytes:
         (
             _PNG_SIGNATURE,
             _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), compress_level)),
+            _png_chunk(b"IDAT", isal_zlib.compress(filtered, compress_level)),
             _png_chunk(b"IEND", b""),
         )
     )
 
 
+ISAL_LEVELS = (0, 1, 2, 3)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_MAX_SIDE = 65_500  # the largest width or height libjpeg (and so Pillow) writes
 
