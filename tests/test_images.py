@@ -702,3 +702,22 @@ def test_normalise_batch_refuses_what_is_not_a_uint8_rgb_batch() -> None:
         normalise_batch(torch.zeros(2, 3, 4, 4), (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(ValueError, match="uint8 pixels"):
         normalise_batch(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 24, 20), (5, 224, 224), (2, 301, 517)])
+def test_channels_last_normalisation_equals_the_plain_arithmetic(shape: tuple[int, int, int]) -> None:
+    """The blocked CPU path (several blocks here, ending mid-image) gives the broadcast's very values."""
+    b, h, w = shape
+    generator = torch.Generator().manual_seed(h * w)
+    nhwc = torch.randint(0, 256, (b, h, w, 3), dtype=torch.uint8, generator=generator)
+    batch = nhwc.permute(0, 3, 1, 2)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    plain = batch.to(torch.float32).div(255.0)
+    plain = plain.sub(torch.tensor(mean).view(1, 3, 1, 1)).div(torch.tensor(std).view(1, 3, 1, 1))
+
+    normalised = normalise_batch(batch, mean, std)
+
+    assert normalised.is_contiguous(memory_format=torch.channels_last)
+    assert normalised.dtype == torch.float32 and normalised.shape == batch.shape
+    assert torch.equal(normalised, plain)
+    assert torch.equal(normalise_batch(batch.contiguous(), mean, std), plain)  # NCHW: the broadcast path

@@ -206,12 +206,45 @@ def normalise_batch(
     """
     if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[1] != 3:
         raise ValueError(f"expected uint8 pixels [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+    if pixels.device.type == "cpu" and pixels.is_contiguous(memory_format=torch.channels_last):
+        return _normalise_channels_last(pixels, mean, std)
     if pixels.device.type == "cpu":
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         x = pixels.to(torch.float32)  # keeps the layout: channels-last stays channels-last
         return x.div_(255.0).sub_(mean_t).div_(std_t)
     return normalise_by_table(pixels, mean, std)
+
+
+# Elements per step of the CPU normalisation: ~1 MB of float32, which stays in the core's cache
+# through the step's four passes.
+_NORMALISE_STEP = 1 << 18
+
+
+def _normalise_channels_last(
+    pixels: torch.Tensor, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> torch.Tensor:
+    """:func:`normalise_batch` on the CPU for channels-last pixels: the same three operations.
+
+    In memory the batch is rows of ``R G B R G B ...``; each row is divided by 255, has a row
+    of repeated means subtracted and is divided by a row of repeated deviations, a few rows at
+    a time. Every element sees the same float32 operations in the same order as the plain
+    broadcast, so the values are identical; but the broadcast of a 3-vector over the innermost
+    dimension does not vectorise, and four passes over the whole batch leave the cache
+    (64 x 224 x 224: 40 ms against 10 ms on one core, docs/PERFORMANCE.md).
+    """
+    b, c, h, w = pixels.shape
+    rows_in = pixels.permute(0, 2, 3, 1).reshape(b * h, w * c)  # a view: channels-last is NHWC
+    out = torch.empty((b, h, w, c), dtype=torch.float32)
+    rows_out = out.view(b * h, w * c)
+    mean_row = torch.tensor(mean, dtype=torch.float32).repeat(w)
+    std_row = torch.tensor(std, dtype=torch.float32).repeat(w)
+    step = max(1, _NORMALISE_STEP // max(1, w * c))
+    for start in range(0, b * h, step):
+        block = rows_out[start : start + step]
+        block.copy_(rows_in[start : start + step])
+        block.div_(255.0).sub_(mean_row).div_(std_row)
+    return out.permute(0, 3, 1, 2)
 
 
 def normalise_by_table(
