@@ -37,7 +37,7 @@ from scheduler.plan import plan_run
 from schema.payloads import RunSpec
 from schema.settings import Settings
 from tests.plugins.s3 import DUMMY_AWS_ENV, MotoServer, TcpProxy
-from workers import shard, storage
+from workers import runtime, shard, storage
 from workers.cam import CamResult
 from workers.images import decode_pixels
 from workers.models import load_model_cached
@@ -142,6 +142,9 @@ def instrumented(clock: StageClock, size: tuple[int, int]) -> Iterator[None]:
     patch(storage.ConcurrentWriter, "flush", clock.wrap("flush", storage.ConcurrentWriter.flush))
 
     def engine_for(loaded: Any, methods: list[str], layers: list[str], *args: Any, **kwargs: Any) -> Any:
+        # What the worker's engine_for does for the process besides building the engine.
+        runtime.keep_freed_memory()
+        runtime.settle_heap()
         return clock.wrap("engine", NullEngine(methods, layers, size))
 
     patch(shard, "engine_for", engine_for)
