@@ -496,3 +496,93 @@ def test_item_outcomes_are_the_same_text_whichever_statement_writes_them(databas
     assert len({tuple(map(tuple, rows)) for rows in outcomes.values()}) == 1, outcomes
     with pytest.raises(ValueError, match="repeat an id"), session_scope(database_url) as session:
         results.update_items(session, [failed, failed])
+
+
+def _sqlalchemy_statements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite writes through SQLAlchemy's own statements, as before the driver-level path."""
+
+    def upsert(session: Any, staged: Any, rows: Any, what: str) -> list[tuple[Any, ...]]:
+        return results._values_upsert(session, staged, rows)
+
+    def update_items(session: Any, columns: Any, rows: Any, run_id: Any) -> None:
+        session.execute(results.update(Item), list(rows))
+
+    monkeypatch.setattr(results, "_sqlite_upsert", upsert)
+    monkeypatch.setattr(results, "_sqlite_update_items", update_items)
+
+
+def test_sqlite_driver_writes_leave_the_rows_sqlalchemys_statements_leave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """executemany with tuples stores every column as SQLAlchemy did, JSON text and ids included."""
+    snapshots, outcomes, returned = [], [], []
+    for name in ("driver", "sqlalchemy"):
+        url = f"sqlite:///{tmp_path / name}.db"
+        upgrade(url)
+        run = seed_run(url, "r1", n_items=6, methods=("gradcam", "cam"))
+        shards = [shard_rows(run, shard_id, seed=shard_id) for shard_id in run.shard_ids]
+        with monkeypatch.context() as patched:
+            if name == "sqlalchemy":
+                _sqlalchemy_statements(patched)
+            for shard in shards:
+                returned.append(write_shard(url, shard))
+            again = shard_rows(run, run.shard_ids[0], seed=99, top_patches=2)  # a re-run: new values
+            returned.append(write_shard(url, again, top_patches=2))
+        snapshots.append(snapshot(url))
+        outcomes.append(item_outcomes(url, run.run_id))
+    assert snapshots[0] == snapshots[1]
+    assert outcomes[0] == outcomes[1]
+    half = len(returned) // 2
+    assert returned[:half] == returned[half:]
+    assert len(snapshots[0]["patch_scores"]) < sum(len(s.patches) for s in shards)  # ranks 2+ dropped
+
+
+def test_sqlite_upsert_returns_the_ids_of_exactly_the_rows_it_wrote(tmp_path: Path) -> None:
+    """Other heatmaps of the same items (another method) are read back by item but not returned."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(url)
+    run = seed_run(url, "r1", n_items=3)
+    shard = shard_rows(run, run.shard_ids[0])
+    cam = [h for h in shard.heatmaps if h["method"] == "cam"]
+    gradcam = [h for h in shard.heatmaps if h["method"] == "gradcam"]
+    with session_scope(url) as session:
+        first = results.upsert_heatmaps(session, cam)
+    with session_scope(url) as session:
+        second = results.upsert_heatmaps(session, gradcam)
+    assert set(first) == {(h["item_id"], "cam", h["layer"], h["target_class"]) for h in cam}
+    assert set(second) == {(h["item_id"], "gradcam", h["layer"], h["target_class"]) for h in gradcam}
+    with get_engine(url).connect() as conn:
+        stored = {
+            (r.item_id, r.method, r.layer, r.target_class): r.id
+            for r in conn.execute(
+                select(Heatmap.item_id, Heatmap.method, Heatmap.layer, Heatmap.target_class, Heatmap.id)
+            )
+        }
+    assert stored == {**first, **second}
+
+
+def test_sqlite_upsert_names_the_column_a_later_row_lacks(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(url)
+    run = seed_run(url, "r1", n_items=3)
+    shard = shard_rows(run, run.shard_ids[0])
+    with session_scope(url) as session:
+        ids = results.upsert_heatmaps(session, shard.heatmaps)
+        rows = [{"heatmap_id": ids[key], **row} for key, row in shard.patches[:2]]
+        del rows[1]["score"]
+        with pytest.raises(ValueError, match=r"^a patch-score row lacks column 'score'; every row needs "):
+            results.upsert_patch_scores(session, rows)
+
+
+def test_sqlite_item_updates_stay_within_the_named_run(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(url)
+    mine, other = seed_run(url, "mine", n_items=2), seed_run(url, "other", n_items=2)
+    rows = [{"id": item_id, "status": "failed", "error": "x"} for item_id in mine.item_ids + other.item_ids]
+    with session_scope(url) as session:
+        results.update_items(session, rows, run_id="mine")
+    with get_engine(url).connect() as conn:
+        status = dict(
+            conn.execute(select(Item.run_id, func.group_concat(Item.status)).group_by(Item.run_id)).all()
+        )
+    assert status == {"mine": "failed,failed", "other": "pending,pending"}
