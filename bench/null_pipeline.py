@@ -4,19 +4,24 @@ The CAM engine is replaced by a stand-in that returns maps, raw maps, logits and
 right shapes at no cost, so what is left is what the host does per image: fetching, decoding,
 batching, per-map statistics, rows, PNG/npy encoding, uploads and the commits. It prints
 images/s and host milliseconds per image by stage for JPEG and PNG sources of ImageNet-like
-sizes (375-500 px a side), to a local folder and to moto S3 behind a proxy adding ``--rtt-ms``
-of round trip (sources read from and results written to the bucket), next to the rate at which
-one thread decodes the same files. On a GPU worker the engine's time overlaps all of this, so
-``images/s`` here is the most a worker can feed the device.
+sizes (375-500 px a side), next to the rate at which one thread decodes the same files, for
+three set-ups: sources in a folder and results to a folder; sources in a folder and results to
+moto S3 behind a proxy adding ``--rtt-ms`` of round trip; and sources read from that bucket too.
+The moto server and the proxy run as processes of their own (as a real endpoint costs the
+worker no CPU); their CPU per image is printed beside, since on this machine they share its
+cores. Batch and shard sizes default to a GPU worker's (``workers/device_defaults.py``): on a
+GPU worker the engine's time overlaps all of this, so ``images/s`` here is the most a worker
+can feed the device.
 
     python bench/pipeline.py --engine null                 # folder and S3, JPEG and PNG
-    python bench/pipeline.py --engine null --formats jpeg --no-s3 --n 128
+    python bench/pipeline.py --engine null --formats jpeg --no-s3 --n 512 --shard-size 512
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import tempfile
 import threading
@@ -39,6 +44,7 @@ from schema.settings import Settings
 from tests.plugins.s3 import DUMMY_AWS_ENV, MotoServer, TcpProxy
 from workers import runtime, shard, storage
 from workers.cam import CamResult
+from workers.device_defaults import CUDA
 from workers.images import decode_pixels
 from workers.models import load_model_cached
 from workers.synth import render_sample, sample_rng
@@ -193,15 +199,49 @@ def explain_all(spec: RunSpec, settings: Settings) -> float:
     return time.perf_counter() - start
 
 
+def _serve_proxy(host: str, port: int, delay: float, pipe: Any) -> None:
+    """A child process: the delaying proxy, until the parent says stop (or goes away)."""
+    with TcpProxy(host, port, one_way_delay_s=delay) as proxy:
+        pipe.send(proxy.port)
+        with contextlib.suppress(EOFError):
+            pipe.recv()
+
+
 @contextlib.contextmanager
-def s3_endpoint(rtt_ms: float) -> Iterator[str]:
+def s3_endpoint(rtt_ms: float) -> Iterator[tuple[str, list[int]]]:
+    """The proxy's URL and the process ids of the server side (moto, the proxy)."""
     os.environ.update(DUMMY_AWS_ENV)
     with MotoServer() as server:
         upstream = urlsplit(server.url)
-        delay = rtt_ms / 2000.0
-        with TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 80, one_way_delay_s=delay) as proxy:
+        context = multiprocessing.get_context("spawn")  # no copy of this process's torch state
+        ours, theirs = context.Pipe()
+        proxy = context.Process(
+            target=_serve_proxy,
+            args=(upstream.hostname or "127.0.0.1", upstream.port or 80, rtt_ms / 2000.0, theirs),
+            daemon=True,
+        )
+        proxy.start()
+        try:
+            if not ours.poll(60):
+                raise RuntimeError("the S3 proxy process did not start within 60 s")
+            port = ours.recv()
             boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-            yield proxy.url
+            assert server._process is not None and proxy.pid is not None
+            yield f"http://127.0.0.1:{port}", [server._process.pid, proxy.pid]
+        finally:
+            ours.send("stop")
+            proxy.join(timeout=30)
+
+
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def upload_sources(endpoint: str, paths: list[Path], prefix: str) -> str:
@@ -209,6 +249,9 @@ def upload_sources(endpoint: str, paths: list[Path], prefix: str) -> str:
     for path in paths:
         client.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
     return f"s3://{BUCKET}/{prefix}/"
+
+
+SETUPS = (("folder", "folder"), ("folder", "s3"), ("s3", "s3"))  # (sources, results)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,65 +264,83 @@ def run(args: argparse.Namespace) -> int:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="camaudit-null-") as name, contextlib.ExitStack() as stack:
         tmp = Path(name)
-        endpoint = stack.enter_context(s3_endpoint(args.rtt_ms)) if args.s3 else None
+        endpoint, servers = stack.enter_context(s3_endpoint(args.rtt_ms)) if args.s3 else (None, [])
         for fmt in args.formats:
             paths = make_sources(tmp / f"src-{fmt}", args.n, fmt, args.seed)
             decode_rate = single_thread_decode_rate(paths, size)
-            targets = [("folder", str(tmp / f"src-{fmt}"), None)]
-            if endpoint is not None:
-                targets.append(("s3", upload_sources(endpoint, paths, f"src-{fmt}"), endpoint))
-            for where, source, s3 in targets:
+            bucket_sources = upload_sources(endpoint, paths, f"src-{fmt}") if endpoint else None
+            for source_at, results_at in SETUPS:
+                if endpoint is None and "s3" in (source_at, results_at):
+                    continue
+                where = f"{fmt}-{source_at}-{results_at}"
                 settings = Settings(
-                    database_url=f"sqlite:///{tmp / f'{fmt}-{where}.db'}",
-                    storage_url=f"s3://{BUCKET}/out-{fmt}" if s3 else str(tmp / f"out-{fmt}"),
-                    s3_endpoint_url=s3,
-                    s3_region="us-east-1" if s3 else None,
+                    database_url=f"sqlite:///{tmp / f'{where}.db'}",
+                    storage_url=f"s3://{BUCKET}/out-{where}"
+                    if results_at == "s3"
+                    else str(tmp / f"out-{where}"),
+                    s3_endpoint_url=endpoint,
+                    s3_region="us-east-1" if endpoint else None,
                     device=args.device,
                     amp="off",
                 )
                 spec = RunSpec(
-                    source=source,
+                    source=bucket_sources if source_at == "s3" else str(tmp / f"src-{fmt}"),
                     model=model,
                     methods=args.methods,
                     batch_size=args.batch,
                     shard_size=args.shard_size,
                 )
-                best: tuple[float, dict[str, float], dict[str, float]] | None = None
+                best: tuple[float, dict[str, float], dict[str, float], float] | None = None
                 with instrumented(clock, size):
                     explain_all(spec.model_copy(update={"shard_size": args.batch}), settings)  # warm-up
                     for _ in range(args.rounds):
                         clock.reset()
+                        server_cpu = process_cpu(servers)
                         seconds = explain_all(spec, settings)
+                        server_cpu = process_cpu(servers) - server_cpu
                         if best is None or seconds < best[0]:
-                            best = (seconds, dict(clock.cpu), dict(clock.wall))
+                            best = (seconds, dict(clock.cpu), dict(clock.wall), server_cpu)
                 assert best is not None
                 results.append(
                     {
                         "format": fmt,
-                        "where": where,
+                        "source": source_at,
+                        "where": results_at,
                         "rate": args.n / best[0],
                         "decode_rate": decode_rate,
                         "cpu": best[1],
                         "wall": best[2],
+                        "server_cpu": best[3],
                     }
                 )
-                print(f"  measured {fmt} -> {where}: {args.n / best[0]:.1f} images/s", flush=True)
+                print(
+                    f"  measured {fmt} {source_at} -> {results_at}: {args.n / best[0]:.1f} images/s",
+                    flush=True,
+                )
     report(args, results, load_start, os.getloadavg())
     return 0 if check(results) or not args.check else 1
 
 
-def check(results: list[dict[str, Any]]) -> bool:
-    ok = True
+def check(results: list[dict[str, Any]], quiet: bool = False) -> bool:
+    """The floors: folder to folder >= 0.6 x twice the 1-thread decode rate; to S3 >= 0.8 x to a folder.
+
+    "To S3" is the same folder sources with results written to the bucket. Sources read from
+    the bucket are reported beside, with no floor: on this machine the moto server answering
+    every GET is a Python process on the worker's own two cores.
+    """
+    missed = []
+    folder = {r["format"]: r["rate"] for r in results if (r["source"], r["where"]) == ("folder", "folder")}
     for row in results:
+        setup = (row["source"], row["where"])
         floor = FLOOR_DECODE * 2 * row["decode_rate"]
-        if row["where"] == "folder" and row["rate"] < floor:
-            print(f"FLOOR MISSED: {row['format']} folder {row['rate']:.1f} < {floor:.1f} images/s")
-            ok = False
-    folder = {r["format"]: r["rate"] for r in results if r["where"] == "folder"}
-    for row in results:
-        if row["where"] == "s3" and row["rate"] < FLOOR_S3 * folder[row["format"]]:
-            print(f"FLOOR MISSED: {row['format']} S3 {row['rate']:.1f} < {FLOOR_S3} x folder")
-            ok = False
+        if setup == ("folder", "folder") and row["rate"] < floor:
+            missed.append(f"{row['format']} folder {row['rate']:.1f} < {floor:.1f} images/s")
+        if setup == ("folder", "s3") and row["rate"] < FLOOR_S3 * folder[row["format"]]:
+            missed.append(f"{row['format']} to S3 {row['rate']:.1f} < {FLOOR_S3} x folder")
+    if not quiet:
+        for line in missed:
+            print(f"FLOOR MISSED: {line}")
+    ok = not missed
     return ok
 
 
@@ -290,29 +351,36 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], before: tupl
         f"shards of {args.shard_size}, methods {','.join(args.methods)} | {cores} cores | "
         f"load average {before[0]:.1f} -> {after[0]:.1f} (1 min)"
     )
+    folder = {r["format"]: r["rate"] for r in results if (r["source"], r["where"]) == ("folder", "folder")}
     stages = [*STAGES, "upload", "flush"]
-    header = f"{'source':6} {'to':6} {'img/s':>7} {'1-thr dec':>9} {'/2xdec':>6} " + " ".join(
-        f"{s[:10]:>10}" for s in stages
+    header = (
+        f"{'format':6} {'from':6} {'to':6} {'img/s':>7} {'1-thr dec':>9} {'/2xdec':>6} {'/folder':>7} "
+        + " ".join(f"{s[:10]:>10}" for s in stages)
+        + f" {'servers':>8}"
     )
-    print("host CPU ms per image by stage (thread CPU time, summed over threads)")
+    print("host CPU ms per image by stage (thread CPU time, summed over threads); servers: moto + proxy")
     print(header)
     print("-" * len(header))
     for row in results:
         per = [1000.0 * row["cpu"].get(s, 0.0) / args.n for s in stages]
         print(
-            f"{row['format']:6} {row['where']:6} {row['rate']:7.1f} {row['decode_rate']:9.1f} "
-            f"{row['rate'] / (2 * row['decode_rate']):6.2f} " + " ".join(f"{v:10.2f}" for v in per)
+            f"{row['format']:6} {row['source']:6} {row['where']:6} {row['rate']:7.1f} "
+            f"{row['decode_rate']:9.1f} {row['rate'] / (2 * row['decode_rate']):6.2f} "
+            f"{row['rate'] / folder[row['format']]:7.2f} "
+            + " ".join(f"{v:10.2f}" for v in per)
+            + f" {1000.0 * row['server_cpu'] / args.n:8.2f}"
         )
     print("wall ms per image by stage (summed over threads: waiting included)")
     for row in results:
         per = [1000.0 * row["wall"].get(s, 0.0) / args.n for s in stages]
         print(
-            f"{row['format']:6} {row['where']:6} {'':7} {'':9} {'':6} " + " ".join(f"{v:10.2f}" for v in per)
+            f"{row['format']:6} {row['source']:6} {row['where']:6} {'':7} {'':9} {'':6} {'':7} "
+            + " ".join(f"{v:10.2f}" for v in per)
         )
     host = [
         sum(v for stage, v in row["cpu"].items() if stage not in DEVICE_SIDE) / args.n
         for row in results
-        if row["where"] == "folder"
+        if (row["source"], row["where"]) == ("folder", "folder")
     ]
     if host:
         worst = max(host)
@@ -321,9 +389,10 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], before: tupl
             f"those): up to {1000 * worst:.2f} ms, so one GPU at 2,000 images/s needs about "
             f"{2000 * worst:.1f} cores for its host work"
         )
+    verdict = "met" if check(results, quiet=True) else "MISSED"
     print(
-        f"floors: folder >= {FLOOR_DECODE} x twice the single-thread decode rate; S3 >= {FLOOR_S3} x folder: "
-        f"{'met' if check(results) else 'MISSED'}"
+        f"floors: folder >= {FLOOR_DECODE} x twice the single-thread decode rate; folder sources to S3 >= "
+        f"{FLOOR_S3} x to a folder: {verdict} (sources on S3: no floor, see the module's check)"
     )
 
 
@@ -342,6 +411,10 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown formats {unknown}; use jpeg and/or png")
     args.s3 = args.s3 or args.null_s3
     args.size = args.size or 224
+    # A GPU worker's sizes unless given: the null engine stands for the device.
+    args.batch = args.batch or CUDA.batch_size
+    args.shard_size = args.shard_size or CUDA.shard_size
+    args.n = args.n or args.shard_size
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     np.seterr(all="ignore")
     return run(args)

@@ -116,12 +116,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=256, help="images in the data set")
+    parser.add_argument("--n", type=int, default=None, help="images in the data set (256; null: a shard)")
     parser.add_argument("--model", default="demo", help="demo, torchvision:NAME (random weights), ...")
     parser.add_argument("--size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--methods", default="gradcam,cam", help="comma-separated CAM methods")
-    parser.add_argument("--batch", type=int, default=16, help="images per engine call")
-    parser.add_argument("--shard-size", type=int, default=128, help="images per shard")
+    parser.add_argument("--batch", type=int, default=None, help="images per engine call (16; null: 64)")
+    parser.add_argument("--shard-size", type=int, default=None, help="images per shard (128; null: 2048)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present")
     parser.add_argument("--s3", action="store_true", help="write heatmaps to moto S3 behind a slow proxy")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="round trip the S3 proxy adds")
@@ -152,6 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.engine == "null":
         return args
+    args.n, args.batch, args.shard_size = args.n or 256, args.batch or 16, args.shard_size or 128
     if args.quick:
         args.n, args.shard_size = min(args.n, 48), min(args.shard_size, 24)
     args.methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
