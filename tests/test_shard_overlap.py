@@ -73,3 +73,36 @@ def test_overlapped_rows_and_objects_equal_the_serial_ones(tmp_path: Path, case:
         assert all(row["object_offset"] is not None for row in serial.heatmaps)
     elif options.get("overlay"):
         assert any(key.endswith(".jpg") for key in serial_objects)
+
+
+def test_local_sources_are_read_by_decode_threads_and_s3_ones_by_the_fetch_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local read costs less than a hop between pools; an S3 read must never hold a decode thread."""
+    settings = cpu_settings()
+    local = shard_work(tmp_path, 5, batch_size=2, out="local")
+    on_s3 = dataclasses.replace(
+        local,
+        output_uri=str(tmp_path / "s3"),
+        items=[WorkItem(id=item.id, source_uri=f"s3://bucket/{item.id}", label=None) for item in local.items],
+    )
+    files = {f"s3://bucket/{item.id}": item.source_uri for item in local.items}
+    readers: dict[str, str] = {}
+    real_read = shard.read_source
+
+    def read(uri: str, **kwargs: object) -> bytes:
+        readers[uri] = threading.current_thread().name
+        if uri.startswith("s3://"):
+            return Path(files[uri]).read_bytes()  # the bucket's bytes, without a server
+        return real_read(uri, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shard, "read_source", read)
+    from_folder = shard.compute_shard(local, settings)
+    from_bucket = shard.compute_shard(on_s3, settings)
+
+    local_readers = {readers[item.source_uri] for item in local.items}
+    s3_readers = {readers[item.source_uri] for item in on_s3.items}
+    assert local_readers and all(name.startswith("decode") for name in local_readers), local_readers
+    assert s3_readers and all(name.startswith("fetch") for name in s3_readers), s3_readers
+    assert (from_folder.n_done, from_folder.n_failed) == (from_bucket.n_done, from_bucket.n_failed) == (5, 1)
+    assert objects(tmp_path / "local") == objects(tmp_path / "s3")
