@@ -147,11 +147,16 @@ def instrumented(clock: StageClock, size: tuple[int, int]) -> Iterator[None]:
         patch(cls, "put", clock.wrap("upload", cls.put))
     patch(storage.ConcurrentWriter, "flush", clock.wrap("flush", storage.ConcurrentWriter.flush))
 
+    engines: dict[tuple[str, ...], Any] = {}
+
     def engine_for(loaded: Any, methods: list[str], layers: list[str], *args: Any, **kwargs: Any) -> Any:
-        # What the worker's engine_for does for the process besides building the engine.
-        runtime.keep_freed_memory()
-        runtime.settle_heap()
-        return clock.wrap("engine", NullEngine(methods, layers, size))
+        key = (*methods, "|", *layers)
+        if key not in engines:
+            engines[key] = clock.wrap("engine", NullEngine(methods, layers, size))
+            # What the worker's engine_for does besides building an engine, once per engine.
+            runtime.keep_freed_memory()
+            runtime.settle_heap()
+        return engines[key]
 
     patch(shard, "engine_for", engine_for)
     try:
