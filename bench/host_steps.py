@@ -1,0 +1,132 @@
+"""Three host steps of a shard against what they replaced, timed in one process.
+
+Each line prints the old way, the new way and their ratio, best of ``--rounds``:
+
+1. **PNG deflate** of a smooth 224 x 224 heatmap (the worker's Sub-filtered rows): zlib at
+   level 1 against ISA-L at level 1 (``workers.heatmap_io.encode_png_gray``), with the sizes.
+2. **Normalising a batch** of 64 channels-last 224 x 224 images on one CPU thread: the plain
+   broadcast ``(x / 255 - mean) / std`` against the blocked rows of ``normalise_batch``
+   (identical values, checked here too).
+3. **A shard's result rows into SQLite** (512 items, 1,024 heatmaps, 5,120 patch scores, fresh
+   rows in a new database each round): SQLAlchemy's statements against the driver's
+   ``executemany`` (``workers.results``).
+
+    python bench/host_steps.py
+    python bench/host_steps.py --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from isal import isal_zlib
+
+from schema.db import upgrade
+from tests.test_results_pg import seed_run, shard_rows, write_shard
+from workers import results
+from workers.images import normalise_batch
+from workers.runtime import keep_freed_memory
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def best(fn: Callable[[], Any], rounds: int, repeat: int = 1) -> float:
+    """Best seconds per call over ``rounds`` rounds of ``repeat`` calls."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        times.append((time.perf_counter() - start) / repeat)
+    return min(times)
+
+
+def line(what: str, old: float, new: float, note: str = "") -> None:
+    print(f"{what:44} {1000 * old:9.3f} ms {1000 * new:9.3f} ms {old / new:6.2f}x  {note}")
+
+
+def png_deflate(rounds: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.rand(1, 1, 7, 7, generator=generator)
+    up = F.interpolate(raw, size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
+    levels = ((up - up.min()) / (up.max() - up.min()) * 255).round().to(torch.uint8).numpy()
+    rows = np.empty((224, 225), dtype=np.uint8)
+    rows[:, 0], rows[:, 1] = 1, levels[:, 0]
+    np.subtract(levels[:, 1:], levels[:, :-1], out=rows[:, 2:])
+    data = rows.tobytes()
+    old = best(lambda: zlib.compress(data, 1), rounds, 200)
+    new = best(lambda: isal_zlib.compress(data, 1), rounds, 200)
+    assert zlib.decompress(isal_zlib.compress(data, 1)) == data
+    sizes = f"{len(zlib.compress(data, 1)):,} -> {len(isal_zlib.compress(data, 1)):,} bytes"
+    line("PNG deflate, one 224 x 224 map (zlib, ISA-L)", old, new, sizes)
+
+
+def normalise(rounds: int) -> None:
+    torch.set_num_threads(1)
+    pixels = torch.randint(0, 256, (64, 224, 224, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    mean_t, std_t = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+
+    def plain() -> torch.Tensor:
+        return pixels.to(torch.float32).div_(255.0).sub_(mean_t).div_(std_t)
+
+    assert torch.equal(plain(), normalise_batch(pixels, MEAN, STD))
+    old = best(plain, rounds)
+    new = best(lambda: normalise_batch(pixels, MEAN, STD), rounds)
+    line("normalise 64 x 3 x 224 x 224, one thread", old, new, "identical values")
+
+
+def sqlite_rows(rounds: int) -> None:
+    def write(folder: Path, n: int, through_sqlalchemy: bool) -> float:
+        url = f"sqlite:///{folder / f'{n}.db'}"
+        upgrade(url)
+        run = seed_run(url, "bench", n_items=512, shard_size=512, methods=("gradcam", "cam"))
+        rows = shard_rows(run, run.shard_ids[0], top_patches=5, classes=(0,))
+        saved = results._sqlite_upsert, results._sqlite_update_items
+        if through_sqlalchemy:
+            results._sqlite_upsert = lambda session, staged, rows, what: results._values_upsert(  # type: ignore[assignment]
+                session, staged, rows
+            )
+            results._sqlite_update_items = lambda session, columns, rows, run_id: session.execute(  # type: ignore[assignment]
+                results.update(results.Item), list(rows)
+            )
+        try:
+            start = time.perf_counter()
+            write_shard(url, rows, top_patches=5)
+            return time.perf_counter() - start
+        finally:
+            results._sqlite_upsert, results._sqlite_update_items = saved
+
+    with tempfile.TemporaryDirectory(prefix="camaudit-host-steps-") as name:
+        folder = Path(name)
+        old = min(write(folder, 2 * r, True) for r in range(rounds))
+        new = min(write(folder, 2 * r + 1, False) for r in range(rounds))
+    line("SQLite rows of a 512-image shard (SQLAlchemy, driver)", old, new, "fresh rows")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each; the best counts")
+    args = parser.parse_args(argv)
+    keep_freed_memory()  # as a worker does: large buffers are reused, not page-faulted in again
+    print(f"{'step':44} {'before':>12} {'after':>12} {'ratio':>7}")
+    png_deflate(args.rounds)
+    normalise(args.rounds)
+    sqlite_rows(args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
