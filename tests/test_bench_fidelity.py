@@ -3,6 +3,7 @@ fidelity figures they print are right on inputs whose answer is known."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -136,3 +137,19 @@ def test_every_stage_the_null_engine_bench_times_is_a_function_the_shard_calls()
         name for names in STAGES.values() for name in names if not callable(getattr(shard, name, None))
     ]
     assert not missing, missing
+
+
+def test_host_steps_bench_times_each_step_against_its_predecessor(capsys: pytest.CaptureFixture[str]) -> None:
+    """The bench's own checks run (equal PNG bytes after inflating, equal normalised values)."""
+    from bench import host_steps
+
+    assert host_steps.main(["--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] == "step"
+    steps = [line for line in lines[1:] if line.strip()]
+    assert [line.split(",")[0].split(" (")[0] for line in steps] == [
+        "PNG deflate",
+        "normalise 64 x 3 x 224 x 224",
+        "SQLite rows of a 512-image shard",
+    ]
+    assert all(float(line.split("x  ")[0].split()[-1]) > 0 for line in steps)
