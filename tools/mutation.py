@@ -54,6 +54,7 @@ TARGETS = (
         ("tests/test_results_pg.py",),
         (
             "workers.results.x*upsert*",
+            "workers.results.x_sqlite*",
             "workers.results.x_delete_stale_patch_scores*",
             "workers.results.xǁ_Stagedǁmerge_sql*",
             "workers.results.xǁ_Stagedǁwrite*",
