@@ -570,8 +570,10 @@ def test_sqlite_upsert_names_the_column_a_later_row_lacks(tmp_path: Path) -> Non
         ids = results.upsert_heatmaps(session, shard.heatmaps)
         rows = [{"heatmap_id": ids[key], **row} for key, row in shard.patches[:2]]
         del rows[1]["score"]
-        with pytest.raises(ValueError, match=r"^a patch-score row lacks column 'score'; every row needs "):
+        with pytest.raises(ValueError) as refused:
             results.upsert_patch_scores(session, rows)
+    needed = ", ".join(results.PATCH_COLUMNS)
+    assert str(refused.value) == f"a patch-score row lacks column 'score'; every row needs {needed}"
 
 
 def test_sqlite_item_updates_stay_within_the_named_run(tmp_path: Path) -> None:
