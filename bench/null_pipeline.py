@@ -231,8 +231,8 @@ def s3_endpoint(rtt_ms: float) -> Iterator[tuple[str, list[int]]]:
                 raise RuntimeError("the S3 proxy process did not start within 60 s")
             port = ours.recv()
             boto3.client("s3", endpoint_url=server.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-            assert server._process is not None and proxy.pid is not None
-            yield f"http://127.0.0.1:{port}", [server._process.pid, proxy.pid]
+            assert server.pid is not None and proxy.pid is not None
+            yield f"http://127.0.0.1:{port}", [server.pid, proxy.pid]
         finally:
             ours.send("stop")
             proxy.join(timeout=30)
@@ -326,6 +326,15 @@ def run(args: argparse.Namespace) -> int:
     return 0 if check(results) or not args.check else 1
 
 
+def _folder_to_folder(row: dict[str, Any]) -> bool:
+    return (row["source"], row["where"]) == ("folder", "folder")
+
+
+def folder_rates(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Images/s of each format from folder to folder: what the other set-ups are compared with."""
+    return {row["format"]: row["rate"] for row in results if _folder_to_folder(row)}
+
+
 def check(results: list[dict[str, Any]], quiet: bool = False) -> bool:
     """The floors: folder to folder >= 0.6 x twice the 1-thread decode rate; to S3 >= 0.8 x to a folder.
 
@@ -334,19 +343,19 @@ def check(results: list[dict[str, Any]], quiet: bool = False) -> bool:
     every GET is a Python process on the worker's own two cores.
     """
     missed = []
-    folder = {r["format"]: r["rate"] for r in results if (r["source"], r["where"]) == ("folder", "folder")}
+    folder = folder_rates(results)
     for row in results:
-        setup = (row["source"], row["where"])
         floor = FLOOR_DECODE * 2 * row["decode_rate"]
-        if setup == ("folder", "folder") and row["rate"] < floor:
+        if _folder_to_folder(row) and row["rate"] < floor:
             missed.append(f"{row['format']} folder {row['rate']:.1f} < {floor:.1f} images/s")
-        if setup == ("folder", "s3") and row["rate"] < FLOOR_S3 * folder[row["format"]]:
+        if (row["source"], row["where"]) == ("folder", "s3") and row["rate"] < FLOOR_S3 * folder[
+            row["format"]
+        ]:
             missed.append(f"{row['format']} to S3 {row['rate']:.1f} < {FLOOR_S3} x folder")
     if not quiet:
         for line in missed:
             print(f"FLOOR MISSED: {line}")
-    ok = not missed
-    return ok
+    return not missed
 
 
 def report(args: argparse.Namespace, results: list[dict[str, Any]], before: tuple, after: tuple) -> None:
@@ -356,7 +365,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], before: tupl
         f"shards of {args.shard_size}, methods {','.join(args.methods)} | {cores} cores | "
         f"load average {before[0]:.1f} -> {after[0]:.1f} (1 min)"
     )
-    folder = {r["format"]: r["rate"] for r in results if (r["source"], r["where"]) == ("folder", "folder")}
+    folder = folder_rates(results)
     stages = [*STAGES, "upload", "flush"]
     header = (
         f"{'format':6} {'from':6} {'to':6} {'img/s':>7} {'1-thr dec':>9} {'/2xdec':>6} {'/folder':>7} "
@@ -385,7 +394,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], before: tupl
     host = [
         sum(v for stage, v in row["cpu"].items() if stage not in DEVICE_SIDE) / args.n
         for row in results
-        if (row["source"], row["where"]) == ("folder", "folder")
+        if _folder_to_folder(row)
     ]
     if host:
         worst = max(host)

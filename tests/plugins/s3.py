@@ -75,6 +75,11 @@ class MotoServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (benchmarks read its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, timeout: float = 60.0) -> str:
         """Start (or restart, on the same port) and wait until the server answers."""
         if self._process is not None and self._process.poll() is None:
