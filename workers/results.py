@@ -371,6 +371,15 @@ _ITEM_COLUMNS = {
 _ITEM_STAGE = "camaudit_stage_items"
 
 
+def _item_values(row: dict[str, Any], getter: itemgetter, json_at: int) -> list[Any]:
+    """An item row's values for a driver: predictions as the text SQLAlchemy's JSON type would
+    send (None becomes JSON null, as there)."""
+    values = list(getter(row))
+    if json_at >= 0:
+        values[json_at] = json.dumps(values[json_at])
+    return values
+
+
 def _copy_update_items(
     session: Session, columns: tuple[str, ...], rows: Sequence[dict[str, Any]], run_id: str | None
 ) -> None:
@@ -395,11 +404,7 @@ def _copy_update_items(
         ) as copy:
             copy.set_types(["int8", *(_ITEM_COLUMNS[c] for c in columns)])
             for row in rows:
-                values = list(getter(row))
-                if json_at >= 0:
-                    # The text SQLAlchemy's JSON type would send (None becomes JSON null, as there).
-                    values[json_at] = json.dumps(values[json_at])
-                copy.write_row(values)
+                copy.write_row(_item_values(row, getter, json_at))
         where = "items.id = staged.id" + (" AND items.run_id = %(run)s" if run_id is not None else "")
         cur.execute(
             f"WITH staged AS (DELETE FROM {_ITEM_STAGE} RETURNING *) "
@@ -416,12 +421,8 @@ def _sqlite_update_items(
     where = "id = ?" + (" AND run_id = ?" if run_id is not None else "")
     getter = itemgetter(*columns, "id")
     json_at = columns.index("predictions") if "predictions" in columns else -1
-    params = []
-    for row in rows:
-        values = list(getter(row))
-        if json_at >= 0:
-            values[json_at] = json.dumps(values[json_at])  # what SQLAlchemy's JSON type stores
-        params.append((*values, run_id) if run_id is not None else tuple(values))
+    run = (run_id,) if run_id is not None else ()
+    params = [(*_item_values(row, getter, json_at), *run) for row in rows]
     cursor = session.connection().connection.driver_connection.cursor()
     try:
         cursor.executemany(f"UPDATE items SET {sets} WHERE {where}", params)
