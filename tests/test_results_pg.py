@@ -234,6 +234,13 @@ def snapshot(database_url: str) -> dict[str, list[tuple[Any, ...]]]:
         }
 
 
+def one_shard(database_url: str, n_items: int = 3) -> tuple[SeededRun, Rows]:
+    """A migrated database holding run ``r1`` of ``n_items`` items, and its first shard's rows."""
+    upgrade(database_url)
+    run = seed_run(database_url, "r1", n_items=n_items)
+    return run, shard_rows(run, run.shard_ids[0])
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return database_for(request, tmp_path)
@@ -407,18 +414,14 @@ def test_bad_patch_rows_are_refused_with_the_reason(database_url: str) -> None:
 
 def test_copy_mode_is_refused_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    upgrade(url)
-    run = seed_run(url, "r1", n_items=3)
-    shard = shard_rows(run, run.shard_ids[0])
+    _, shard = one_shard(url)
     with pytest.raises(ValueError, match="needs PostgreSQL"):
         write_shard(url, shard, mode="copy")
 
 
 def test_copy_names_the_column_a_later_row_lacks(postgres_url: str) -> None:
     """The up-front check reads the first row's columns; COPY names a column a later row lacks."""
-    upgrade(postgres_url)
-    run = seed_run(postgres_url, "r1", n_items=3)
-    shard = shard_rows(run, run.shard_ids[0])
+    _, shard = one_shard(postgres_url)
     with session_scope(postgres_url) as session:
         ids = results.upsert_heatmaps(session, shard.heatmaps)
         rows = [{"heatmap_id": ids[key], **row} for key, row in shard.patches[:2]]
@@ -429,9 +432,7 @@ def test_copy_names_the_column_a_later_row_lacks(postgres_url: str) -> None:
 
 def test_copy_writes_go_through_the_staging_tables(postgres_url: str) -> None:
     """The PostgreSQL path really is COPY + merge: the stages exist on the writer's connection, empty."""
-    upgrade(postgres_url)
-    run = seed_run(postgres_url, "r1", n_items=3)
-    shard = shard_rows(run, run.shard_ids[0])
+    _, shard = one_shard(postgres_url)
     with session_scope(postgres_url) as session:
         ids = results.upsert_heatmaps(session, shard.heatmaps)
         results.upsert_patch_scores(session, [{"heatmap_id": ids[k], **row} for k, row in shard.patches])
@@ -540,9 +541,7 @@ def test_sqlite_driver_writes_leave_the_rows_sqlalchemys_statements_leave(
 def test_sqlite_upsert_returns_the_ids_of_exactly_the_rows_it_wrote(tmp_path: Path) -> None:
     """Other heatmaps of the same items (another method) are read back by item but not returned."""
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    upgrade(url)
-    run = seed_run(url, "r1", n_items=3)
-    shard = shard_rows(run, run.shard_ids[0])
+    _, shard = one_shard(url)
     cam = [h for h in shard.heatmaps if h["method"] == "cam"]
     gradcam = [h for h in shard.heatmaps if h["method"] == "gradcam"]
     with session_scope(url) as session:
@@ -563,9 +562,7 @@ def test_sqlite_upsert_returns_the_ids_of_exactly_the_rows_it_wrote(tmp_path: Pa
 
 def test_sqlite_upsert_names_the_column_a_later_row_lacks(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    upgrade(url)
-    run = seed_run(url, "r1", n_items=3)
-    shard = shard_rows(run, run.shard_ids[0])
+    _, shard = one_shard(url)
     with session_scope(url) as session:
         ids = results.upsert_heatmaps(session, shard.heatmaps)
         rows = [{"heatmap_id": ids[key], **row} for key, row in shard.patches[:2]]
