@@ -426,9 +426,9 @@ def main(args: argparse.Namespace) -> int:
     args.s3 = args.s3 or args.null_s3
     args.size = args.size or 224
     # A GPU worker's sizes unless given: the null engine stands for the device.
-    args.batch = args.batch or CUDA.batch_size
-    args.shard_size = args.shard_size or CUDA.shard_size
-    args.n = args.n or args.shard_size
+    args.batch = CUDA.batch_size if args.batch is None else args.batch
+    args.shard_size = CUDA.shard_size if args.shard_size is None else args.shard_size
+    args.n = args.shard_size if args.n is None else args.n
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     np.seterr(all="ignore")
     return run(args)

@@ -150,9 +150,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     null_pipeline.add_arguments(parser)
     args = parser.parse_args(argv)
+    for name in ("n", "batch", "shard_size", "rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.engine == "null":
         return args
-    args.n, args.batch, args.shard_size = args.n or 256, args.batch or 16, args.shard_size or 128
+    for name, default in (("n", 256), ("batch", 16), ("shard_size", 128)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.quick:
         args.n, args.shard_size = min(args.n, 48), min(args.shard_size, 24)
     args.methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
@@ -166,9 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"{', '.join(missing)} cannot be timed here: one image at a time it costs hundreds of "
             f"forwards per map; choose from {', '.join(USER_CAM)}"
         )
-    for name in ("n", "batch", "shard_size", "rounds", "loop_n"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.loop_n < 1:
+        parser.error(f"--loop-n must be at least 1, got {args.loop_n}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but CUDA is not available here; use --device cpu")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

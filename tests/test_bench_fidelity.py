@@ -153,3 +153,15 @@ def test_host_steps_bench_times_each_step_against_its_predecessor(capsys: pytest
         "SQLite rows of a 512-image shard",
     ]
     assert all(float(line.split("x  ")[0].split()[-1]) > 0 for line in steps)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--n", "0"], ["--engine", "null", "--batch", "0"], ["--engine", "null", "--shard-size", "-1"]]
+)
+def test_pipeline_bench_refuses_sizes_below_one(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A size of 0 is an error, not the default: the null engine's sizes default only when not given."""
+    from bench.pipeline import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "must be at least 1" in capsys.readouterr().err
