@@ -1,6 +1,6 @@
 """One table of what the GPU path does: parity, mixed precision, speed, pipeline, decoding, memory.
 
-Run on a machine with one GPU (``bash bench/device_check.sh``; under 8 minutes): resnet50 with
+Run on a machine with one GPU (``bash bench/device_check.sh``; under 9 minutes): resnet50 with
 random weights (built from torchvision's config, nothing downloaded) at 224 px.
 
 | section | what it measures |
@@ -10,6 +10,7 @@ random weights (built from torchvision's config, nothing downloaded) at 224 px.
 | speed | each method's images/s at batch 64, against the forward alone (same autocast) and pytorch-grad-cam |
 | pipeline | end-to-end images/s of plan + shards (bench/pipeline.py) against the engine alone |
 | decode | JPEG decoding: batched on the device against every CPU core, and the pixels' agreement |
+| host | the shard pipeline with a no-cost stand-in engine: images/s the host feeds, cores per 2,000 img/s |
 | memory | peak device memory of each section (``torch.cuda.max_memory_allocated``) |
 
 Each section has a time budget; one that fails or runs out leaves a row saying so and the
@@ -130,10 +131,11 @@ class CheckSizes:
     perturb_images = 2
     perturb_size = 112
     repeats = 5
-    pipeline_images = 512
-    pipeline_shard = 256
+    pipeline_images = 2048
+    pipeline_shard = 1024
     jpegs = 128
     jpeg_side = (500, 375)
+    host_images = 2048  # a GPU worker's shard
 
     reference_perturbation = True  # pytorch-grad-cam's Score-CAM / Ablation-CAM timed too
 
@@ -142,6 +144,7 @@ class CheckSizes:
         cls.model, cls.size, cls.batch, cls.parity_batch = "resnet18", 64, 4, 2
         cls.perturb_images, cls.perturb_size, cls.repeats = 1, 32, 2
         cls.pipeline_images, cls.pipeline_shard, cls.jpegs, cls.jpeg_side = 8, 8, 8, (160, 120)
+        cls.host_images = 16
         if tiny:
             cls.size, cls.batch, cls.repeats, cls.reference_perturbation = 32, 2, 1, False
             cls.pipeline_images, cls.pipeline_shard, cls.jpegs = 4, 4, 4
@@ -355,6 +358,51 @@ def section_pipeline(check: Check) -> None:
     )
 
 
+def section_host(check: Check) -> None:
+    """The host pipeline alone (bench/null_pipeline.py): how fast this machine's cores can feed the device."""
+    from bench import null_pipeline
+
+    n = CheckSizes.host_images
+    args = argparse.Namespace(
+        size=CheckSizes.size,
+        device=check.device.type,
+        s3=False,
+        formats=["jpeg"],
+        n=n,
+        seed=0,
+        rounds=2,
+        methods=["gradcam", "cam"],
+        batch=CheckSizes.batch,
+        shard_size=n,
+        rtt_ms=20.0,
+    )
+    np.seterr(all="ignore")
+    (row,) = null_pipeline.measure(args)
+    host = null_pipeline.host_seconds_per_image(row, n)
+    cores = os.cpu_count() or 1
+    stages = ", ".join(
+        f"{stage} {1000 * row['cpu'].get(stage, 0.0) / n:.2f}"
+        for stage in (*null_pipeline.STAGES, "upload", "flush")
+        if row["cpu"].get(stage, 0.0) > 0
+    )
+    check.add(
+        "host",
+        f"null engine, JPEG 375-500px -> {CheckSizes.size}, folder -> folder",
+        f"{fmt(row['rate'])} img/s",
+        f"1 thread decodes {fmt(row['decode_rate'])}",
+        f"{row['rate'] / row['decode_rate']:.1f}x 1-thread decode",
+        note=f"{n} images, one shard, batch {CheckSizes.batch}, {cores} cores, {load()}",
+    )
+    check.add(
+        "host",
+        "host CPU per image (device-side stages left out)",
+        f"{1000 * host:.2f} ms",
+        "2,000 img/s",
+        f"{2000 * host:.1f} cores",
+        note=f"ms/img by stage: {stages}"[:400],
+    )
+
+
 def _jpegs(count: int, side: tuple[int, int]) -> list[bytes]:
     from PIL import Image
 
@@ -448,8 +496,9 @@ SECTIONS: list[tuple[str, Callable[[Check], None], float]] = [
     ("parity", section_parity, 70),
     ("precision", section_precision, 60),
     ("speed", section_speed, 150),
-    ("pipeline", section_pipeline, 90),
+    ("pipeline", section_pipeline, 120),
     ("decode", section_decode, 40),
+    ("host", section_host, 60),
 ]
 
 

@@ -108,12 +108,15 @@ class NullEngine:
         self._logits = torch.linspace(0, 1, CLASSES)[None]
 
     def __call__(self, images: torch.Tensor, targets: Any = None) -> CamResult:
+        if self._map.device != images.device:  # on a GPU worker the maps are the device's
+            self._raw, self._map = self._raw.to(images.device), self._map.to(images.device)
+            self._logits = self._logits.to(images.device)
         batch = images.shape[0]
         if isinstance(targets, torch.Tensor):
             classes = targets.reshape(batch, -1)
         else:
             k = int(targets.split(":")[1]) if isinstance(targets, str) and targets.startswith("topk:") else 1
-            classes = torch.arange(CLASSES - k, CLASSES).flip(0).expand(batch, k)
+            classes = torch.arange(CLASSES - k, CLASSES, device=images.device).flip(0).expand(batch, k)
         k = classes.shape[1]
         maps = self._map.expand(batch, k, *self._map.shape[-2:])
         raw = self._raw.expand(batch, k, *FEATURES)
@@ -124,8 +127,8 @@ class NullEngine:
             raw={m: {layer: raw for layer in self.layers} for m in self.methods},
             unrectified={m: {layer: raw for layer in self.layers} for m in self.methods},
             targets=classes,
-            scores=torch.ones(batch, k),
-            valid=torch.ones(batch, k, dtype=torch.bool),
+            scores=torch.ones(batch, k, device=images.device),
+            valid=torch.ones(batch, k, dtype=torch.bool, device=images.device),
             logits=self._logits.expand(batch, CLASSES),
             layers=list(self.layers),
         )
@@ -260,13 +263,20 @@ SETUPS = (("folder", "folder"), ("folder", "s3"), ("s3", "s3"))  # (sources, res
 
 
 def run(args: argparse.Namespace) -> int:
+    load_start = os.getloadavg()
+    results = measure(args)
+    report(args, results, load_start, os.getloadavg())
+    return 0 if check(results) or not args.check else 1
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per format and set-up: images/s (best of ``args.rounds``) and CPU/wall by stage."""
     model = "demo"
     size = (args.size, args.size)
     load_model_cached(model, None, device="cpu", input_size=size)
     load_model_cached(model, None, device=args.device, input_size=size)
     clock = StageClock()
     results: list[dict[str, Any]] = []
-    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="camaudit-null-") as name, contextlib.ExitStack() as stack:
         tmp = Path(name)
         endpoint, servers = stack.enter_context(s3_endpoint(args.rtt_ms)) if args.s3 else (None, [])
@@ -322,8 +332,12 @@ def run(args: argparse.Namespace) -> int:
                     f"  measured {fmt} {source_at} -> {results_at}: {args.n / best[0]:.1f} images/s",
                     flush=True,
                 )
-    report(args, results, load_start, os.getloadavg())
-    return 0 if check(results) or not args.check else 1
+    return results
+
+
+def host_seconds_per_image(row: dict[str, Any], n: int) -> float:
+    """Host CPU seconds per image, leaving out the stages a GPU worker's device does."""
+    return sum(v for stage, v in row["cpu"].items() if stage not in DEVICE_SIDE) / n
 
 
 def _folder_to_folder(row: dict[str, Any]) -> bool:
@@ -391,11 +405,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], before: tupl
             f"{row['format']:6} {row['source']:6} {row['where']:6} {'':7} {'':9} {'':6} {'':7} "
             + " ".join(f"{v:10.2f}" for v in per)
         )
-    host = [
-        sum(v for stage, v in row["cpu"].items() if stage not in DEVICE_SIDE) / args.n
-        for row in results
-        if _folder_to_folder(row)
-    ]
+    host = [host_seconds_per_image(row, args.n) for row in results if _folder_to_folder(row)]
     if host:
         worst = max(host)
         print(

@@ -55,11 +55,14 @@ def test_cpu_fallback_prints_the_whole_table(tmp_path: Path) -> None:
     assert float(by_section["bf16"]["gradcam"][0].split()[-1]) > 0.99
     assert "grad-cam" in by_section["speed"]["gradcam"][1]
     assert by_section["pipeline"]["end to end (gradcam,cam)"][0].endswith("img/s")
+    host = by_section["host"]
+    assert host["host CPU per image (device-side stages left out)"][0].endswith(" ms")
+    assert host["host CPU per image (device-side stages left out)"][2].endswith(" cores")
     decode = by_section["decode"]
     # on the CPU the device path uses torchvision's libjpeg-turbo: Pillow's pixels exactly
     assert decode["pixels: device path vs CPU path"][0] == "max abs 0 levels"
     memory = [what for what in by_section["memory"]]
     assert memory == [
         f"peak device memory: {name}"
-        for name in ("environment", "parity", "precision", "speed", "pipeline", "decode")
+        for name in ("environment", "parity", "precision", "speed", "pipeline", "decode", "host")
     ]
