@@ -24,21 +24,35 @@ import torch.nn.functional as F
 
 from workers.preprocess import ImageTransform
 
-__all__ = ["BORDER_BAND", "border_mask", "box_mask", "localisation_columns"]
+__all__ = ["BORDER_BAND", "border_mask", "box_bounds", "box_mask", "localisation_columns"]
 
 BORDER_BAND = 0.1
 
 
-def box_mask(box: Sequence[float], transform: ImageTransform) -> np.ndarray:
-    """Input pixels [H, W] whose centres, mapped back to the source, fall inside a source-pixel box."""
+def box_bounds(box: Sequence[float], transform: ImageTransform) -> tuple[int, int, int, int]:
+    """Rows ``r0:r1`` and columns ``c0:c1`` of the input pixels whose centres, mapped back to the
+    source, fall inside a source-pixel box (empty when ``r1 == r0`` or ``c1 == c0``).
+
+    Centres grow along each axis, so those inside an interval are one run of them, and a box is
+    one rectangle: sums over it are slices, not a mask per map.
+    """
     cols, rows = transform.input
     x0, y0, x1, y1 = (float(v) for v in box)
     (width, height), (new_w, new_h), (ox, oy) = transform.source, transform.resized, transform.offset
     xs = (np.arange(cols) + 0.5 - ox) * (width / new_w)
     ys = (np.arange(rows) + 0.5 - oy) * (height / new_h)
-    inside_x = (xs >= x0) & (xs <= x1)
-    inside_y = (ys >= y0) & (ys <= y1)
-    return inside_y[:, None] & inside_x[None, :]
+    c0, r0 = int(np.searchsorted(xs, x0, "left")), int(np.searchsorted(ys, y0, "left"))
+    c1, r1 = int(np.searchsorted(xs, x1, "right")), int(np.searchsorted(ys, y1, "right"))
+    return r0, max(r0, r1), c0, max(c0, c1)
+
+
+def box_mask(box: Sequence[float], transform: ImageTransform) -> np.ndarray:
+    """Input pixels [H, W] whose centres, mapped back to the source, fall inside a source-pixel box."""
+    cols, rows = transform.input
+    r0, r1, c0, c1 = box_bounds(box, transform)
+    mask = np.zeros((rows, cols), dtype=bool)
+    mask[r0:r1, c0:c1] = True
+    return mask
 
 
 def border_mask(input_size: tuple[int, int], band: float = BORDER_BAND) -> np.ndarray:
@@ -61,24 +75,29 @@ def localisation_columns(
     boxes: Sequence[Sequence[float] | None],
     transforms: Sequence[ImageTransform],
 ) -> list[dict[str, Any]]:
-    """The four columns of every map ``n``: ``maps_u8`` [N, H, W], ``raw`` [N, h, w], ``boxes[n]`` or None."""
+    """The four columns of every map ``n``: ``maps_u8`` [N, H, W], ``raw`` [N, h, w], ``boxes[n]`` or None.
+
+    Sums of levels are integers: exact, as float64 sums were (far below 2**53), at a fraction of
+    the cost. The band's sum is the whole less the inner rectangle, the box's a slice of the map,
+    and the raw mass outside the box the sum of the four slices around it (no difference of large
+    sums, so nothing cancels).
+    """
     n, height, width = maps_u8.shape
-    # Sums of levels in integers: exact, as the float64 sums were (far below 2**53), at a fraction
-    # of the cost; the band's sum is the whole less the inner rectangle.
-    totals = maps_u8.reshape(n, -1).sum(axis=1, dtype=np.int64)
+    flat = maps_u8.reshape(n, -1)
+    totals = flat.sum(axis=1, dtype=np.int64)
     dy, dx = _band_widths((height, width))
     border = totals - maps_u8[:, dy : height - dy, dx : width - dx].sum(axis=(1, 2), dtype=np.int64)
+    peaks = flat.argmax(axis=1)  # the first maximum, in row-major order
     boxed = [i for i in range(n) if boxes[i] is not None]
-    raw_up = np.zeros((0, height, width))
+    positive = np.zeros((0, height, width), dtype=np.float32)
     if boxed:
         tensor = torch.from_numpy(np.asarray(raw[boxed], dtype=np.float32))[:, None]
-        raw_up = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[
-            :, 0
-        ].numpy()
+        up = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+        positive = up[:, 0].clamp_(min=0.0).numpy()
     columns: list[dict[str, Any]] = []
     row_of = {item: k for k, item in enumerate(boxed)}
     for i in range(n):
-        total = float(totals[i])
+        total = int(totals[i])
         found: dict[str, Any] = {
             "box_energy": None,
             "box_hit": None,
@@ -87,15 +106,21 @@ def localisation_columns(
         }
         box = boxes[i]
         if box is not None:
-            inside = box_mask(box, transforms[i])
-            if inside.shape != (height, width):
-                raise ValueError(
-                    f"map {i} is {height}x{width}, its input {inside.shape[0]}x{inside.shape[1]}"
-                )
-            peak = np.unravel_index(int(np.argmax(maps_u8[i])), (height, width))
-            positive = np.maximum(raw_up[row_of[i]], 0.0)
-            found["box_energy"] = float(maps_u8[i][inside].sum(dtype=np.int64)) / total if total > 0 else 0.0
-            found["box_hit"] = bool(inside[peak])
-            found["outside_mass"] = float(positive[~inside].sum(dtype=np.float64)) / (height * width)
+            cols, rows = transforms[i].input
+            if (rows, cols) != (height, width):
+                raise ValueError(f"map {i} is {height}x{width}, its input {rows}x{cols}")
+            r0, r1, c0, c1 = box_bounds(box, transforms[i])
+            peak_row, peak_col = divmod(int(peaks[i]), width)
+            inside = int(maps_u8[i, r0:r1, c0:c1].sum(dtype=np.int64))
+            mass = positive[row_of[i]]
+            outside = (
+                mass[:r0].sum(dtype=np.float64)
+                + mass[r1:].sum(dtype=np.float64)
+                + mass[r0:r1, :c0].sum(dtype=np.float64)
+                + mass[r0:r1, c1:].sum(dtype=np.float64)
+            )
+            found["box_energy"] = inside / total if total > 0 else 0.0
+            found["box_hit"] = r0 <= peak_row < r1 and c0 <= peak_col < c1
+            found["outside_mass"] = float(outside) / (height * width)
         columns.append(found)
     return columns
