@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     decode_workers: int | None = None
     upload_workers: int | None = None
     encode_workers: int | None = None
+    # Threads building a shard's rows (localisation, patches) beside the model's; unset = one.
+    row_workers: int | None = None
+    # Worker processes sharing this machine's cores; each sizes the pools above to its share.
+    # `camaudit worker` sets it from --concurrency (times the GPUs of --gpus) unless it is set.
+    worker_processes: int = Field(1, ge=1)
     max_image_pixels: int = 144_000_000
     # Bytes read per source image at most (checked with stat / S3 ContentLength before reading).
     max_source_bytes: int = 256 * 1024 * 1024
@@ -93,7 +98,7 @@ class Settings(BaseSettings):
     # probably what kills its workers (memory, a hard time limit).
     max_lost_leases: int = 5
 
-    @field_validator("fetch_workers", "decode_workers", "upload_workers", "encode_workers")
+    @field_validator("fetch_workers", "decode_workers", "upload_workers", "encode_workers", "row_workers")
     @classmethod
     def _check_workers(cls, value: int | None) -> int | None:
         if value is not None and value < 1:

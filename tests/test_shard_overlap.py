@@ -13,7 +13,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from schema.settings import Settings
 from tests.shard_support import comparable, cpu_settings, objects, shard_work
 from workers import shard
 from workers.shard import WorkItem
@@ -50,17 +52,17 @@ def test_overlapped_rows_and_objects_equal_the_serial_ones(tmp_path: Path, case:
         works = {name: _labelled(work) for name, work in works.items()}
     serial = shard.compute_shard(works["serial"], settings, overlap=False)
     threads: set[str] = set()
-    real_finish = shard._finish
+    real_build = shard._build_rows
 
-    def finish(*args, **kwargs):
+    def build(*args, **kwargs):
         threads.add(threading.current_thread().name)
-        return real_finish(*args, **kwargs)
+        return real_build(*args, **kwargs)
 
-    shard._finish, saved = finish, real_finish
+    shard._build_rows, saved = build, real_build
     try:
         overlapped = shard.compute_shard(works["overlap"], settings)
     finally:
-        shard._finish = saved
+        shard._build_rows = saved
     assert threads and all(name.startswith("rows") for name in threads)  # built off the main thread
     # the items in the serial order, not only the same set
     assert [row["id"] for row in overlapped.items] == [row["id"] for row in serial.items]
@@ -73,6 +75,59 @@ def test_overlapped_rows_and_objects_equal_the_serial_ones(tmp_path: Path, case:
         assert all(row["object_offset"] is not None for row in serial.heatmaps)
     elif options.get("overlay"):
         assert any(key.endswith(".jpg") for key in serial_objects)
+
+
+def test_rows_built_out_of_order_on_several_threads_are_applied_in_the_serial_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU worker builds rows on several threads; the first batch here finishes building last."""
+    settings = cpu_settings().model_copy(update={"row_workers": 3})
+    works = {
+        name: shard_work(tmp_path, 7, batch_size=2, out=name, target_spec="topk:2", layout="packed")
+        for name in ("serial", "overlap")
+    }
+    serial = shard.compute_shard(works["serial"], settings, overlap=False)
+    real_build = shard._build_rows
+    second_built = threading.Event()
+    finished: list[int] = []
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def build(*args, **kwargs):
+        with lock:
+            call = len(calls)
+            calls.append(call)
+        if call == 0:
+            assert second_built.wait(60), "the second batch was not built beside the first"
+        built = real_build(*args, **kwargs)
+        with lock:
+            finished.append(call)
+        if call == 1:
+            second_built.set()
+        return built
+
+    monkeypatch.setattr(shard, "_build_rows", build)
+    overlapped = shard.compute_shard(works["overlap"], settings)
+    assert finished[:2] == [1, 0] and len(calls) > 2
+    assert [row["id"] for row in overlapped.items] == [row["id"] for row in serial.items]
+    assert comparable(overlapped) == comparable(serial)
+    assert objects(tmp_path / "overlap") == objects(tmp_path / "serial")
+
+
+def test_rows_get_one_thread_unless_set_and_processes_share_the_cores() -> None:
+    auto = Settings()
+    assert shard.pool_sizes(auto, remote_storage=False, cpus=16).rows == 1
+    chosen = auto.model_copy(update={"row_workers": 5})
+    assert shard.pool_sizes(chosen, remote_storage=False, cpus=2).rows == 5
+    with pytest.raises(ValidationError, match="at least 1 thread"):
+        Settings(row_workers=0)
+    shared = Settings(worker_processes=4)  # one of four processes on 16 cores
+    assert shard.pool_sizes(shared, remote_storage=False, cpus=16) == shard.PoolSizes(
+        fetch=4, decode=4, encode=4, upload=4, rows=1
+    )
+    assert shard.pool_sizes(shared, remote_storage=False, cpus=2).decode == 1
+    with pytest.raises(ValidationError):
+        Settings(worker_processes=0)
 
 
 def test_local_sources_are_read_by_decode_threads_and_s3_ones_by_the_fetch_pool(

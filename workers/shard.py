@@ -63,6 +63,7 @@ from workers.lease import (
     hand_back_for_retry,
     short_error,
 )
+from workers.localisation import localisation_columns
 from workers.models import LoadedModel
 from workers.multiview import case_batches, explain_cases, order_cases
 from workers.packed_statistics import PackedBatch, pack, unpack
@@ -844,55 +845,98 @@ def _checked_and_packed(
     )
 
 
-def _finish(
-    work: ShardWork,
-    loaded: LoadedModel,
-    launched: _Launched,
-    writer: MapWriter,
-    encoder: ThreadPoolExecutor,
-    rows: ShardRows,
-) -> None:
-    """Wait for a batch's host copies, then build its rows and hand its maps to the encoders."""
+@dataclass
+class _BuiltRows:
+    """A batch's rows that depend on nothing before it: built on a row thread, applied in order."""
+
+    failed: list[dict[str, Any]]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    layout: MapLayout | None = None
+    map_sources: list[bytes | None] = field(default_factory=list)
+    # (method, layer, statistics, localisation columns, patch rows) of each map block
+    blocks: list[tuple[str, str, MapStatistics, list[dict[str, Any]], list[Any]]] = field(
+        default_factory=list
+    )
+
+
+def _build_rows(work: ShardWork, loaded: LoadedModel, launched: _Launched) -> _BuiltRows:
+    """Wait for a batch's host copies, then compute everything its rows need but their keys."""
     batch, packed = launched.batch, launched.packed
+    failed: list[dict[str, Any]] = []
     if packed is None:
         assert launched.result is not None
         with host_threads(next(loaded.model.parameters()).device):
-            checked = _checked_and_packed(work, batch, launched.result, rows.items)
+            checked = _checked_and_packed(work, batch, launched.result, failed)
         if checked is None:
-            return
+            return _BuiltRows(failed)
         batch, packed = checked
     transforms = map_transforms(batch, packed.targets)
     host = unpack(packed, work.patch_size, work.preprocess.size, transforms)
-    rows.items.extend(prediction_rows_of(work, batch, host.top_p, host.top_c, single_logit=host.single_logit))
     layout = layout_of(batch, host.targets, host.scores)
-    map_sources = [launched.sources.get(item_id) for item_id in layout.item_ids]
-    for (method, layer), stats in host.statistics.items():
-        keys, shas = _submit_encoding(work, method, layer, layout, stats, map_sources, writer, encoder)
-        heatmaps = heatmap_rows(work.run_id, method, layer, layout, stats, keys)
+    return _BuiltRows(
+        failed,
+        prediction_rows_of(work, batch, host.top_p, host.top_c, single_logit=host.single_logit),
+        layout,
+        [launched.sources.get(item_id) for item_id in layout.item_ids],
+        [
+            (
+                method,
+                layer,
+                stats,
+                localisation_columns(stats.maps_u8, stats.raw16, layout.boxes, layout.transforms),
+                patch_rows(work.run_id, method, layer, layout, stats),
+            )
+            for (method, layer), stats in host.statistics.items()
+        ],
+    )
+
+
+def _apply_rows(
+    work: ShardWork, writer: MapWriter, encoder: ThreadPoolExecutor, rows: ShardRows, built: _BuiltRows
+) -> None:
+    """Add a built batch to the shard's rows and hand its maps to the encoders: in batch order,
+    since keys (and in the packed layout, byte ranges) follow the order maps are written in."""
+    rows.items.extend(built.failed)
+    rows.items.extend(built.predictions)
+    for method, layer, stats, located, patches in built.blocks:
+        assert built.layout is not None
+        keys, shas = _submit_encoding(
+            work, method, layer, built.layout, stats, built.map_sources, writer, encoder
+        )
+        heatmaps = heatmap_rows(work.run_id, method, layer, built.layout, stats, keys, located)
         rows.heatmaps.extend(heatmaps)
         rows.encoded.append((heatmaps, shas))
-        rows.patches.extend(patch_rows(work.run_id, method, layer, layout, stats))
+        rows.patches.extend(patches)
 
 
 class _RowBuilder:
-    """Builds rows on one thread, in submission order, while the main thread feeds the device.
+    """Builds batches' rows on ``workers`` threads and applies them on the calling thread, in
+    submission order: the serial path's order, whichever batch is built first.
 
-    At most ``depth`` batches wait for it, which bounds the results held on the host.
+    At most ``depth`` batches wait (default: one more than the threads), which bounds the
+    results held on the host.
     """
 
-    def __init__(self, depth: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows")
-        self._pending: collections.deque[Future[None]] = collections.deque()
-        self._depth = depth
+    def __init__(self, workers: int = 1, depth: int | None = None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rows")
+        self._pending: collections.deque[tuple[Future[Any] | None, Callable[[Any], None]]] = (
+            collections.deque()
+        )
+        self._depth = depth if depth is not None else workers + 1
 
-    def submit(self, fn: Any, *args: Any) -> None:
-        self._pending.append(self._pool.submit(fn, *args))
+    def submit(self, build: Callable[[], Any] | None, apply: Callable[[Any], None]) -> None:
+        """``apply(build())``, with ``build`` on a row thread (None: ``apply(None)``, in its turn)."""
+        self._pending.append((None if build is None else self._pool.submit(build), apply))
         while len(self._pending) > self._depth:
-            self._pending.popleft().result()
+            self._apply_oldest()
+
+    def _apply_oldest(self) -> None:
+        future, apply = self._pending.popleft()
+        apply(None if future is None else future.result())
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._apply_oldest()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -943,19 +987,22 @@ def _compute_overlapped(
     writer: MapWriter,
     encoder: ThreadPoolExecutor,
     rows: ShardRows,
+    row_workers: int = 1,
 ) -> None:
-    """Batch N's rows are built on a thread while batch N+1 is decoded, staged and computed.
+    """Batch N's rows are built on ``row_workers`` threads while batch N+1 is decoded, staged
+    and computed.
 
-    Every change to ``rows`` happens on the builder thread, in the serial path's order.
+    Every change to ``rows`` happens on this thread, in the serial path's order.
     """
-    builder = _RowBuilder()
+    builder = _RowBuilder(row_workers)
+    apply = functools.partial(_apply_rows, work, writer, encoder, rows)
     try:
-        for batch, sources in batches(lambda row: builder.submit(rows.items.append, row)):
+        for batch, sources in batches(lambda row: builder.submit(None, lambda _: rows.items.append(row))):
             failed: list[dict[str, Any]] = []
             launched = _launch(work, loaded, engine, batch, sources, failed)
-            builder.submit(rows.items.extend, failed)
+            builder.submit(None, lambda _, failed=failed: rows.items.extend(failed))
             for each in launched:
-                builder.submit(_finish, work, loaded, each, writer, encoder, rows)
+                builder.submit(functools.partial(_build_rows, work, loaded, each), apply)
         builder.drain()
     finally:
         builder.close()
@@ -1031,8 +1078,10 @@ def compute_shard(
             ) -> Iterator[tuple[Batch, dict[int, bytes]]]:
                 return _batches(work, stream, failed, check)
 
-            compute = _compute_overlapped if overlap and _packs_results(work) else _compute_serial
-            compute(work, loaded, engine, batches, writer, encoder, rows)
+            if overlap and _packs_results(work):
+                _compute_overlapped(work, loaded, engine, batches, writer, encoder, rows, sizes.rows)
+            else:
+                _compute_serial(work, loaded, engine, batches, writer, encoder, rows)
             if counts:
                 log.info(
                     "run=%s shard=%d: JPEGs decoded on %s: %d, on the CPU after the device refused them: %d",

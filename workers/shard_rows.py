@@ -290,11 +290,14 @@ def heatmap_rows(
     layout: MapLayout,
     stats: MapStatistics,
     keys: list[tuple[str, str]],
+    located: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per map; ``keys[n]`` are its PNG and npy keys. ``sha256`` is filled in once encoded,
-    and in the packed layout the byte ranges once the shard's tars are built (workers/packing.py)."""
+    and in the packed layout the byte ranges once the shard's tars are built (workers/packing.py).
+    ``located``: the maps' :func:`localisation_columns`, when a row-building thread has them."""
     rows = []
-    located = localisation_columns(stats.maps_u8, stats.raw16, layout.boxes, layout.transforms)
+    if located is None:
+        located = localisation_columns(stats.maps_u8, stats.raw16, layout.boxes, layout.transforms)
     for n, (item_id, target) in enumerate(zip(layout.item_ids, layout.targets, strict=True)):
         total = stats.patch_total[n]
         rows.append(
