@@ -46,14 +46,19 @@ def worker(
     s3_endpoint_url: S3Endpoint = None,
 ) -> None:
     """Start a Celery worker that explains shards."""
+    if concurrency < 1:
+        fail(f"--concurrency must be at least 1 process, got {concurrency}")
+    devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
+    # every process of this machine's workers sizes its thread pools to its share of the cores
+    os.environ.setdefault("CAMAUDIT_WORKER_PROCESSES", str(concurrency * max(1, len(devices))))
     settings = service_settings(database_url, broker_url, storage_url, s3_endpoint_url)
     if settings.embedded:
         fail(
             "a worker needs a broker: set --broker-url or CAMAUDIT_BROKER_URL (e.g. redis://127.0.0.1:6379/0)"
         )
-    if gpus:
+    if devices:
         _worker_per_gpu(
-            [g.strip() for g in gpus.split(",") if g.strip()],
+            devices,
             ["--queues", queues, "--concurrency", str(concurrency), "--loglevel", loglevel],
         )
     from workers.celery_app import configure
