@@ -309,9 +309,10 @@ def section_speed(check: Check) -> None:
 
 def section_pipeline(check: Check) -> None:
     """bench/pipeline.py's end to end (plan + every shard, local folder, SQLite) against its engine alone."""
-    from bench import pipeline
+    from bench import null_pipeline, pipeline
     from scheduler.plan import resolve_layers
     from schema.payloads import RunSpec
+    from workers.pools import pool_sizes
 
     model = f"torchvision:{CheckSizes.model}"
     args = argparse.Namespace(
@@ -345,17 +346,40 @@ def section_pipeline(check: Check) -> None:
         images = pipeline.decode_all(loaded, paths)
         engine = pipeline.engine_only(loaded, args, layers, settings, images)
         spec = RunSpec(source=str(manifest), shard_size=args.shard_size, **spec_args)
-        _, plan_s, shards_s = pipeline.pipeline_run(spec, settings, run_ids)
-        pipeline.check_run(settings, run_ids[-1], args.n, args.n * len(args.methods) * len(layers))
+        n_maps = args.n * len(args.methods) * len(layers)
+        four_threads = settings.model_copy(update={"row_workers": 4})
+        _, plan_s, shards_s = pipeline.pipeline_run(spec, four_threads, run_ids)
+        pipeline.check_run(settings, run_ids[-1], args.n, n_maps)
+        four = args.n / (plan_s + shards_s)
+        clock = null_pipeline.StageClock()
+        with null_pipeline.instrumented(clock, (CheckSizes.size,) * 2, stand_in=False):
+            _, plan_s, shards_s = pipeline.pipeline_run(spec, settings, run_ids)
+        pipeline.check_run(settings, run_ids[-1], args.n, n_maps)
     end_to_end = args.n / (plan_s + shards_s)
+    rows = pool_sizes(settings, remote_storage=False).rows
+    data = f"{args.n} PNGs 160-256px, shards of {args.shard_size}, local folder + SQLite"
+    check.add(
+        "pipeline",
+        "end to end (gradcam,cam), rows on 4 threads",
+        f"{fmt(four)} img/s",
+        f"engine alone {fmt(engine.rate)}",
+        f"{four / engine.rate:.2f}",
+        note=f"{data}, {load()}",
+    )
     check.add(
         "pipeline",
         "end to end (gradcam,cam)",
         f"{fmt(end_to_end)} img/s",
         f"engine alone {fmt(engine.rate)}",
         f"{end_to_end / engine.rate:.2f}",
-        note=f"{args.n} PNGs 160-256px, shards of {args.shard_size}, local folder + SQLite, {load()}",
+        note=f"{data}, rows on {rows} threads, plan {plan_s:.2f} s, {load()}",
     )
+    stages = ", ".join(
+        f"{stage} {1000 * clock.cpu[stage] / args.n:.2f}/{1000 * clock.wall[stage] / args.n:.2f}"
+        for stage in (*null_pipeline.STAGES, "upload", "flush")
+        if stage in clock.cpu
+    )
+    check.add("pipeline", "host ms/img by stage", "CPU/wall, summed over threads", note=stages)
 
 
 def section_host(check: Check) -> None:

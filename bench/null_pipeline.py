@@ -28,6 +28,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,7 +65,14 @@ STAGES = {
     "batch": ("stack_pixels", "normalise_batch", "decode_on_device"),
     "engine": (),
     "statistics": ("map_statistics", "map_layout", "pack", "unpack"),
-    "rows": ("prediction_rows", "prediction_rows_of", "layout_of", "heatmap_rows", "patch_rows"),
+    "rows": (
+        "prediction_rows",
+        "prediction_rows_of",
+        "layout_of",
+        "heatmap_rows",
+        "patch_rows",
+        "localisation_columns",
+    ),
     "encode": ("encode_png_gray", "encode_npy"),
     "claim+commit": ("claim_shard", "commit_shard"),
 }
@@ -135,7 +143,8 @@ class NullEngine:
 
 
 @contextlib.contextmanager
-def instrumented(clock: StageClock, size: tuple[int, int]) -> Iterator[None]:
+def instrumented(clock: StageClock, size: tuple[int, int], stand_in: bool = True) -> Iterator[None]:
+    """Time the shard's stages into ``clock``; with ``stand_in`` the engine is a :class:`NullEngine`."""
     saved: list[tuple[Any, str, Any]] = []
 
     def patch(owner: Any, name: str, value: Any) -> None:
@@ -161,7 +170,13 @@ def instrumented(clock: StageClock, size: tuple[int, int]) -> Iterator[None]:
             runtime.settle_heap()
         return engines[key]
 
-    patch(shard, "engine_for", engine_for)
+    real_engine_for = shard.engine_for
+
+    def timed_engine_for(*args: Any, **kwargs: Any) -> Any:
+        engine = real_engine_for(*args, **kwargs)
+        return clock.wrap("engine", engine)
+
+    patch(shard, "engine_for", engine_for if stand_in else timed_engine_for)
     try:
         yield
     finally:
@@ -170,22 +185,27 @@ def instrumented(clock: StageClock, size: tuple[int, int]) -> Iterator[None]:
 
 
 def make_sources(folder: Path, n: int, fmt: str, seed: int) -> list[Path]:
-    """``n`` synthetic photos-like images of 375-500 px a side (ImageNet's typical sizes)."""
+    """``n`` synthetic photos-like images of 375-500 px a side (ImageNet's typical sizes).
+
+    Each image has a generator of its own, so writing them on every core gives the same files.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(n):
-        rng = sample_rng(seed, index)
-        sample = render_sample(rng, min_size=375, max_size=500)
-        image = Image.fromarray(sample.image, mode="RGB")
-        width, height = int(rng.integers(375, 501)), int(rng.integers(375, 501))
-        image = image.resize((width, height))
-        path = folder / f"{index:06d}.{'jpg' if fmt == 'jpeg' else 'png'}"
-        if fmt == "jpeg":
-            image.save(path, format="JPEG", quality=90)
-        else:
-            image.save(path, format="PNG", optimize=False)
-        paths.append(path)
-    return paths
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda index: _make_source(folder, index, fmt, seed), range(n)))
+
+
+def _make_source(folder: Path, index: int, fmt: str, seed: int) -> Path:
+    rng = sample_rng(seed, index)
+    sample = render_sample(rng, min_size=375, max_size=500)
+    image = Image.fromarray(sample.image, mode="RGB")
+    width, height = int(rng.integers(375, 501)), int(rng.integers(375, 501))
+    image = image.resize((width, height))
+    path = folder / f"{index:06d}.{'jpg' if fmt == 'jpeg' else 'png'}"
+    if fmt == "jpeg":
+        image.save(path, format="JPEG", quality=90)
+    else:
+        image.save(path, format="PNG", optimize=False)
+    return path
 
 
 def single_thread_decode_rate(paths: list[Path], size: tuple[int, int]) -> float:

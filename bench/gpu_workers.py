@@ -1,0 +1,178 @@
+"""Worker processes per GPU: images/s of P processes sharing one device, end to end.
+
+A shard's decode, encode, upload and row threads share one interpreter lock with the thread
+feeding the device. Where the cores are many, the threads' handovers of that lock, not the cores,
+bound one process (docs/PERFORMANCE.md, "Worker processes per GPU"); a worker started with
+``camaudit worker --concurrency P`` runs P processes, each with its own lock and its own copy of
+the model on the device. This starts P processes at once (spawned, as Celery's children are
+separate interpreters), each explaining the same data set end to end in its own run (plan + every
+shard, its own SQLite file and output folder), released together by a barrier, and prints the
+images/s of all of them together against one process, for each P. Each process sizes its thread
+pools as a worker child does (``workers/pools.py``).
+
+    python bench/gpu_workers.py                           # CUDA when present: P = 1, 2, 4, 8
+    python bench/gpu_workers.py --sources png             # the synthetic PNGs of 160-256 px
+    python bench/gpu_workers.py --processes 1,2 --n 64 --shard-size 32 --batch 8 --model demo --size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TIMEOUT_S = 600.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--processes", default="1,2,4,8", help="comma-separated process counts")
+    parser.add_argument("--model", default="torchvision:resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--methods", default="gradcam,cam")
+    parser.add_argument("--n", type=int, default=2048, help="images each process explains")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--device", default=None, help="cuda when present, else cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sources",
+        choices=["jpeg", "png"],
+        default="jpeg",
+        help="jpeg: a folder of photo-like JPEGs of 375-500 px; png: the synthetic set (160-256 px)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.processes = [int(p) for p in args.processes.split(",") if p.strip()]
+    except ValueError:
+        parser.error(f"--processes takes whole numbers separated by commas, got {args.processes!r}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in ("n", "batch", "shard_size", "size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.processes or min(args.processes) < 1:
+        parser.error(f"--processes must name counts of at least 1, got {args.processes}")
+    if args.device is None:
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asks NVML; CUDA stays untouched
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def _child(
+    index: int, processes: int, args: argparse.Namespace, manifest: str, folder: str, barrier: Any, out: Any
+) -> None:
+    """One worker process: warm up, wait for the others, explain the data set, report its seconds."""
+    try:
+        from bench import pipeline
+        from schema.payloads import RunSpec
+        from schema.settings import Settings
+
+        settings = Settings(
+            database_url=f"sqlite:///{folder}/p{processes}-{index}.db",
+            storage_url=f"{folder}/p{processes}-{index}",
+            device=args.device,
+            worker_processes=processes,
+        )
+        pipeline.prepare_model(argparse.Namespace(model=args.model, size=args.size, device=args.device))
+        spec = {"model": args.model, "methods": args.methods, "batch_size": args.batch}
+        ids: list[str] = []
+        pipeline.pipeline_run(
+            RunSpec(source=_warm_up_set(args, manifest, processes, index), **spec), settings, ids
+        )
+        barrier.wait(TIMEOUT_S)
+        start = time.perf_counter()
+        pipeline.pipeline_run(RunSpec(source=manifest, shard_size=args.shard_size, **spec), settings, ids)
+        seconds = time.perf_counter() - start
+        pipeline.check_run(settings, ids[-1], args.n, args.n * len(args.methods))
+        out.put((index, seconds, None))
+    except BaseException as exc:  # the parent reports it; a broken barrier frees the others
+        barrier.abort()
+        out.put((index, None, f"{type(exc).__name__}: {exc}"))
+
+
+def _warm_up_set(args: argparse.Namespace, source: str, processes: int, index: int) -> str:
+    """A manifest of the data set's first batch: kernels, allocator and pools warm before the clock."""
+    path = Path(source)
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())[: args.batch]
+        lines = [json.dumps({"uri": str(path / name)}) for name in names]
+        warm = path.parent / f"warm-{processes}-{index}.jsonl"
+    else:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line][: args.batch]
+        warm = path.with_name(f"warm-{processes}-{index}.jsonl")
+    warm.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(warm)
+
+
+def measure(args: argparse.Namespace, processes: int, manifest: Path, folder: Path) -> tuple[float, float]:
+    """(images/s of all processes together, slowest process's seconds)."""
+    context = multiprocessing.get_context("spawn")
+    barrier, out = context.Barrier(processes), context.Queue()
+    children = [
+        context.Process(
+            target=_child, args=(i, processes, args, str(manifest), str(folder), barrier, out), daemon=True
+        )
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    try:
+        reports = [out.get(timeout=TIMEOUT_S) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+    errors = [f"process {i}: {error}" for i, _, error in reports if error]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    slowest = max(seconds for _, seconds, _ in reports)
+    return processes * args.n / slowest, slowest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bench.null_pipeline import make_sources
+    from workers.synth import make_dataset
+
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="camaudit-workers-") as name:
+        if args.sources == "png":
+            manifest = make_dataset(Path(name) / "data", args.n, args.seed)
+            data = f"{args.n} PNGs of 160-256 px"
+        else:
+            manifest = Path(name) / "jpeg"
+            make_sources(manifest, args.n, "jpeg", args.seed)
+            data = f"{args.n} JPEGs of 375-500 px (a folder)"
+        print(
+            f"{args.model} {args.size}px, {','.join(args.methods)}, batch {args.batch}, shards of "
+            f"{args.shard_size}, {data} per process, {args.device}, {cores} cores, "
+            f"local folder + SQLite per process",
+            flush=True,
+        )
+        print(f"{'processes':>9} {'img/s':>9} {'x one':>6} {'slowest s':>9}", flush=True)
+        one = None
+        for processes in args.processes:
+            rate, slowest = measure(args, processes, manifest, Path(name))
+            one = one or (rate if processes == 1 else None)
+            ratio = f"{rate / one:6.2f}" if one else f"{'':6}"
+            print(f"{processes:9d} {rate:9.1f} {ratio} {slowest:9.2f}", flush=True)
+    print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} (1 min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
