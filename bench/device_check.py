@@ -312,7 +312,6 @@ def section_pipeline(check: Check) -> None:
     from bench import null_pipeline, pipeline
     from scheduler.plan import resolve_layers
     from schema.payloads import RunSpec
-    from workers.pools import pool_sizes
 
     model = f"torchvision:{CheckSizes.model}"
     args = argparse.Namespace(
@@ -347,32 +346,37 @@ def section_pipeline(check: Check) -> None:
         engine = pipeline.engine_only(loaded, args, layers, settings, images)
         spec = RunSpec(source=str(manifest), shard_size=args.shard_size, **spec_args)
         n_maps = args.n * len(args.methods) * len(layers)
-        four_threads = settings.model_copy(update={"row_workers": 4})
-        _, plan_s, shards_s = pipeline.pipeline_run(spec, four_threads, run_ids)
+        cores = os.cpu_count() or 1
+        every_core = settings.model_copy(update={"torch_threads": cores})
+        start, cpu = time.perf_counter(), time.process_time()
+        pipeline.pipeline_run(spec, every_core, run_ids)
+        wide_s, wide_cpu = time.perf_counter() - start, time.process_time() - cpu
         pipeline.check_run(settings, run_ids[-1], args.n, n_maps)
-        four = args.n / (plan_s + shards_s)
         clock = null_pipeline.StageClock()
         with null_pipeline.instrumented(clock, (CheckSizes.size,) * 2, stand_in=False):
-            _, plan_s, shards_s = pipeline.pipeline_run(spec, settings, run_ids)
+            start, cpu = time.perf_counter(), time.process_time()
+            _, plan_s, _ = pipeline.pipeline_run(spec, settings, run_ids)
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         pipeline.check_run(settings, run_ids[-1], args.n, n_maps)
-    end_to_end = args.n / (plan_s + shards_s)
-    rows = pool_sizes(settings, remote_storage=False).rows
+    end_to_end = args.n / seconds
     data = f"{args.n} PNGs 160-256px, shards of {args.shard_size}, local folder + SQLite"
     check.add(
         "pipeline",
-        "end to end (gradcam,cam), rows on 4 threads",
-        f"{fmt(four)} img/s",
+        f"end to end (gradcam,cam), torch on {cores} CPU threads",
+        f"{fmt(args.n / wide_s)} img/s",
         f"engine alone {fmt(engine.rate)}",
-        f"{four / engine.rate:.2f}",
-        note=f"{data}, {load()}",
+        f"{args.n / wide_s / engine.rate:.2f}",
+        note=f"{data}, {wide_cpu / wide_s:.1f} cores busy, {load()}",
     )
+    threads = "1" if check.device.type == "cuda" else str(torch.get_num_threads())
     check.add(
         "pipeline",
         "end to end (gradcam,cam)",
         f"{fmt(end_to_end)} img/s",
         f"engine alone {fmt(engine.rate)}",
         f"{end_to_end / engine.rate:.2f}",
-        note=f"{data}, rows on {rows} threads, plan {plan_s:.2f} s, {load()}",
+        note=f"{data}, torch on {threads} CPU thread(s), {cpu / seconds:.1f} cores busy, "
+        f"plan {plan_s:.2f} s, {load()}",
     )
     stages = ", ".join(
         f"{stage} {1000 * clock.cpu[stage] / args.n:.2f}/{1000 * clock.wall[stage] / args.n:.2f}"

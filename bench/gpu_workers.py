@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda when present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch's CPU threads per process (default: the worker's: 1 on a GPU, every core on a CPU)",
+    )
+    parser.add_argument(
         "--sources",
         choices=["jpeg", "png"],
         default="jpeg",
@@ -57,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--processes takes whole numbers separated by commas, got {args.processes!r}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error(f"--torch-threads must be at least 1, got {args.torch_threads}")
     for name in ("n", "batch", "shard_size", "size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -84,6 +92,7 @@ def _child(
             storage_url=f"{folder}/p{processes}-{index}",
             device=args.device,
             worker_processes=processes,
+            torch_threads=args.torch_threads,
         )
         pipeline.prepare_model(argparse.Namespace(model=args.model, size=args.size, device=args.device))
         spec = {"model": args.model, "methods": args.methods, "batch_size": args.batch}
@@ -92,14 +101,14 @@ def _child(
             RunSpec(source=_warm_up_set(args, manifest, processes, index), **spec), settings, ids
         )
         barrier.wait(TIMEOUT_S)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         pipeline.pipeline_run(RunSpec(source=manifest, shard_size=args.shard_size, **spec), settings, ids)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         pipeline.check_run(settings, ids[-1], args.n, args.n * len(args.methods))
-        out.put((index, seconds, None))
+        out.put((index, seconds, cpu, None))
     except BaseException as exc:  # the parent reports it; a broken barrier frees the others
         barrier.abort()
-        out.put((index, None, f"{type(exc).__name__}: {exc}"))
+        out.put((index, None, None, f"{type(exc).__name__}: {exc}"))
 
 
 def _warm_up_set(args: argparse.Namespace, source: str, processes: int, index: int) -> str:
@@ -116,8 +125,14 @@ def _warm_up_set(args: argparse.Namespace, source: str, processes: int, index: i
     return str(warm)
 
 
-def measure(args: argparse.Namespace, processes: int, manifest: Path, folder: Path) -> tuple[float, float]:
-    """(images/s of all processes together, slowest process's seconds)."""
+def measure(
+    args: argparse.Namespace, processes: int, manifest: Path, folder: Path
+) -> tuple[float, float, float]:
+    """(images/s of all processes together, slowest process's seconds, cores their CPU time filled).
+
+    CPU time counts every thread of a process, OpenMP's spinning helpers too: cores busy far
+    above what the stages need is time spent waiting actively.
+    """
     context = multiprocessing.get_context("spawn")
     barrier, out = context.Barrier(processes), context.Queue()
     children = [
@@ -135,11 +150,11 @@ def measure(args: argparse.Namespace, processes: int, manifest: Path, folder: Pa
             child.join(timeout=60)
             if child.is_alive():
                 child.kill()
-    errors = [f"process {i}: {error}" for i, _, error in reports if error]
+    errors = [f"process {i}: {error}" for i, _, _, error in reports if error]
     if errors:
         raise RuntimeError("; ".join(errors))
-    slowest = max(seconds for _, seconds, _ in reports)
-    return processes * args.n / slowest, slowest
+    slowest = max(seconds for _, seconds, _, _ in reports)
+    return processes * args.n / slowest, slowest, sum(cpu for _, _, cpu, _ in reports) / slowest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,13 +178,15 @@ def main(argv: list[str] | None = None) -> int:
             f"local folder + SQLite per process",
             flush=True,
         )
-        print(f"{'processes':>9} {'img/s':>9} {'x one':>6} {'slowest s':>9}", flush=True)
+        threads = args.torch_threads or ("1 (a GPU worker's)" if args.device.startswith("cuda") else "all")
+        print(f"torch CPU threads per process: {threads}", flush=True)
+        print(f"{'processes':>9} {'img/s':>9} {'x one':>6} {'slowest s':>9} {'cores busy':>10}", flush=True)
         one = None
         for processes in args.processes:
-            rate, slowest = measure(args, processes, manifest, Path(name))
+            rate, slowest, busy = measure(args, processes, manifest, Path(name))
             one = one or (rate if processes == 1 else None)
             ratio = f"{rate / one:6.2f}" if one else f"{'':6}"
-            print(f"{processes:9d} {rate:9.1f} {ratio} {slowest:9.2f}", flush=True)
+            print(f"{processes:9d} {rate:9.1f} {ratio} {slowest:9.2f} {busy:10.1f}", flush=True)
     print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} (1 min)")
     return 0
 

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     encode_workers: int | None = None
     # Threads building a shard's rows (localisation, patches) beside the model's; unset = one.
     row_workers: int | None = None
+    # torch's CPU threads per process; unset = every core on a CPU worker, one on a GPU worker
+    # (there the model does not use the CPU; workers/runtime.py apply_torch_threads).
+    torch_threads: int | None = None
     # Worker processes sharing this machine's cores; each sizes the pools above to its share.
     # `camaudit worker` sets it from --concurrency (times the GPUs of --gpus) unless it is set.
     worker_processes: int = Field(1, ge=1)
@@ -98,7 +101,9 @@ class Settings(BaseSettings):
     # probably what kills its workers (memory, a hard time limit).
     max_lost_leases: int = 5
 
-    @field_validator("fetch_workers", "decode_workers", "upload_workers", "encode_workers", "row_workers")
+    @field_validator(
+        "fetch_workers", "decode_workers", "upload_workers", "encode_workers", "row_workers", "torch_threads"
+    )
     @classmethod
     def _check_workers(cls, value: int | None) -> int | None:
         if value is not None and value < 1:

@@ -165,3 +165,29 @@ def test_pipeline_bench_refuses_sizes_below_one(argv: list[str], capsys: pytest.
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_worker_processes_bench_runs_each_count_to_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every process explains the whole set (checked in the child); a row per process count."""
+    from bench import gpu_workers
+
+    argv = ["--processes", "1,2", "--n", "6", "--shard-size", "4", "--batch", "2", "--model", "demo"]
+    assert gpu_workers.main([*argv, "--size", "32", "--device", "cpu", "--torch-threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in rows)
+    assert "torch CPU threads per process: 1" in lines
+
+
+@pytest.mark.parametrize(
+    "argv", [["--processes", "0"], ["--processes", "a"], ["--n", "0"], ["--torch-threads", "0"]]
+)
+def test_worker_processes_bench_refuses_bad_counts(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.gpu_workers import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([*argv, "--device", "cpu"])
+    assert "--" in capsys.readouterr().err

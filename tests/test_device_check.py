@@ -55,6 +55,7 @@ def test_cpu_fallback_prints_the_whole_table(tmp_path: Path) -> None:
     assert float(by_section["bf16"]["gradcam"][0].split()[-1]) > 0.99
     assert "grad-cam" in by_section["speed"]["gradcam"][1]
     assert by_section["pipeline"]["end to end (gradcam,cam)"][0].endswith("img/s")
+    assert "cores busy" in by_section["pipeline"]["end to end (gradcam,cam)"][-1]
     host = by_section["host"]
     assert host["host CPU per image (device-side stages left out)"][0].endswith(" ms")
     assert host["host CPU per image (device-side stages left out)"][2].endswith(" cores")

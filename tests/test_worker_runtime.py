@@ -145,3 +145,26 @@ def test_host_work_runs_on_one_torch_thread_on_a_cpu_device_only() -> None:
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_gpu_worker_runs_torch_on_one_cpu_thread_unless_set(tmp_path: Path) -> None:
+    """OpenMP teams per host thread would spin beside the decode pool; a CPU worker keeps its cores."""
+    from tests.shard_support import cpu_settings, shard_work
+    from workers import shard
+    from workers.runtime import apply_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert apply_torch_threads(torch.device("cpu"), Settings()) == 2
+        assert apply_torch_threads(torch.device("cuda"), Settings()) == 1  # only the count: CUDA untouched
+        assert apply_torch_threads(torch.device("cuda"), Settings(torch_threads=3)) == 3
+        torch.set_num_threads(2)
+        # a shard applies the setting before its host work
+        settings = cpu_settings().model_copy(update={"torch_threads": 1})
+        rows = shard.compute_shard(shard_work(tmp_path, 3, batch_size=2), settings)
+        assert rows.n_done == 3 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="at least 1 thread"):
+        Settings(torch_threads=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from workers.libc import libc_function
 from workers.models import LoadedModel, load_model_cached
 from workers.storage import Storage, open_storage
 
+log = logging.getLogger("camaudit.worker")
 _lock = threading.Lock()
 _engines: dict[tuple[Any, ...], CamEngine] = {}
 _storages: dict[tuple[str, str | None, str | None], Storage] = {}
@@ -36,6 +38,24 @@ def pick_device(setting: str) -> torch.device:
             f"device {setting!r} was asked for but CUDA is not available here; use cpu or auto"
         )
     return device
+
+
+def apply_torch_threads(device: torch.device, settings: Settings) -> int:
+    """Set torch's CPU threads for this process before a shard's host work; returns the count.
+
+    On a GPU worker the model does not use the CPU, and every thread that runs a parallel torch
+    operation on the host (staging a batch, localisation's upsampling) gets an OpenMP team of
+    its own, as many threads as cores, that spin-waits after each operation: on a 16-core
+    machine, several such teams beside the decode and encode pools, per worker process. There
+    it is one thread (threads started later take the count up at their first parallel
+    operation), as PyTorch's own data-loading workers do; a CPU worker keeps all of them for
+    the model. ``torch_threads`` in the settings wins either way.
+    """
+    wanted = settings.torch_threads or (1 if device.type == "cuda" else None)
+    if wanted is not None and torch.get_num_threads() != wanted:
+        log.info("torch CPU threads: %d (were %d), the model on %s", wanted, torch.get_num_threads(), device)
+        torch.set_num_threads(wanted)
+    return torch.get_num_threads()
 
 
 @contextlib.contextmanager

@@ -72,7 +72,14 @@ from workers.pools import PoolSizes, pool_sizes
 from workers.preprocess import ImageTransform, Preprocess
 from workers.provenance import shard_provenance
 from workers.run_targets import batch_spec, depends_on_item, label_targets
-from workers.runtime import amp_argument, engine_for, host_threads, model_for, storage_for
+from workers.runtime import (
+    amp_argument,
+    apply_torch_threads,
+    engine_for,
+    host_threads,
+    model_for,
+    storage_for,
+)
 from workers.shard_rows import (
     MapLayout,
     MapStatistics,
@@ -1047,6 +1054,7 @@ def compute_shard(
     work.preprocess  # noqa: B018  (parsed up front: a record that cannot work fails the shard)
     loaded = model_for(work.model_ref, work.checkpoint, settings, expected_sha256=work.checkpoint_sha256)
     device = next(loaded.model.parameters()).device
+    apply_torch_threads(device, settings)
     if work.batch_size is None:
         work = dataclasses.replace(work, batch_size=defaults_for(device.type).batch_size)
     engine = engine_for(loaded, work.methods, work.layers, settings, work.score_batch_size)
