@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     # The heatmap layout of runs that do not name one (`camaudit run --layout`, an audit's `layout`).
     layout: str = "packed"
     # Where a GPU worker decodes JPEGs: workers/device_decode.py (CPU workers always use the CPU).
-    device_decode: str = "auto"
+    # off by default: nvJPEG's pixels differ from libjpeg-turbo's (up to 10 levels on an H200),
+    # so maps would depend on which decoder a worker's timing picked.
+    device_decode: str = "off"
     log_level: str = "INFO"
     # Threads per shard stage; unset = follow the cores (and S3 vs local folder for uploads).
     fetch_workers: int | None = None

@@ -232,6 +232,9 @@ def test_where_decoding_happens_by_device_and_mode() -> None:
 
 
 def test_the_setting_is_validated_before_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAMAUDIT_DEVICE_DECODE", raising=False)
+    # the CPU's libjpeg-turbo unless asked: nvJPEG's pixels differ, so maps would follow the timing
+    assert Settings().device_decode == "off"
     assert Settings(device_decode="ON").device_decode == "on"
     with pytest.raises(ValidationError, match=r"auto, on, off.*'gpu'"):
         Settings(device_decode="gpu")
