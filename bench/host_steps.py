@@ -1,4 +1,4 @@
-"""Three host steps of a shard against what they replaced, timed in one process.
+"""Four host steps of a shard against what they replaced, timed in one process.
 
 Each line prints the old way, the new way and their ratio, best of ``--rounds``:
 
@@ -10,6 +10,8 @@ Each line prints the old way, the new way and their ratio, best of ``--rounds``:
 3. **A shard's result rows into SQLite** (512 items, 1,024 heatmaps, 5,120 patch scores, fresh
    rows in a new database each round): SQLAlchemy's statements against the driver's
    ``executemany`` (``workers.results``).
+4. **Localisation columns** of a batch's 128 maps with boxes, on one thread: a boolean mask per
+   map against one rectangle per box (``workers.localisation``; identical values, checked).
 
     python bench/host_steps.py
     python bench/host_steps.py --rounds 10
@@ -37,6 +39,8 @@ from schema.db import upgrade
 from tests.test_results_pg import seed_run, shard_rows, write_shard
 from workers import results
 from workers.images import normalise_batch
+from workers.localisation import box_mask, localisation_columns
+from workers.preprocess import Preprocess
 from workers.runtime import keep_freed_memory
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -124,6 +128,50 @@ def sqlite_rows(rounds: int) -> None:
     line("SQLite rows of a 512-image shard (SQLAlchemy, driver)", old, new, "fresh rows")
 
 
+def _masked_columns(maps: np.ndarray, raw: np.ndarray, boxes: list[Any], transforms: list[Any]) -> list[Any]:
+    """The columns as they were computed before: a mask per map, sums through boolean indexing."""
+    n, height, width = maps.shape
+    totals = maps.reshape(n, -1).sum(axis=1, dtype=np.int64)
+    tensor = torch.from_numpy(raw.astype(np.float32))[:, None]
+    up = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+    positive = np.maximum(up[:, 0].numpy(), 0.0)
+    columns = []
+    for i in range(n):
+        inside = box_mask(boxes[i], transforms[i])
+        peak = np.unravel_index(int(np.argmax(maps[i])), (height, width))
+        columns.append(
+            (
+                float(maps[i][inside].sum(dtype=np.int64)) / float(totals[i]),
+                bool(inside[peak]),
+                float(positive[i][~inside].sum(dtype=np.float64)) / (height * width),
+            )
+        )
+    return columns
+
+
+def localisation(rounds: int) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(0)
+        maps = rng.integers(0, 256, (128, 224, 224), dtype=np.uint8)
+        raw = rng.standard_normal((128, 7, 7)).astype(np.float16)
+        pre = Preprocess((224, 224), MEAN, STD, resize="center-crop", resize_to=(256, 256))
+        transforms = [pre.transform(int(w), int(h)) for w, h in rng.integers(375, 501, (128, 2))]
+        boxes = [[x, y, x + 150.0, y + 120.0] for x, y in rng.uniform(0, 220, (128, 2))]
+
+        def rectangles() -> list[Any]:
+            return localisation_columns(maps, raw, boxes, transforms)
+
+        expected = [(c["box_energy"], c["box_hit"], c["outside_mass"]) for c in rectangles()]
+        assert _masked_columns(maps, raw, boxes, transforms) == expected
+        old = best(lambda: _masked_columns(maps, raw, boxes, transforms), rounds)
+        new = best(rectangles, rounds)
+    finally:
+        torch.set_num_threads(threads)
+    line("localisation of 128 maps with boxes, one thread", old, new, "identical values")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each; the best counts")
@@ -133,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     png_deflate(args.rounds)
     normalise(args.rounds)
     sqlite_rows(args.rounds)
+    localisation(args.rounds)
     return 0
 
 
