@@ -335,8 +335,9 @@ def test_auto_measures_the_first_batch_once_per_process(
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     work = dataclasses.replace(_jpeg_work(tmp_path, "auto"), batch_size=4)
     gpu = torch.device("cuda:0")
-    sizes = shard.pool_sizes(cpu_settings(), remote_storage=False)
-    choice = shard._decode_choice(work, cpu_settings(), gpu, sizes)
+    auto = cpu_settings().model_copy(update={"device_decode": "auto"})
+    sizes = shard.pool_sizes(auto, remote_storage=False)
+    choice = shard._decode_choice(work, auto, gpu, sizes)
     if device_refuses:
         assert not choice.on_device and "refused 2 of 2" in choice.reason
         assert calls == [2]  # the check call only: nothing timed
@@ -344,6 +345,6 @@ def test_auto_measures_the_first_batch_once_per_process(
         # 2 JPEGs in the first 4 items (one is CMYK, one broken): a check, a warm-up, two timed rounds
         assert choice.on_device and calls == [2, 2, 2, 2]
         assert choice.device_ms == pytest.approx(1.0) and choice.cpu_ms == pytest.approx(5.0, rel=0.01)
-    assert shard._decode_choice(work, cpu_settings(), gpu, sizes) is choice  # measured once
+    assert shard._decode_choice(work, auto, gpu, sizes) is choice  # measured once
     assert len(calls) == (1 if device_refuses else 4)
     device_decode.forget()
