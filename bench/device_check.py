@@ -1,6 +1,6 @@
 """One table of what the GPU path does: parity, mixed precision, speed, pipeline, decoding, memory.
 
-Run on a machine with one GPU (``bash bench/device_check.sh``; under 9 minutes): resnet50 with
+Run on a machine with one GPU (``bash bench/device_check.sh``; under 10 minutes): resnet50 with
 random weights (built from torchvision's config, nothing downloaded) at 224 px.
 
 | section | what it measures |
@@ -11,6 +11,7 @@ random weights (built from torchvision's config, nothing downloaded) at 224 px.
 | pipeline | end-to-end images/s of plan + shards (bench/pipeline.py) against the engine alone |
 | decode | JPEG decoding: batched on the device against every CPU core, and the pixels' agreement |
 | host | the shard pipeline with a no-cost stand-in engine: images/s the host feeds, cores per 2,000 img/s |
+| processes | 1, 2 and 4 worker processes sharing the device, end to end (bench/gpu_workers.py) |
 | memory | peak device memory of each section (``torch.cuda.max_memory_allocated``) |
 
 Each section has a time budget; one that fails or runs out leaves a row saying so and the
@@ -136,6 +137,9 @@ class CheckSizes:
     jpegs = 128
     jpeg_side = (500, 375)
     host_images = 2048  # a GPU worker's shard
+    processes = (1, 2, 4)
+    process_images = 1024
+    process_seconds = 30
 
     reference_perturbation = True  # pytorch-grad-cam's Score-CAM / Ablation-CAM timed too
 
@@ -145,9 +149,11 @@ class CheckSizes:
         cls.perturb_images, cls.perturb_size, cls.repeats = 1, 32, 2
         cls.pipeline_images, cls.pipeline_shard, cls.jpegs, cls.jpeg_side = 8, 8, 8, (160, 120)
         cls.host_images = 16
+        cls.processes, cls.process_images = (1, 2), 8
         if tiny:
             cls.size, cls.batch, cls.repeats, cls.reference_perturbation = 32, 2, 1, False
             cls.pipeline_images, cls.pipeline_shard, cls.jpegs = 4, 4, 4
+            cls.process_images = 4
 
 
 # --------------------------------------------------------------------------- sections
@@ -431,6 +437,54 @@ def section_host(check: Check) -> None:
     )
 
 
+def section_processes(check: Check) -> None:
+    """Worker processes sharing the device (bench/gpu_workers.py): images/s of all of them together."""
+    from bench import gpu_workers
+    from bench.null_pipeline import make_sources
+
+    args = gpu_workers.parse_args(
+        [
+            "--model",
+            f"torchvision:{CheckSizes.model}",
+            "--size",
+            str(CheckSizes.size),
+            "--n",
+            str(CheckSizes.process_images),
+            "--shard-size",
+            str(CheckSizes.process_images),
+            "--batch",
+            str(CheckSizes.batch),
+            "--device",
+            check.device.type,
+            "--max-seconds",
+            str(CheckSizes.process_seconds),
+        ]
+    )
+    with tempfile.TemporaryDirectory(prefix="camaudit-processes-") as name:
+        sources = Path(name) / "jpeg"
+        make_sources(sources, args.n, "jpeg", 0)
+        one = None
+        for processes in CheckSizes.processes:
+            what = f"{processes} worker process{'es' if processes > 1 else ''}, JPEG 375-500px"
+            try:
+                rate, slowest, busy = gpu_workers.measure(args, processes, sources, Path(name))
+            except TimeoutError as exc:
+                check.add("processes", what, "stopped", note=str(exc))
+                return
+            one = one or rate
+            check.add(
+                "processes",
+                what,
+                f"{fmt(rate)} img/s",
+                f"one process {fmt(one)}",
+                f"{rate / one:.2f}",
+                note=f"{args.n} images each, one shard, {busy:.1f} cores busy, slowest {slowest:.1f} s, "
+                f"{load()}",
+            )
+            if slowest > args.max_seconds:
+                return
+
+
 def _jpegs(count: int, side: tuple[int, int]) -> list[bytes]:
     from PIL import Image
 
@@ -527,6 +581,7 @@ SECTIONS: list[tuple[str, Callable[[Check], None], float]] = [
     ("pipeline", section_pipeline, 120),
     ("decode", section_decode, 40),
     ("host", section_host, 60),
+    ("processes", section_processes, 150),
 ]
 
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TIMEOUT_S = 600.0
+SETUP_S = 120.0  # starting the processes, loading the model, the warm-up run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--device", default=None, help="cuda when present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=120.0,
+        help="a process count whose run takes longer is stopped, and so is the sweep",
+    )
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -143,18 +151,28 @@ def measure(
     ]
     for child in children:
         child.start()
+    deadline = time.monotonic() + SETUP_S + args.max_seconds
+    reports: list[tuple[int, float | None, float | None, str | None]] = []
     try:
-        reports = [out.get(timeout=TIMEOUT_S) for _ in children]
+        for _ in children:
+            try:
+                reports.append(out.get(timeout=max(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                raise TimeoutError(
+                    f"{processes} processes did not finish within {args.max_seconds:g} s "
+                    f"(and {SETUP_S:g} s to start)"
+                ) from None
     finally:
-        for child in children:
-            child.join(timeout=60)
+        for child in children:  # all reported: they are ending; else (a timeout, an error) stop them
+            child.join(timeout=60 if len(reports) == len(children) else 0)
             if child.is_alive():
                 child.kill()
+                child.join()
     errors = [f"process {i}: {error}" for i, _, _, error in reports if error]
     if errors:
         raise RuntimeError("; ".join(errors))
-    slowest = max(seconds for _, seconds, _, _ in reports)
-    return processes * args.n / slowest, slowest, sum(cpu for _, _, cpu, _ in reports) / slowest
+    slowest = max(seconds or 0.0 for _, seconds, _, _ in reports)
+    return processes * args.n / slowest, slowest, sum(cpu or 0.0 for _, _, cpu, _ in reports) / slowest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,10 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'processes':>9} {'img/s':>9} {'x one':>6} {'slowest s':>9} {'cores busy':>10}", flush=True)
         one = None
         for processes in args.processes:
-            rate, slowest, busy = measure(args, processes, manifest, Path(name))
+            try:
+                rate, slowest, busy = measure(args, processes, manifest, Path(name))
+            except TimeoutError as exc:
+                print(f"{processes:9d} stopped: {exc}", flush=True)
+                break
             one = one or (rate if processes == 1 else None)
             ratio = f"{rate / one:6.2f}" if one else f"{'':6}"
             print(f"{processes:9d} {rate:9.1f} {ratio} {slowest:9.2f} {busy:10.1f}", flush=True)
+            if slowest > args.max_seconds:
+                print(f"stopped after {processes}: its run took over {args.max_seconds:g} s", flush=True)
+                break
     print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} (1 min)")
     return 0
 

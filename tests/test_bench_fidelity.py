@@ -179,6 +179,11 @@ def test_worker_processes_bench_runs_each_count_to_the_end(capsys: pytest.Captur
     assert [row[0] for row in rows] == ["1", "2"]
     assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in rows)
     assert "torch CPU threads per process: 1" in lines
+    # a count whose run is over the time limit ends the sweep
+    assert gpu_workers.main([*argv, "--size", "32", "--device", "cpu", "--max-seconds", "0.0001"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines if line.strip()[:1].isdigit()] == ["1"]
+    assert any(line.startswith("stopped after 1") for line in lines)
 
 
 @pytest.mark.parametrize(

@@ -59,11 +59,14 @@ def test_cpu_fallback_prints_the_whole_table(tmp_path: Path) -> None:
     host = by_section["host"]
     assert host["host CPU per image (device-side stages left out)"][0].endswith(" ms")
     assert host["host CPU per image (device-side stages left out)"][2].endswith(" cores")
+    processes = by_section["processes"]
+    assert list(processes) == ["1 worker process, JPEG 375-500px", "2 worker processes, JPEG 375-500px"]
+    assert all(row[0].endswith("img/s") for row in processes.values())
     decode = by_section["decode"]
     # on the CPU the device path uses torchvision's libjpeg-turbo: Pillow's pixels exactly
     assert decode["pixels: device path vs CPU path"][0] == "max abs 0 levels"
     memory = [what for what in by_section["memory"]]
     assert memory == [
         f"peak device memory: {name}"
-        for name in ("environment", "parity", "precision", "speed", "pipeline", "decode", "host")
+        for name in ("environment", "parity", "precision", "speed", "pipeline", "decode", "host", "processes")
     ]
