@@ -1,10 +1,10 @@
 """Worker processes per GPU: images/s of P processes sharing one device, end to end.
 
 A shard's decode, encode, upload and row threads share one interpreter lock with the thread
-feeding the device. Where the cores are many, the threads' handovers of that lock, not the cores,
-bound one process (docs/PERFORMANCE.md, "Worker processes per GPU"); a worker started with
-``camaudit worker --concurrency P`` runs P processes, each with its own lock and its own copy of
-the model on the device. This starts P processes at once (spawned, as Celery's children are
+feeding the device, and on a machine of many cores one process did not use them (docs/
+PERFORMANCE.md, "Why 16 cores feed it no faster than two"); a worker started with ``camaudit
+worker --concurrency P`` runs P processes, each with its own lock, its share of the cores and its
+own copy of the model on the device. This starts P processes at once (spawned, as Celery's children are
 separate interpreters), each explaining the same data set end to end in its own run (plan + every
 shard, its own SQLite file and output folder), released together by a barrier, and prints the
 images/s of all of them together against one process, for each P. Each process sizes its thread
