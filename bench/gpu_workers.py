@@ -10,9 +10,9 @@ shard, its own SQLite file and output folder), released together by a barrier, a
 images/s of all of them together against one process, for each P. Each process sizes its thread
 pools as a worker child does (``workers/pools.py``).
 
-    python bench/gpu_workers.py                           # CUDA when present: P = 1, 2, 4, 8
-    python bench/gpu_workers.py --sources png             # the synthetic PNGs of 160-256 px
-    python bench/gpu_workers.py --processes 1,2 --n 64 --shard-size 32 --batch 8 --model demo --size 64
+    python bench/gpu_workers.py                  # CUDA when present: P = 1, 2, 4, 8 (a CPU: small sizes)
+    python bench/gpu_workers.py --sources png    # the synthetic PNGs of 160-256 px
+    python bench/gpu_workers.py --processes 1,2 --torch-threads 1
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TIMEOUT_S = 600.0
 SETUP_S = 120.0  # starting the processes, loading the model, the warm-up run
+GPU_SIZES = {"model": "torchvision:resnet50", "size": 224, "n": 2048, "batch": 64, "shard_size": 1024}
+CPU_SIZES = {"model": "demo", "size": 64, "n": 64, "batch": 8, "shard_size": 32}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,12 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--processes", default="1,2,4,8", help="comma-separated process counts")
-    parser.add_argument("--model", default="torchvision:resnet50")
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--model", default=None, help="torchvision:resnet50 (CPU: demo)")
+    parser.add_argument("--size", type=int, default=None, help="224 (CPU: 64)")
     parser.add_argument("--methods", default="gradcam,cam")
-    parser.add_argument("--n", type=int, default=2048, help="images each process explains")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--n", type=int, default=None, help="images each process explains: 2048 (CPU: 64)")
+    parser.add_argument("--batch", type=int, default=None, help="64 (CPU: 8)")
+    parser.add_argument("--shard-size", type=int, default=None, help="1024 (CPU: 32)")
     parser.add_argument("--device", default=None, help="cuda when present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -74,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.torch_threads is not None and args.torch_threads < 1:
         parser.error(f"--torch-threads must be at least 1, got {args.torch_threads}")
     for name in ("n", "batch", "shard_size", "size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.processes or min(args.processes) < 1:
         parser.error(f"--processes must name counts of at least 1, got {args.processes}")
@@ -83,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # What a GPU worker runs; on a CPU, sizes that end in seconds (the sweep's shape, not a GPU figure).
+    sizes = GPU_SIZES if args.device.startswith("cuda") else CPU_SIZES
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
