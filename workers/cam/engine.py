@@ -343,13 +343,19 @@ class CamEngine:
             return scorecam_weights(
                 folded, images, acts[name], request, resolved.classes, self.score_batch_size
             )
+        autocast_on = run.dtype is not None
+        if autocast_on:
+            # Under autocast the drops are differences of nearly equal scores, which bf16 rounds
+            # away: the ablated forwards run in float32 from the captured activations, and so does
+            # the unablated score they are compared with (ablation_weights, ``base_scores=None``).
+            run = MaskedForward(self.model, run.device, None, run.memory)
         runner = AblationRunner(run, self.model.get_submodule(name), self._ablation_modes.get(name, "mixed"))
         weights = ablation_weights(
             runner,
             images,
             captured[name].values(),
             layouts[name],
-            resolved.scores,
+            None if autocast_on else resolved.scores,
             request,
             resolved.classes,
             self.score_batch_size,

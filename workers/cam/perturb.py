@@ -167,7 +167,7 @@ def ablation_weights(
     images: torch.Tensor,
     captured: torch.Tensor,
     layout: Layout,
-    base_scores: torch.Tensor,
+    base_scores: torch.Tensor | None,
     request: TargetRequest,
     classes: torch.Tensor,
     batch_size: int,
@@ -177,7 +177,9 @@ def ablation_weights(
     A channel is ablated to 0 when the image's layer minimum is 0 (post-ReLU features), else to
     ``minimum - 1e7``. The (image, channel) pairs that can change a score are found for the
     whole batch at once (one read back from the device per layer) and run in chunks of
-    ``batch_size`` rows that span images.
+    ``batch_size`` rows that span images. ``base_scores`` None: the unablated scores are those
+    of the runner's own forward from the captured activations (its precision, not the pass's
+    that captured them).
     """
     axis = channel_axis(layout, captured)
     moved = captured.detach().movedim(axis, 1)
@@ -187,12 +189,20 @@ def ablation_weights(
     at_value = value.view(images_n, *([1] * (moved.dim() - 1)))
     live = (moved != at_value).reshape(images_n, channels, -1).any(dim=2)
     pairs = live.nonzero().cpu()
-    base = base_scores.detach()
-    ablated_scores = base[:, :, None].repeat(1, 1, channels)
 
     def score(output: Any, rows: torch.Tensor) -> torch.Tensor:
         return score_rows(request, classes, output, rows.to(classes.device))
 
+    if base_scores is None:
+        whole = torch.arange(images_n)
+        base_scores = torch.cat(
+            [
+                runner.scores(images, part, moved[part.to(moved.device)].movedim(1, axis), score)
+                for part in whole.split(batch_size)
+            ]
+        )
+    base = base_scores.detach()
+    ablated_scores = base[:, :, None].repeat(1, 1, channels)
     for chunk in pairs.split(batch_size):
         rows = chunk[:, 0]
         on_device = chunk.to(moved.device, non_blocking=True)
