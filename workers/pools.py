@@ -32,17 +32,13 @@ class PoolSizes:
 
 
 def pool_sizes(
-    settings: Settings,
-    *,
-    remote_storage: bool,
-    remote_sources: bool = False,
-    cpus: int | None = None,
+    settings: Settings, *, remote_storage: bool, remote_sources: bool = False, cpus: int | None = None
 ) -> PoolSizes:
     cores = max(1, (cpus if cpus is not None else (os.cpu_count() or 1)) // settings.worker_processes)
     return PoolSizes(
-        rows=settings.row_workers or 1,
         fetch=settings.fetch_workers or (REMOTE_CONNECTIONS if remote_sources else cores),
         decode=settings.decode_workers or cores,
         encode=settings.encode_workers or cores,
         upload=settings.upload_workers or (REMOTE_CONNECTIONS if remote_storage else cores),
+        rows=settings.row_workers or 1,
     )
