@@ -318,6 +318,7 @@ def section_pipeline(check: Check) -> None:
     from bench import null_pipeline, pipeline
     from scheduler.plan import resolve_layers
     from schema.payloads import RunSpec
+    from schema.settings import Settings
 
     model = f"torchvision:{CheckSizes.model}"
     args = argparse.Namespace(
@@ -352,18 +353,21 @@ def section_pipeline(check: Check) -> None:
         engine = pipeline.engine_only(loaded, args, layers, settings, images)
         spec = RunSpec(source=str(manifest), shard_size=args.shard_size, **spec_args)
         n_maps = args.n * len(args.methods) * len(layers)
+
+        def timed_run(run_settings: Settings) -> tuple[float, float, float]:
+            """(seconds, process CPU seconds, planning seconds) of one checked run."""
+            start, cpu = time.perf_counter(), time.process_time()
+            _, plan_s, _ = pipeline.pipeline_run(spec, run_settings, run_ids)
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+            pipeline.check_run(settings, run_ids[-1], args.n, n_maps)
+            return seconds, cpu, plan_s
+
         cores = os.cpu_count() or 1
-        every_core = settings.model_copy(update={"torch_threads": cores})
-        start, cpu = time.perf_counter(), time.process_time()
-        pipeline.pipeline_run(spec, every_core, run_ids)
-        wide_s, wide_cpu = time.perf_counter() - start, time.process_time() - cpu
-        pipeline.check_run(settings, run_ids[-1], args.n, n_maps)
+        wide_s, wide_cpu, _ = timed_run(settings.model_copy(update={"torch_threads": cores}))
         clock = null_pipeline.StageClock()
         with null_pipeline.instrumented(clock, (CheckSizes.size,) * 2, stand_in=False):
-            start, cpu = time.perf_counter(), time.process_time()
-            _, plan_s, _ = pipeline.pipeline_run(spec, settings, run_ids)
-            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        pipeline.check_run(settings, run_ids[-1], args.n, n_maps)
+            seconds, cpu, plan_s = timed_run(settings)
+        threads = torch.get_num_threads()  # what the worker set for this device
     end_to_end = args.n / seconds
     data = f"{args.n} PNGs 160-256px, shards of {args.shard_size}, local folder + SQLite"
     check.add(
@@ -374,7 +378,6 @@ def section_pipeline(check: Check) -> None:
         f"{args.n / wide_s / engine.rate:.2f}",
         note=f"{data}, {wide_cpu / wide_s:.1f} cores busy, {load()}",
     )
-    threads = "1" if check.device.type == "cuda" else str(torch.get_num_threads())
     check.add(
         "pipeline",
         "end to end (gradcam,cam)",
@@ -384,11 +387,7 @@ def section_pipeline(check: Check) -> None:
         note=f"{data}, torch on {threads} CPU thread(s), {cpu / seconds:.1f} cores busy, "
         f"plan {plan_s:.2f} s, {load()}",
     )
-    stages = ", ".join(
-        f"{stage} {1000 * clock.cpu[stage] / args.n:.2f}/{1000 * clock.wall[stage] / args.n:.2f}"
-        for stage in (*null_pipeline.STAGES, "upload", "flush")
-        if stage in clock.cpu
-    )
+    stages = null_pipeline.stage_summary(clock.cpu, args.n, clock.wall)
     check.add("pipeline", "host ms/img by stage", "CPU/wall, summed over threads", note=stages)
 
 
@@ -414,11 +413,7 @@ def section_host(check: Check) -> None:
     (row,) = null_pipeline.measure(args)
     host = null_pipeline.host_seconds_per_image(row, n)
     cores = os.cpu_count() or 1
-    stages = ", ".join(
-        f"{stage} {1000 * row['cpu'].get(stage, 0.0) / n:.2f}"
-        for stage in (*null_pipeline.STAGES, "upload", "flush")
-        if row["cpu"].get(stage, 0.0) > 0
-    )
+    stages = null_pipeline.stage_summary(row["cpu"], n)
     check.add(
         "host",
         f"null engine, JPEG 375-500px -> {CheckSizes.size}, folder -> folder",
@@ -458,31 +453,29 @@ def section_processes(check: Check) -> None:
             check.device.type,
             "--max-seconds",
             str(CheckSizes.process_seconds),
+            "--processes",
+            ",".join(map(str, CheckSizes.processes)),
         ]
     )
     with tempfile.TemporaryDirectory(prefix="camaudit-processes-") as name:
         sources = Path(name) / "jpeg"
         make_sources(sources, args.n, "jpeg", 0)
         one = None
-        for processes in CheckSizes.processes:
-            what = f"{processes} worker process{'es' if processes > 1 else ''}, JPEG 375-500px"
-            try:
-                rate, slowest, busy = gpu_workers.measure(args, processes, sources, Path(name))
-            except TimeoutError as exc:
-                check.add("processes", what, "stopped", note=str(exc))
-                return
-            one = one or rate
+        for row in gpu_workers.sweep(args, sources, Path(name)):
+            what = f"{row.processes} worker process{'es' if row.processes > 1 else ''}, JPEG 375-500px"
+            if row.rate is None:
+                check.add("processes", what, "stopped", note=str(row.stopped))
+                continue
+            one = one or row.rate
             check.add(
                 "processes",
                 what,
-                f"{fmt(rate)} img/s",
+                f"{fmt(row.rate)} img/s",
                 f"one process {fmt(one)}",
-                f"{rate / one:.2f}",
-                note=f"{args.n} images each, one shard, {busy:.1f} cores busy, slowest {slowest:.1f} s, "
-                f"{load()}",
+                f"{row.rate / one:.2f}",
+                note=f"{args.n} images each, one shard, {row.busy:.1f} cores busy, "
+                f"slowest {row.slowest:.1f} s, {load()}",
             )
-            if slowest > args.max_seconds:
-                return
 
 
 def _jpegs(count: int, side: tuple[int, int]) -> list[bytes]:

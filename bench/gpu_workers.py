@@ -25,6 +25,8 @@ import queue
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--processes takes whole numbers separated by commas, got {args.processes!r}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.max_seconds <= 0:
+        parser.error(f"--max-seconds must be above 0, got {args.max_seconds:g}")
     if args.torch_threads is not None and args.torch_threads < 1:
         parser.error(f"--torch-threads must be at least 1, got {args.torch_threads}")
     for name in ("n", "batch", "shard_size", "size"):
@@ -182,6 +186,30 @@ def measure(
     return processes * args.n / slowest, slowest, sum(cpu or 0.0 for _, _, cpu, _ in reports) / slowest
 
 
+@dataclass(frozen=True)
+class SweepRow:
+    processes: int
+    rate: float | None = None  # images/s of all processes together; None: stopped before the end
+    slowest: float = 0.0  # seconds of the slowest process's run
+    busy: float = 0.0  # cores their CPU time filled
+    stopped: str | None = None  # why the sweep ended here
+
+
+def sweep(args: argparse.Namespace, source: Path, folder: Path) -> Iterator[SweepRow]:
+    """One row per count of ``args.processes``; the sweep ends after a count that ran out of time."""
+    for processes in args.processes:
+        try:
+            rate, slowest, busy = measure(args, processes, source, folder)
+        except TimeoutError as exc:
+            yield SweepRow(processes, stopped=str(exc))
+            return
+        over = slowest > args.max_seconds
+        reason = f"its run took over {args.max_seconds:g} s" if over else None
+        yield SweepRow(processes, rate, slowest, busy, reason)
+        if over:
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench.null_pipeline import make_sources
@@ -207,18 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch CPU threads per process: {threads}", flush=True)
         print(f"{'processes':>9} {'img/s':>9} {'x one':>6} {'slowest s':>9} {'cores busy':>10}", flush=True)
         one = None
-        for processes in args.processes:
-            try:
-                rate, slowest, busy = measure(args, processes, manifest, Path(name))
-            except TimeoutError as exc:
-                print(f"{processes:9d} stopped: {exc}", flush=True)
+        for row in sweep(args, manifest, Path(name)):
+            if row.rate is None:
+                print(f"{row.processes:9d} stopped: {row.stopped}", flush=True)
                 break
-            one = one or (rate if processes == 1 else None)
-            ratio = f"{rate / one:6.2f}" if one else f"{'':6}"
-            print(f"{processes:9d} {rate:9.1f} {ratio} {slowest:9.2f} {busy:10.1f}", flush=True)
-            if slowest > args.max_seconds:
-                print(f"stopped after {processes}: its run took over {args.max_seconds:g} s", flush=True)
-                break
+            one = one or (row.rate if row.processes == 1 else None)
+            ratio = f"{row.rate / one:6.2f}" if one else f"{'':6}"
+            timing = f"{row.rate:9.1f} {ratio} {row.slowest:9.2f} {row.busy:10.1f}"
+            print(f"{row.processes:9d} {timing}", flush=True)
+            if row.stopped:
+                print(f"stopped after {row.processes}: {row.stopped}", flush=True)
     print(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} (1 min)")
     return 0
 

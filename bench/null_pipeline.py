@@ -78,6 +78,20 @@ STAGES = {
 }
 
 
+# Every stage a run reports: the shard's own, then the storage's.
+REPORTED_STAGES = (*STAGES, "upload", "flush")
+
+
+def stage_summary(cpu: dict[str, float], n: int, wall: dict[str, float] | None = None) -> str:
+    """``stage ms`` (or ``stage cpu/wall ms``) per image for every stage that ran, in order."""
+
+    def one(stage: str) -> str:
+        ms = f"{1000 * cpu[stage] / n:.2f}"
+        return f"{stage} {ms}" if wall is None else f"{stage} {ms}/{1000 * wall[stage] / n:.2f}"
+
+    return ", ".join(one(stage) for stage in REPORTED_STAGES if stage in cpu)
+
+
 class StageClock:
     """CPU seconds (of the calling thread) and wall seconds spent in each stage, summed over threads."""
 
@@ -400,17 +414,16 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], before: tupl
         f"load average {before[0]:.1f} -> {after[0]:.1f} (1 min)"
     )
     folder = folder_rates(results)
-    stages = [*STAGES, "upload", "flush"]
     header = (
         f"{'format':6} {'from':6} {'to':6} {'img/s':>7} {'1-thr dec':>9} {'/2xdec':>6} {'/folder':>7} "
-        + " ".join(f"{s[:10]:>10}" for s in stages)
+        + " ".join(f"{s[:10]:>10}" for s in REPORTED_STAGES)
         + f" {'servers':>8}"
     )
     print("host CPU ms per image by stage (thread CPU time, summed over threads); servers: moto + proxy")
     print(header)
     print("-" * len(header))
     for row in results:
-        per = [1000.0 * row["cpu"].get(s, 0.0) / args.n for s in stages]
+        per = [1000.0 * row["cpu"].get(s, 0.0) / args.n for s in REPORTED_STAGES]
         print(
             f"{row['format']:6} {row['source']:6} {row['where']:6} {row['rate']:7.1f} "
             f"{row['decode_rate']:9.1f} {row['rate'] / (2 * row['decode_rate']):6.2f} "
@@ -420,7 +433,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], before: tupl
         )
     print("wall ms per image by stage (summed over threads: waiting included)")
     for row in results:
-        per = [1000.0 * row["wall"].get(s, 0.0) / args.n for s in stages]
+        per = [1000.0 * row["wall"].get(s, 0.0) / args.n for s in REPORTED_STAGES]
         print(
             f"{row['format']:6} {row['source']:6} {row['where']:6} {'':7} {'':9} {'':6} {'':7} "
             + " ".join(f"{v:10.2f}" for v in per)

@@ -187,7 +187,14 @@ def test_worker_processes_bench_runs_each_count_to_the_end(capsys: pytest.Captur
 
 
 @pytest.mark.parametrize(
-    "argv", [["--processes", "0"], ["--processes", "a"], ["--n", "0"], ["--torch-threads", "0"]]
+    "argv",
+    [
+        ["--processes", "0"],
+        ["--processes", "a"],
+        ["--n", "0"],
+        ["--torch-threads", "0"],
+        ["--max-seconds", "0"],
+    ],
 )
 def test_worker_processes_bench_refuses_bad_counts(
     argv: list[str], capsys: pytest.CaptureFixture[str]
