@@ -26,6 +26,7 @@ from workers.lease import Heartbeat, LeaseLost, db_now, hand_back_for_retry
 from workers.lease_sweep import sweep_expired_leases
 from workers.shard import ShardOutcome, ShardWork, claim_shard, commit_shard
 from workers.shard_rows import ShardRows
+from workers.storage import UploadError
 
 SETTINGS = Settings(lease_s=30, heartbeat_interval_s=0.2, max_lost_leases=3)
 
@@ -124,6 +125,43 @@ def test_an_attempt_whose_shard_was_enqueued_again_but_not_yet_claimed_still_com
     # the delivery the sweep sent finds nothing to do
     late = claim_shard(run.database_url, run.run_id, shard_id, SETTINGS, worker="b@host:2")
     assert isinstance(late, ShardOutcome) and late.reason == "already done"
+
+
+def test_a_commit_whose_objects_did_not_become_durable_keeps_nothing(run: SeededRun) -> None:
+    shard_id = run.shard_ids[0]
+    work = claim(run, shard_id, "a@host:1")
+    before = snapshot(run.database_url)
+
+    def not_durable() -> None:
+        raise UploadError("1 of 2 uploads failed", {"k": OSError("the disk is full")})
+
+    with pytest.raises(UploadError):
+        commit_shard(run.database_url, work, rows_for(run, shard_id), not_durable)
+    assert snapshot(run.database_url) == before
+    assert shard(run.database_url, shard_id).status == "running"
+    assert commit_shard(run.database_url, work, rows_for(run, shard_id), lambda: None).status == "done"
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_commit_waiting_for_its_uploads_holds_only_its_own_rows(run: SeededRun) -> None:
+    """Another shard of the same run commits while this one waits for its objects: the wait comes
+    before the run's row is locked."""
+    first, second = run.shard_ids[0], run.shard_ids[1]
+    waiting = claim(run, first, "a@host:1")
+    other = claim(run, second, "b@host:2")
+    outcomes: list[ShardOutcome] = []
+
+    def durable() -> None:
+        done = threading.Thread(
+            target=lambda: outcomes.append(commit_shard(run.database_url, other, rows_for(run, second)))
+        )
+        done.start()
+        done.join(20)
+        assert not done.is_alive(), "the other shard's commit waited on this one"
+
+    assert commit_shard(run.database_url, waiting, rows_for(run, first), durable).status == "done"
+    assert [outcome.status for outcome in outcomes] == ["done"]
+    assert {shard(run.database_url, s).status for s in (first, second)} == {"done"}
 
 
 def test_claims_and_commits_refuse_a_run_being_deleted(run: SeededRun) -> None:

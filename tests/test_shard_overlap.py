@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from schema.settings import Settings
 from tests.shard_support import comparable, cpu_settings, objects, shard_work
 from workers import shard
 from workers.shard import WorkItem
+from workers.storage import LocalStorage
 
 CASES = {
     # several batches and a short last one, two targets per image, overlays from the sources
@@ -161,3 +163,40 @@ def test_local_sources_are_read_by_decode_threads_and_s3_ones_by_the_fetch_pool(
     assert s3_readers and all(name.startswith("fetch") for name in s3_readers), s3_readers
     assert (from_folder.n_done, from_folder.n_failed) == (from_bucket.n_done, from_bucket.n_failed) == (5, 1)
     assert objects(tmp_path / "local") == objects(tmp_path / "s3")
+
+
+def test_rows_are_handed_over_while_the_storage_syncs_and_durable_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit writes its rows during the shard's last uploads and sync; ``durable()`` is the
+    barrier before it commits, and it raises when the sync fails."""
+    syncing, release = threading.Event(), threading.Event()
+    real_sync = LocalStorage.sync
+
+    def slow_sync(self: LocalStorage, keys: Iterable[str] = ()) -> None:
+        syncing.set()
+        assert release.wait(30), "the test never released the sync"
+        return real_sync(self, keys)
+
+    monkeypatch.setattr(LocalStorage, "sync", slow_sync)
+    work = shard_work(tmp_path, 5, batch_size=2, layout="packed")
+    with shard.shard_results(work, cpu_settings()) as (rows, durable):
+        assert syncing.wait(30), "the storage's sync never started"
+        assert rows.n_done == 5 and all(row["sha256"] for row in rows.heatmaps)
+        waiter = threading.Thread(target=durable)
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive(), "durable() returned before the storage's sync did"
+        release.set()
+        waiter.join(30)
+        assert not waiter.is_alive()
+    assert {row["object_key"] for row in rows.heatmaps} <= set(objects(tmp_path / "out"))
+
+    def failing_sync(self: LocalStorage, keys: Iterable[str] = ()) -> None:
+        raise OSError("the disk is full")
+
+    monkeypatch.setattr(LocalStorage, "sync", failing_sync)
+    again = shard_work(tmp_path, 5, batch_size=2, layout="packed", out="again")
+    failed = pytest.raises(OSError, match="disk is full")
+    with failed, shard.shard_results(again, cpu_settings()) as (_, durable):
+        durable()

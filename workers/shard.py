@@ -8,6 +8,7 @@ the shard pending for another delivery; a crash after it leaves nothing to redo.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -1046,10 +1047,34 @@ def compute_shard(
     *,
     overlap: bool = True,
 ) -> ShardRows:
-    """Explain a shard's items. ``check`` runs before each batch and before the final flush; it
-    raises to stop the shard (its lease is lost), so a worker that no longer holds the shard
-    stops spending the device on it. ``overlap=False`` runs one batch at a time, reading every
-    statistic back on its own: the plain reference the overlapped pipeline is tested against."""
+    """Explain a shard's items; every object is durable when this returns.
+
+    ``check`` runs before each batch and before the final flush; it raises to stop the shard
+    (its lease is lost), so a worker that no longer holds the shard stops spending the device
+    on it. ``overlap=False`` runs one batch at a time, reading every statistic back on its own:
+    the plain reference the overlapped pipeline is tested against.
+    """
+    with shard_results(work, settings, check, overlap=overlap) as (rows, durable):
+        durable()
+        return rows
+
+
+@contextlib.contextmanager
+def shard_results(
+    work: ShardWork,
+    settings: Settings,
+    check: Callable[[], None] | None = None,
+    *,
+    overlap: bool = True,
+) -> Iterator[tuple[ShardRows, Callable[[], object]]]:
+    """:func:`compute_shard`, handing the rows over while the last uploads and the storage's
+    sync still run: ``durable()`` waits for them (and raises what failed).
+
+    The commit writes its rows meanwhile and calls ``durable()`` before it takes the run's lock
+    and marks the shard done (:func:`commit_shard`), so no row is committed before its objects
+    are on disk or in the bucket; a packed shard's tars, uploaded at its end, no longer wait
+    in line before the commit.
+    """
     check = check or (lambda: None)
     work.preprocess  # noqa: B018  (parsed up front: a record that cannot work fails the shard)
     loaded = model_for(work.model_ref, work.checkpoint, settings, expected_sha256=work.checkpoint_sha256)
@@ -1104,8 +1129,9 @@ def compute_shard(
                 row["sha256"] = sha
         writer.finish(rows.heatmaps)
         check()
-        uploads.flush()
-    return rows
+        flushed = encoder.submit(uploads.flush)  # the encoder threads are idle by now
+        yield rows, flushed.result
+        flushed.result()
 
 
 def _refresh_run(session: Session, run: Run) -> str | None:
@@ -1138,17 +1164,24 @@ def _check_holder(run: Run, shard: Shard, work: ShardWork) -> None:
         )
 
 
-def commit_shard(database_url: str, work: ShardWork, rows: ShardRows) -> ShardOutcome:
+def commit_shard(
+    database_url: str, work: ShardWork, rows: ShardRows, durable: Callable[[], object] | None = None
+) -> ShardOutcome:
     """Write the shard's rows and mark it done in one transaction, if this attempt still holds it.
 
-    Raises :class:`LeaseLost` (and writes nothing) when another attempt took the shard or its
-    run is being deleted.
+    ``durable`` (from :func:`shard_results`) waits until the shard's objects are stored; it is
+    called after the rows are written, which locks only this shard's own rows, and before the
+    run's row is locked, so other shards' commits never wait on this one's uploads. When it
+    raises, nothing is committed. Raises :class:`LeaseLost` (and writes nothing) when another
+    attempt took the shard or its run is being deleted.
     """
     with session_scope(database_url) as session:
         results.update_items(session, rows.items, run_id=work.run_id)
         ids = results.upsert_heatmaps(session, rows.heatmaps)
         results.delete_stale_patch_scores(session, list(ids.values()), work.top_patches, run_id=work.run_id)
         results.upsert_patch_scores(session, [{"heatmap_id": ids[key], **row} for key, row in rows.patches])
+        if durable is not None:
+            durable()
         run = _lock_run(session, work.run_id)
         shard = _lock_shard(session, work.shard_id)
         assert shard is not None
@@ -1236,9 +1269,8 @@ def explain_shard(
         claimed_at=claiming,
     )
     try:
-        with heartbeat:
-            rows = compute_shard(work, settings, heartbeat.check)
-            outcome = commit_shard(settings.database_url, work, rows)
+        with heartbeat, shard_results(work, settings, heartbeat.check) as (rows, durable):
+            outcome = commit_shard(settings.database_url, work, rows, durable)
     except LeaseLost as exc:
         # Logged and dropped, never retried: the shard's current holder (or gc) owns it now.
         log.warning("%s discarded, nothing of it kept: %s", where, exc)
