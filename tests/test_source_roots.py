@@ -24,7 +24,7 @@ from schema.db import session_scope
 from schema.models import Item, Run
 from schema.payloads import RunSpec
 from schema.settings import get_settings
-from workers.fetch import SourceRefused, read_source
+from workers.fetch import LocalSources, SourceRefused, read_source
 from workers.synth import make_dataset
 
 PASSWORD = "S3cretPassw0rd-roots"
@@ -162,6 +162,36 @@ def test_the_gallery_never_serves_a_file_outside_the_roots(hostile_run: dict[str
     assert refused.headers["content-type"].startswith("text/plain")
     served = client.get(f"/items/{inside}/source.jpg")
     assert served.status_code == 200 and served.headers["content-type"] == "image/jpeg"
+
+
+def test_one_reader_for_a_shard_resolves_folders_once_and_still_follows_every_link(tmp_path: Path) -> None:
+    """A shard keeps one LocalSources: its cached folders never let a link or a ``..`` out."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "sub").mkdir(parents=True)
+    outside.mkdir()
+    inside_png = _png(data / "sub" / "a.png")
+    outside_png = _png(outside / "real.png")
+    (data / "to-inside.png").symlink_to(inside_png)
+    (data / "to-outside.png").symlink_to(outside_png)
+    (data / "alias").symlink_to(outside, target_is_directory=True)
+    local = LocalSources([str(data)])
+    expected = inside_png.read_bytes()
+    for _ in range(2):  # the second round reads through the cached folders
+        assert local.read(str(inside_png), 1 << 20) == expected
+        assert local.read(str(data / "to-inside.png"), 1 << 20) == expected
+        assert local.read(inside_png.as_uri(), 1 << 20) == expected
+        for refused in (
+            data / "to-outside.png",
+            data / "alias" / "real.png",
+            data / "sub" / ".." / ".." / "outside",
+        ):
+            with pytest.raises(SourceRefused, match="outside the folders this run may read"):
+                local.read(str(refused), 1 << 20)
+        with pytest.raises(SourceRefused, match="the path is a folder"):
+            local.read(str(data / "sub" / ".."), 1 << 20)
+    with pytest.raises(FileNotFoundError):
+        local.read(str(data / "sub" / "missing.png"), 1 << 20)
+    assert read_source(str(inside_png), roots=[str(data)], local=local) == expected
 
 
 def test_an_s3_manifest_names_only_objects(

@@ -13,6 +13,7 @@ which a URL parser would take for a fragment, a query or an escape and so read a
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -126,8 +127,12 @@ def read_source(
     max_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
     endpoint_url: str | None = None,
     region: str | None = None,
+    local: LocalSources | None = None,
 ) -> bytes:
-    """An item's bytes, read only within ``roots`` and ``max_bytes``; otherwise :class:`SourceRefused`."""
+    """An item's bytes, read only within ``roots`` and ``max_bytes``; otherwise :class:`SourceRefused`.
+
+    ``local``: the :class:`LocalSources` of the same roots, kept across the reads of a shard.
+    """
     if uri.startswith("s3://"):
         return _read_s3(uri, max_bytes, endpoint_url, region)
     if not roots:
@@ -135,20 +140,63 @@ def read_source(
             "a local path in a run whose source is on S3: an s3:// source or manifest "
             "names only s3:// objects"
         )
-    real = os.path.realpath(local_path(uri))
-    if not any(_inside(real, os.path.realpath(root)) for root in roots):
-        raise SourceRefused(
-            f"the path lies outside the folders this run may read ({', '.join(roots)}); a manifest names "
-            "files below its own folder or the source folder, or below a folder in CAMAUDIT_SOURCE_ROOTS"
-        )
-    return read_regular_file(real, max_bytes)
+    return (local or LocalSources(roots)).read(uri, max_bytes)
+
+
+class LocalSources:
+    """Local files read within a set of roots, each root and each folder resolved once.
+
+    A file's real path is its folder's real path and its name: resolving the whole path
+    (``os.path.realpath``, one ``lstat`` per component, in Python) for every file of a shard
+    cost four times the read itself. A name that is itself a symlink is refused by the
+    ``O_NOFOLLOW`` open and resolved in full, so it is read exactly when its target lies within
+    the roots, as before. Folders are resolved once per instance: a shard keeps one.
+    """
+
+    _MAX_FOLDERS = 4096
+
+    def __init__(self, roots: Sequence[str]) -> None:
+        self.roots = list(roots)
+        self._real_roots = [os.path.realpath(root) for root in roots]
+        self._folders: dict[str, str] = {}
+
+    def read(self, uri: str, max_bytes: int) -> bytes:
+        path = os.path.expanduser(uri) if not uri.startswith("file:") else os.fspath(local_path(uri))
+        real = self._checked(self._real_path(path))
+        try:
+            return read_regular_file(real, max_bytes)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+        return read_regular_file(self._checked(os.path.realpath(path)), max_bytes)
+
+    def _real_path(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            return os.path.realpath(path)
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            real_folder = os.path.realpath(folder)
+            if len(self._folders) < self._MAX_FOLDERS:
+                self._folders[folder] = real_folder
+        return os.path.join(real_folder, name)
+
+    def _checked(self, real: str) -> str:
+        if not any(_inside(real, root) for root in self._real_roots):
+            raise SourceRefused(
+                f"the path lies outside the folders this run may read ({', '.join(self.roots)}); a manifest "
+                "names files below its own folder or the source folder, or below a folder in "
+                "CAMAUDIT_SOURCE_ROOTS"
+            )
+        return real
 
 
 def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     """A regular file's bytes, refused before reading when it is something else or over ``max_bytes``.
 
     Opened without blocking (a FIFO with no writer would hang a plain ``open``) and without
-    following a final symlink, then checked with ``fstat`` on the open descriptor.
+    following a final symlink, then checked with ``fstat`` on the open descriptor; a regular
+    file ignores ``O_NONBLOCK``, so it is read from the descriptor as it is.
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)
@@ -158,14 +206,19 @@ def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
             kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
             raise SourceRefused(f"not an image file: the path is {kind}; only regular files are read")
         _check_size(info.st_size, max_bytes)
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb") as fh:
-            fd = -1  # the file object owns it now
-            # Asking for the size, not the cap: read(n) reserves n bytes before reading.
-            data = fh.read(min(info.st_size, max_bytes) + 1)
+        # Asking for the size, not the cap: a read of n bytes reserves n bytes first.
+        wanted = min(info.st_size, max_bytes) + 1
+        chunks: list[bytes] = []
+        got = 0
+        while got < wanted:
+            chunk = os.read(fd, wanted - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     _check_size(len(data), max_bytes, at_least=True)  # the file grew after fstat
     return data
 

@@ -45,7 +45,7 @@ from workers.device_decode import (
     remember,
 )
 from workers.device_defaults import defaults_for
-from workers.fetch import SourceRefused, read_source, run_roots
+from workers.fetch import LocalSources, SourceRefused, read_source, run_roots
 from workers.heatmap_io import JPEG_MAX_SIDE, encode_npy, encode_png_gray, overlay_jpeg
 from workers.images import (
     DecodedPixels,
@@ -371,6 +371,8 @@ def _decoded_stream(
         # one unreadable item must never fail its shard
         return f"cannot read {item.source_uri}: {type(exc).__name__}: {exc}"
 
+    local = LocalSources(work.source_roots)
+
     def fetch(item: WorkItem) -> bytes:
         return read_source(
             item.source_uri,
@@ -378,6 +380,7 @@ def _decoded_stream(
             max_bytes=settings.max_source_bytes,
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
+            local=local,
         )
 
     def decode(item: WorkItem, data: bytes, done: Future[Opened | str]) -> None:
