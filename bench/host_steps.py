@@ -1,4 +1,4 @@
-"""Four host steps of a shard against what they replaced, timed in one process.
+"""Five host steps of a shard against what they replaced, timed in one process.
 
 Each line prints the old way, the new way and their ratio, best of ``--rounds``:
 
@@ -12,6 +12,9 @@ Each line prints the old way, the new way and their ratio, best of ``--rounds``:
    ``executemany`` (``workers.results``).
 4. **Localisation columns** of a batch's 128 maps with boxes, on one thread: a boolean mask per
    map against one rectangle per box (``workers.localisation``; identical values, checked).
+5. **Reading 256 local JPEGs** within a source root: the whole path and the root resolved for
+   every file and read through a file object, against a shard's ``LocalSources`` (roots and
+   folders resolved once, read from the descriptor; the same bytes, checked).
 
     python bench/host_steps.py
     python bench/host_steps.py --rounds 10
@@ -20,6 +23,8 @@ Each line prints the old way, the new way and their ratio, best of ``--rounds``:
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 import tempfile
 import time
@@ -38,6 +43,7 @@ from isal import isal_zlib
 from schema.db import upgrade
 from tests.test_results_pg import seed_run, shard_rows, write_shard
 from workers import results
+from workers.fetch import LocalSources
 from workers.images import normalise_batch
 from workers.localisation import box_mask, localisation_columns
 from workers.preprocess import Preprocess
@@ -172,6 +178,46 @@ def localisation(rounds: int) -> None:
     line("localisation of 128 maps with boxes, one thread", old, new, "identical values")
 
 
+def _read_resolving_each(path: str, root: str, max_bytes: int) -> bytes:
+    """The read before ``LocalSources``: realpath of the file and the root, then a file object."""
+    real = os.path.realpath(path)
+    if not (real == root or real.startswith(os.path.realpath(root).rstrip(os.sep) + os.sep)):
+        raise ValueError(f"{path} lies outside {root}")
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    assert stat.S_ISREG(info.st_mode)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(min(info.st_size, max_bytes) + 1)
+
+
+def local_reads(rounds: int) -> None:
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="camaudit-reads-") as name:
+        root = Path(name) / "images"
+        root.mkdir()
+        rng = np.random.default_rng(0)
+        paths = []
+        for index in range(256):
+            path = root / f"{index:06d}.jpg"
+            Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(path, quality=90)
+            paths.append(str(path))
+        cap = 1 << 26
+
+        def each() -> list[bytes]:
+            return [_read_resolving_each(path, str(root), cap) for path in paths]
+
+        def shard_reader() -> list[bytes]:
+            local = LocalSources([str(root)])
+            return [local.read(path, cap) for path in paths]
+
+        assert each() == shard_reader()
+        old = best(each, rounds)
+        new = best(shard_reader, rounds)
+    line("reading 256 local JPEGs, within one root", old, new, "the same bytes")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each; the best counts")
@@ -182,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     normalise(args.rounds)
     sqlite_rows(args.rounds)
     localisation(args.rounds)
+    local_reads(args.rounds)
     return 0
 
 

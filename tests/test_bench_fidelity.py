@@ -152,6 +152,7 @@ def test_host_steps_bench_times_each_step_against_its_predecessor(capsys: pytest
         "normalise 64 x 3 x 224 x 224",
         "SQLite rows of a 512-image shard",
         "localisation of 128 maps with boxes",
+        "reading 256 local JPEGs",
     ]
     assert all(float(line.split("x  ")[0].split()[-1]) > 0 for line in steps)
 
