@@ -39,6 +39,10 @@ _FILE_KINDS = (
 )
 
 
+# What an O_NOFOLLOW open of a symlink fails with: ELOOP on Linux and macOS, EMLINK on FreeBSD.
+_FINAL_SYMLINK = frozenset({errno.ELOOP, errno.EMLINK})
+
+
 class SourceRefused(ValueError):
     """An item's URI may not be read (outside the roots, not a regular file, too large): the item fails."""
 
@@ -166,7 +170,7 @@ class LocalSources:
         try:
             return read_regular_file(real, max_bytes)
         except OSError as exc:
-            if exc.errno != errno.ELOOP:
+            if exc.errno not in _FINAL_SYMLINK:
                 raise
         return read_regular_file(self._checked(os.path.realpath(path)), max_bytes)
 
