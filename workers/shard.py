@@ -924,8 +924,10 @@ class _RowBuilder:
     """Builds batches' rows on ``workers`` threads and applies them on the calling thread, in
     submission order: the serial path's order, whichever batch is built first.
 
-    At most ``depth`` batches wait (default: one more than the threads), which bounds the
-    results held on the host.
+    At most ``depth`` entries wait (default: one more than the threads), which bounds the
+    results held on the host; an entry is a batch's build or the in-order append of the rows of
+    items that failed before it, so with one thread a batch's build is waited for when the next
+    batch's is submitted.
     """
 
     def __init__(self, workers: int = 1, depth: int | None = None) -> None:
